@@ -1,0 +1,156 @@
+//! `ApiError`: every way a request is refused, mapped in one place to a
+//! status and OpenAI's error shape. The only type that implements
+//! `IntoResponse` for errors.
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+
+use super::wire::{ErrorBody, ErrorEnvelope};
+use crate::backend::BackendError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{message}")]
+    InvalidRequest {
+        message: String,
+        param: Option<String>,
+    },
+    #[error("{0}")]
+    ContextLength(String),
+    #[error("{0}")]
+    Unauthorized(&'static str),
+    #[error("The model `{0}` does not exist or you do not have access to it.")]
+    ModelNotFound(String),
+    #[error("No generation with id `{0}`.")]
+    GenerationNotFound(String),
+    #[error("No route for {0}.")]
+    RouteNotFound(String),
+    #[error("Method {0} is not allowed here.")]
+    MethodNotAllowed(String),
+    #[error("The request body is larger than the limit of {0} bytes.")]
+    PayloadTooLarge(usize),
+    #[error("The request body must be JSON: send `Content-Type: application/json`.")]
+    UnsupportedMediaType,
+    #[error("Too many generations are waiting; retry after {retry_after} s.")]
+    QueueFull { retry_after: u64 },
+    #[error("The server is shutting down; retry on another instance or shortly.")]
+    ShuttingDown,
+    #[error("The model backend is unavailable; retry shortly.")]
+    BackendUnavailable,
+    #[error("Internal error.")]
+    Internal,
+}
+
+impl ApiError {
+    pub fn invalid(message: impl Into<String>, param: impl Into<Option<String>>) -> Self {
+        Self::InvalidRequest {
+            message: message.into(),
+            param: param.into(),
+        }
+    }
+
+    /// Status, OpenAI `type` and `code`: the one exhaustive mapping.
+    fn parts(&self) -> (StatusCode, &'static str, Option<&'static str>) {
+        use StatusCode as S;
+        match self {
+            Self::InvalidRequest { .. } => (S::BAD_REQUEST, "invalid_request_error", None),
+            Self::ContextLength(_) => (
+                S::BAD_REQUEST,
+                "invalid_request_error",
+                Some("context_length_exceeded"),
+            ),
+            Self::Unauthorized(_) => (
+                S::UNAUTHORIZED,
+                "authentication_error",
+                Some("invalid_api_key"),
+            ),
+            Self::ModelNotFound(_) => (S::NOT_FOUND, "not_found_error", Some("model_not_found")),
+            Self::GenerationNotFound(_) | Self::RouteNotFound(_) => {
+                (S::NOT_FOUND, "not_found_error", None)
+            }
+            Self::MethodNotAllowed(_) => (S::METHOD_NOT_ALLOWED, "invalid_request_error", None),
+            Self::PayloadTooLarge(_) => (
+                S::PAYLOAD_TOO_LARGE,
+                "invalid_request_error",
+                Some("request_too_large"),
+            ),
+            Self::UnsupportedMediaType => (
+                S::UNSUPPORTED_MEDIA_TYPE,
+                "invalid_request_error",
+                Some("unsupported_media_type"),
+            ),
+            Self::QueueFull { .. } => {
+                (S::TOO_MANY_REQUESTS, "rate_limit_error", Some("queue_full"))
+            }
+            Self::ShuttingDown => (
+                S::SERVICE_UNAVAILABLE,
+                "server_error",
+                Some("shutting_down"),
+            ),
+            Self::BackendUnavailable => (
+                S::SERVICE_UNAVAILABLE,
+                "server_error",
+                Some("backend_unavailable"),
+            ),
+            Self::Internal => (S::INTERNAL_SERVER_ERROR, "server_error", None),
+        }
+    }
+
+    fn param(&self) -> Option<&str> {
+        match self {
+            Self::InvalidRequest { param, .. } => param.as_deref(),
+            Self::ContextLength(_) => Some("messages"),
+            Self::ModelNotFound(_) => Some("model"),
+            _ => None,
+        }
+    }
+
+    /// The JSON body, also sent as the error event once a stream has begun.
+    pub fn body(&self) -> Vec<u8> {
+        let (_, kind, code) = self.parts();
+        let message = self.to_string();
+        let envelope = ErrorEnvelope {
+            error: ErrorBody {
+                message: &message,
+                kind,
+                param: self.param(),
+                code,
+            },
+        };
+        serde_json::to_vec(&envelope).unwrap_or_default()
+    }
+}
+
+impl From<BackendError> for ApiError {
+    fn from(err: BackendError) -> Self {
+        match err {
+            BackendError::ModelNotFound(model) => Self::ModelNotFound(model),
+            e @ BackendError::ContextLength { .. } => Self::ContextLength(e.to_string()),
+            BackendError::InvalidRequest(message) => Self::invalid(message, None),
+            BackendError::Unavailable(detail) => {
+                tracing::error!(%detail, "backend unavailable");
+                Self::BackendUnavailable
+            }
+            BackendError::Internal(detail) => {
+                tracing::error!(%detail, "backend failure");
+                Self::Internal
+            }
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, _, _) = self.parts();
+        let mut response = (status, self.body()).into_response();
+        let headers = response.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        if let Self::QueueFull { retry_after } = self {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(retry_after));
+        }
+        response
+    }
+}

@@ -1,0 +1,197 @@
+//! Extractors whose failures are `ApiError`s: the JSON body (with the
+//! failing field named as `param`), the caller behind the API key, and the
+//! `X-Session-Id` header.
+
+use axum::body::Bytes;
+use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, StatusCode, header};
+use serde::de::DeserializeOwned;
+use subtle::ConstantTimeEq;
+
+use super::error::ApiError;
+use crate::server::AppState;
+use crate::session::CallerId;
+
+/// `Json<T>` whose every rejection is an OpenAI-shaped `ApiError`.
+pub(crate) struct OpenAiJson<T>(pub T);
+
+impl<T: DeserializeOwned> FromRequest<AppState> for OpenAiJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &AppState) -> Result<Self, ApiError> {
+        if !is_json(req.headers()) {
+            return Err(ApiError::UnsupportedMediaType);
+        }
+        let bytes = Bytes::from_request(req, state).await.map_err(|e| {
+            if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::PayloadTooLarge(state.settings.max_body)
+            } else {
+                ApiError::invalid(format!("Could not read the request body: {e}"), None)
+            }
+        })?;
+        parse(&bytes).map(OpenAiJson)
+    }
+}
+
+fn is_json(headers: &HeaderMap) -> bool {
+    let Some(value) = headers.get(header::CONTENT_TYPE) else {
+        return false;
+    };
+    let Ok(value) = value.to_str() else {
+        return false;
+    };
+    let essence = value.split(';').next().unwrap_or("").trim();
+    essence.eq_ignore_ascii_case("application/json")
+        || essence.to_ascii_lowercase().ends_with("+json")
+}
+
+/// Parses a body, naming the field that failed.
+pub(crate) fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    // serde would read a struct from an array too; requests are objects.
+    if bytes.trim_ascii_start().first() != Some(&b'{') {
+        return Err(ApiError::invalid("The body must be a JSON object.", None));
+    }
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        if path == "." || inner.is_syntax() || inner.is_eof() {
+            ApiError::invalid(format!("The body is not valid JSON: {inner}."), None)
+        } else {
+            ApiError::invalid(format!("Invalid value for `{path}`: {inner}."), path)
+        }
+    })?;
+    de.end()
+        .map_err(|e| ApiError::invalid(format!("The body is not valid JSON: {e}."), None))?;
+    Ok(value)
+}
+
+/// The configured API keys. Comparison is constant-time and the keys are
+/// never logged: a caller is known by its position (`key-2`).
+pub struct ApiKeys(Vec<String>);
+
+impl ApiKeys {
+    pub fn new(keys: Vec<String>) -> Self {
+        Self(keys.into_iter().filter(|k| !k.is_empty()).collect())
+    }
+
+    /// The caller a presented key belongs to. With no keys configured
+    /// everyone is the one anonymous caller.
+    pub fn identify(&self, presented: Option<&str>) -> Result<CallerId, ApiError> {
+        if self.0.is_empty() {
+            return Ok(CallerId::ANONYMOUS);
+        }
+        let presented = presented.ok_or(ApiError::Unauthorized(
+            "Missing API key: send `Authorization: Bearer <key>`.",
+        ))?;
+        // Look at every key whatever matched, so timing tells nothing.
+        let mut found = 0u32;
+        for (index, key) in (1u32..).zip(&self.0) {
+            let same: bool = key.as_bytes().ct_eq(presented.as_bytes()).into();
+            if same {
+                found = index;
+            }
+        }
+        match found {
+            0 => Err(ApiError::Unauthorized("Incorrect API key provided.")),
+            n => Ok(CallerId(n)),
+        }
+    }
+}
+
+/// The authenticated caller of a request.
+pub(crate) struct Caller(pub CallerId);
+
+impl FromRequestParts<AppState> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let presented = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| {
+                let (scheme, token) = v.trim().split_once(' ')?;
+                scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+            });
+        let caller = state.keys.identify(presented)?;
+        tracing::Span::current().record("caller", tracing::field::display(caller));
+        Ok(Self(caller))
+    }
+}
+
+/// The conversation named by `X-Session-Id`, if any.
+pub(crate) struct SessionId(pub Option<String>);
+
+impl<S: Send + Sync> FromRequestParts<S> for SessionId {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
+        let Some(value) = parts.headers.get("x-session-id") else {
+            return Ok(Self(None));
+        };
+        let session = value
+            .to_str()
+            .ok()
+            .map(str::trim)
+            .filter(|s| !s.is_empty() && s.len() <= 256)
+            .ok_or_else(|| {
+                ApiError::invalid(
+                    "`X-Session-Id` must be 1 to 256 visible ASCII characters.",
+                    Some("X-Session-Id".to_owned()),
+                )
+            })?;
+        tracing::Span::current().record("session_id", session);
+        Ok(Self(Some(session.to_owned())))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::wire::CompletionRequest;
+
+    #[test]
+    fn type_errors_name_the_field() {
+        let err = parse::<CompletionRequest>(br#"{"messages": [], "temperature": "hot"}"#)
+            .expect_err("rejected");
+        assert!(
+            matches!(err, ApiError::InvalidRequest { param: Some(p), .. } if p == "temperature")
+        );
+        let err =
+            parse::<CompletionRequest>(br#"{"messages": [{"role": 1}]}"#).expect_err("rejected");
+        assert!(
+            matches!(err, ApiError::InvalidRequest { param: Some(p), .. } if p == "messages[0].role")
+        );
+    }
+
+    #[test]
+    fn syntax_errors_and_trailing_bytes_are_rejected() {
+        for body in [&b"{"[..], b"", b"{} x", b"\xff\xfe", b"[1,"] {
+            let err = parse::<CompletionRequest>(body).expect_err("rejected");
+            assert!(matches!(err, ApiError::InvalidRequest { param: None, .. }));
+        }
+    }
+
+    #[test]
+    fn deep_nesting_is_an_error_not_a_stack_overflow() {
+        let deep = format!(
+            "{{\"messages\":{}{}}}",
+            "[".repeat(10_000),
+            "]".repeat(10_000)
+        );
+        assert!(parse::<CompletionRequest>(deep.as_bytes()).is_err());
+    }
+
+    #[test]
+    fn keys_identify_callers_by_position() {
+        let keys = ApiKeys::new(vec!["alpha".into(), "beta".into()]);
+        assert_eq!(keys.identify(Some("beta")).ok(), Some(CallerId(2)));
+        assert!(keys.identify(Some("gamma")).is_err());
+        assert!(keys.identify(Some("bet")).is_err());
+        assert!(keys.identify(None).is_err());
+        let open = ApiKeys::new(Vec::new());
+        assert_eq!(open.identify(None).ok(), Some(CallerId::ANONYMOUS));
+    }
+}

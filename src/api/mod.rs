@@ -1,0 +1,42 @@
+//! The HTTP surface: the route table only. Handlers translate between the
+//! wire and `session`/`backend`; nothing outside `api` sees axum.
+
+mod chat;
+mod control;
+pub mod error;
+mod extract;
+mod models;
+pub mod params;
+mod run;
+pub mod sse;
+pub mod wire;
+
+use axum::Router;
+use axum::http::{Method, Uri};
+use axum::routing::{get, post};
+
+pub use error::ApiError;
+pub use extract::ApiKeys;
+
+use crate::server::AppState;
+
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/v1/chat/completions", post(chat::chat_completions))
+        .route("/v1/completions", post(chat::completions))
+        .route("/v1/chat/completions/{id}/cancel", post(control::cancel))
+        .route("/v1/completions/{id}/cancel", post(control::cancel))
+        .route("/v1/chat/completions/{id}/events", get(control::events))
+        .route("/v1/completions/{id}/events", get(control::events))
+        .route(
+            "/v1/sessions/{session_id}/stream",
+            get(control::session_stream),
+        )
+        .route("/v1/models", get(models::list))
+        .route("/v1/models/{model}", get(models::retrieve))
+        .route("/health", get(models::health))
+        .fallback(|uri: Uri| async move { ApiError::RouteNotFound(uri.path().to_owned()) })
+        .method_not_allowed_fallback(|method: Method| async move {
+            ApiError::MethodNotAllowed(method.to_string())
+        })
+}

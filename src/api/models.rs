@@ -1,0 +1,54 @@
+//! `GET /v1/models`, `GET /v1/models/{id}` and `GET /health`.
+
+use axum::Json;
+use axum::extract::{Path, State};
+use serde_json::{Value, json};
+
+use super::error::ApiError;
+use super::extract::Caller;
+use super::wire::{ModelList, ModelObject};
+use crate::backend::ModelCard;
+use crate::server::AppState;
+
+pub(crate) async fn list(
+    State(state): State<AppState>,
+    _: Caller,
+) -> Result<Json<ModelList>, ApiError> {
+    let cards = state.backend.models().await?;
+    Ok(Json(ModelList {
+        object: "list",
+        data: cards
+            .into_iter()
+            .map(|c| object(c, state.started))
+            .collect(),
+    }))
+}
+
+pub(crate) async fn retrieve(
+    State(state): State<AppState>,
+    _: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<ModelObject>, ApiError> {
+    let card = state
+        .backend
+        .models()
+        .await?
+        .into_iter()
+        .find(|c| c.id == id)
+        .ok_or(ApiError::ModelNotFound(id))?;
+    Ok(Json(object(card, state.started)))
+}
+
+fn object(card: ModelCard, created: u64) -> ModelObject {
+    ModelObject {
+        id: card.id,
+        object: "model",
+        created,
+        owned_by: card.owned_by,
+        context_length: card.context_length,
+    }
+}
+
+pub(crate) async fn health() -> Json<Value> {
+    Json(json!({"status": "ok"}))
+}

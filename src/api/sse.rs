@@ -1,0 +1,322 @@
+//! SSE framing as API.md sets it: OpenAI chunks as `data:` events, each
+//! with an `id:` line after its data, `[DONE]` last, and `: keep-alive`
+//! comments (no blank line after them) while nothing else flows. Written by
+//! hand because axum's `Sse` puts a blank line after its keep-alive.
+
+use std::convert::Infallible;
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_stream::stream;
+use axum::body::Body;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::Response;
+use bytes::{BufMut, Bytes, BytesMut};
+use serde::Serialize;
+
+use super::error::ApiError;
+use super::wire::{ChatChunk, ChunkChoice, Delta, TextChoice, TextChunk, UsageBody};
+use crate::backend::{FinishReason, Usage};
+use crate::session::{Generation, GenerationId};
+
+pub const KEEP_ALIVE: &[u8] = b": keep-alive\n";
+
+/// Which OpenAI endpoint a generation answers, and so its chunk shape.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flavor {
+    /// `/v1/chat/completions`: `chat.completion.chunk` with deltas.
+    Chat,
+    /// `/v1/completions`: `text_completion` with text choices.
+    Legacy,
+}
+
+impl Flavor {
+    pub fn id_prefix(self) -> &'static str {
+        match self {
+            Self::Chat => "chatcmpl-",
+            Self::Legacy => "cmpl-",
+        }
+    }
+}
+
+/// Turns one generation's steps into numbered SSE events. Event `n` has id
+/// `<generation id>.<n>`: opaque to clients, parsed back by
+/// [`parse_event_id`].
+pub struct ChunkEncoder {
+    id: String,
+    created: u64,
+    model: String,
+    flavor: Flavor,
+    seq: usize,
+}
+
+impl ChunkEncoder {
+    pub fn new(id: &GenerationId, model: &str, created: u64, flavor: Flavor) -> Self {
+        Self {
+            id: id.as_str().to_owned(),
+            created,
+            model: model.to_owned(),
+            flavor,
+            seq: 0,
+        }
+    }
+
+    fn next_seq(&mut self) -> usize {
+        self.seq += 1;
+        self.seq - 1
+    }
+
+    fn chunk(&mut self, delta: Delta<'_>, text: &str, finish: Option<FinishReason>) -> Bytes {
+        let seq = self.next_seq();
+        let finish_reason = finish.map(FinishReason::as_str);
+        match self.flavor {
+            Flavor::Chat => {
+                let choices = [ChunkChoice {
+                    index: 0,
+                    delta,
+                    logprobs: None,
+                    finish_reason,
+                }];
+                let chunk = ChatChunk {
+                    id: &self.id,
+                    object: "chat.completion.chunk",
+                    created: self.created,
+                    model: &self.model,
+                    choices: &choices,
+                    usage: None,
+                };
+                json_frame(&self.id, seq, &chunk)
+            }
+            Flavor::Legacy => {
+                let chunk = TextChunk {
+                    id: &self.id,
+                    object: "text_completion",
+                    created: self.created,
+                    model: &self.model,
+                    choices: [TextChoice {
+                        text,
+                        index: 0,
+                        logprobs: None,
+                        finish_reason,
+                    }],
+                    usage: None,
+                };
+                json_frame(&self.id, seq, &chunk)
+            }
+        }
+    }
+
+    /// The first event, sent before the model's first token.
+    pub fn opening(&mut self) -> Bytes {
+        let delta = Delta {
+            role: Some("assistant"),
+            content: Some(""),
+        };
+        self.chunk(delta, "", None)
+    }
+
+    pub fn text(&mut self, text: &str) -> Bytes {
+        let delta = Delta {
+            role: None,
+            content: Some(text),
+        };
+        self.chunk(delta, text, None)
+    }
+
+    /// The last chunk with choices.
+    pub fn finish(&mut self, reason: FinishReason) -> Bytes {
+        self.chunk(Delta::default(), "", Some(reason))
+    }
+
+    /// The `stream_options.include_usage` chunk: no choices.
+    pub fn usage(&mut self, usage: Usage) -> Bytes {
+        let seq = self.next_seq();
+        let usage = Some(usage_body(usage));
+        let chunk = ChatChunk {
+            id: &self.id,
+            object: match self.flavor {
+                Flavor::Chat => "chat.completion.chunk",
+                Flavor::Legacy => "text_completion",
+            },
+            created: self.created,
+            model: &self.model,
+            choices: &[],
+            usage,
+        };
+        json_frame(&self.id, seq, &chunk)
+    }
+
+    /// A failure after the headers went out.
+    pub fn error(&mut self, err: &ApiError) -> Bytes {
+        let seq = self.next_seq();
+        frame(&self.id, seq, &err.body())
+    }
+
+    pub fn done(&mut self) -> Bytes {
+        let seq = self.next_seq();
+        frame(&self.id, seq, b"[DONE]")
+    }
+}
+
+/// `data: <data>\nid: <generation>.<seq>\n\n`
+fn frame(id: &str, seq: usize, data: &[u8]) -> Bytes {
+    let mut out = BytesMut::with_capacity(data.len() + id.len() + 24);
+    out.put_slice(b"data: ");
+    out.put_slice(data);
+    write_id(out, id, seq)
+}
+
+fn json_frame(id: &str, seq: usize, value: &impl Serialize) -> Bytes {
+    let mut out = BytesMut::with_capacity(256).writer();
+    out.get_mut().put_slice(b"data: ");
+    // Serialising these plain structs into memory cannot fail.
+    let _ = serde_json::to_writer(&mut out, value);
+    write_id(out.into_inner(), id, seq)
+}
+
+fn write_id(mut out: BytesMut, id: &str, seq: usize) -> Bytes {
+    out.put_slice(b"\nid: ");
+    out.put_slice(id.as_bytes());
+    out.put_u8(b'.');
+    // Formatting into a BytesMut cannot fail.
+    let _ = write!(out, "{seq}\n\n");
+    out.freeze()
+}
+
+pub fn usage_body(usage: Usage) -> UsageBody {
+    UsageBody {
+        prompt_tokens: usage.prompt_tokens,
+        completion_tokens: usage.completion_tokens,
+        total_tokens: usage.prompt_tokens.saturating_add(usage.completion_tokens),
+    }
+}
+
+/// The generation and the position an event id names; `None` for anything
+/// malformed, which callers treat as unknown.
+pub fn parse_event_id(id: &str) -> Option<(GenerationId, usize)> {
+    let (generation, seq) = id.trim().rsplit_once('.')?;
+    let seq = seq.parse().ok()?;
+    let valid = !generation.is_empty()
+        && generation
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-');
+    valid.then(|| (GenerationId::from(generation), seq))
+}
+
+/// A `text/event-stream` response that reads the generation's log from
+/// event number `from` to its end, with keep-alive comments while idle.
+/// The connection stays attached to the generation while the body lives.
+pub fn event_stream(generation: &Arc<Generation>, from: usize, keep_alive: Duration) -> Response {
+    let attachment = generation.attach();
+    let mut reader = generation.log.reader(from);
+    let body = stream! {
+        let _attachment = attachment;
+        loop {
+            tokio::select! {
+                biased;
+                next = reader.next() => match next {
+                    Some(bytes) => yield Ok::<_, Infallible>(bytes),
+                    None => break,
+                },
+                () = tokio::time::sleep(keep_alive) => yield Ok(Bytes::from_static(KEEP_ALIVE)),
+            }
+        }
+    };
+    let mut response = Response::new(Body::from_stream(body));
+    *response.status_mut() = StatusCode::OK;
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    if let Ok(id) = HeaderValue::from_str(generation.id.as_str()) {
+        headers.insert("x-completion-id", id);
+    }
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn encoder(flavor: Flavor) -> ChunkEncoder {
+        ChunkEncoder::new(&GenerationId::from("chatcmpl-abc"), "echo", 7, flavor)
+    }
+
+    fn data(frame: &Bytes) -> serde_json::Value {
+        let text = std::str::from_utf8(frame).expect("utf-8");
+        let json = text
+            .strip_prefix("data: ")
+            .and_then(|t| t.split_once('\n'))
+            .expect("data line")
+            .0;
+        serde_json::from_str(json).expect("json")
+    }
+
+    #[test]
+    fn frames_put_the_id_after_the_data_and_number_events() {
+        let mut e = encoder(Flavor::Chat);
+        let first = e.opening();
+        let text = std::str::from_utf8(&first).expect("utf-8");
+        assert!(text.starts_with("data: {"));
+        assert!(text.ends_with("}\nid: chatcmpl-abc.0\n\n"));
+        assert_eq!(text.matches('\n').count(), 3);
+        let done = e.done();
+        assert_eq!(&done[..], b"data: [DONE]\nid: chatcmpl-abc.1\n\n");
+    }
+
+    #[test]
+    fn chat_chunks_have_the_openai_shape() {
+        let mut e = encoder(Flavor::Chat);
+        let opening = data(&e.opening());
+        assert_eq!(opening["object"], "chat.completion.chunk");
+        assert_eq!(opening["choices"][0]["delta"]["role"], "assistant");
+        assert!(opening["choices"][0]["finish_reason"].is_null());
+        let token = data(&e.text("hi \"there\"\n"));
+        assert_eq!(token["choices"][0]["delta"]["content"], "hi \"there\"\n");
+        assert!(token["choices"][0]["delta"].get("role").is_none());
+        let finish = data(&e.finish(FinishReason::Cancelled));
+        assert_eq!(finish["choices"][0]["finish_reason"], "cancelled");
+        assert_eq!(finish["choices"][0]["delta"], serde_json::json!({}));
+        let usage = data(&e.usage(Usage {
+            prompt_tokens: 2,
+            completion_tokens: 3,
+        }));
+        assert_eq!(usage["choices"], serde_json::json!([]));
+        assert_eq!(usage["usage"]["total_tokens"], 5);
+        for chunk in [&opening, &token, &finish, &usage] {
+            assert_eq!(chunk["id"], "chatcmpl-abc");
+            assert_eq!(chunk["created"], 7);
+            assert_eq!(chunk["model"], "echo");
+        }
+    }
+
+    #[test]
+    fn legacy_chunks_carry_text() {
+        let mut e = encoder(Flavor::Legacy);
+        let token = data(&e.text(" word"));
+        assert_eq!(token["object"], "text_completion");
+        assert_eq!(token["choices"][0]["text"], " word");
+    }
+
+    #[test]
+    fn event_ids_parse_back_and_forgeries_do_not() {
+        let (generation, seq) = parse_event_id("chatcmpl-abc.12").expect("parses");
+        assert_eq!(generation.as_str(), "chatcmpl-abc");
+        assert_eq!(seq, 12);
+        for bad in [
+            "",
+            "chatcmpl-abc",
+            ".3",
+            "x.-1",
+            "x.1e3",
+            "a b.1",
+            "x.99999999999999999999999",
+        ] {
+            assert!(parse_event_id(bad).is_none(), "{bad:?}");
+        }
+    }
+}

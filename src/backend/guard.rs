@@ -1,0 +1,119 @@
+//! `GuardedRun`: a backend's token stream as the server consumes it. A
+//! cancellation ends it at once, whatever the backend is doing, and every
+//! run ends exactly once, even when a backend's stream just stops.
+
+use futures_util::StreamExt;
+use tokio_util::sync::CancellationToken;
+
+use super::{Accepted, BackendError, FinishReason, TokenEvent, TokenStream, Usage};
+
+pub struct GuardedRun {
+    tokens: TokenStream,
+    cancel: CancellationToken,
+    usage: Usage,
+    ended: bool,
+}
+
+/// One step of a run, as the server acts on it.
+#[derive(Debug)]
+pub enum Step {
+    Text(String),
+    Finished(FinishReason, Usage),
+    Failed(BackendError),
+}
+
+impl GuardedRun {
+    pub fn new(accepted: Accepted, cancel: CancellationToken) -> Self {
+        Self {
+            tokens: accepted.tokens,
+            cancel,
+            usage: Usage {
+                prompt_tokens: accepted.prompt_tokens.unwrap_or(0),
+                completion_tokens: 0,
+            },
+            ended: false,
+        }
+    }
+
+    /// The next step; `None` after the end. Cancel-safe.
+    pub async fn next(&mut self) -> Option<Step> {
+        if self.ended {
+            return None;
+        }
+        let step = tokio::select! {
+            biased;
+            () = self.cancel.cancelled() => Step::Finished(FinishReason::Cancelled, self.usage),
+            event = self.tokens.next() => match event {
+                Some(Ok(TokenEvent::Token { text, .. })) => {
+                    self.usage.completion_tokens += 1;
+                    return Some(Step::Text(text));
+                }
+                Some(Ok(TokenEvent::Finished { reason, usage })) => Step::Finished(reason, usage),
+                Some(Err(err)) => Step::Failed(err),
+                None => Step::Failed(BackendError::Internal(
+                    "the token stream ended without a finish".into(),
+                )),
+            },
+        };
+        self.ended = true;
+        Some(step)
+    }
+
+    /// Usage as counted so far.
+    pub fn usage(&self) -> Usage {
+        self.usage
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures_util::stream;
+
+    fn accepted(events: Vec<Result<TokenEvent, BackendError>>, pending: bool) -> Accepted {
+        let tokens = stream::iter(events);
+        Accepted {
+            prompt_tokens: Some(3),
+            tokens: if pending {
+                tokens.chain(stream::pending()).boxed()
+            } else {
+                tokens.boxed()
+            },
+        }
+    }
+
+    fn token(text: &str) -> Result<TokenEvent, BackendError> {
+        Ok(TokenEvent::Token {
+            id: None,
+            text: text.into(),
+        })
+    }
+
+    #[tokio::test]
+    async fn cancellation_ends_a_stalled_backend_at_once_with_counted_usage() {
+        let cancel = CancellationToken::new();
+        let mut run = GuardedRun::new(accepted(vec![token("a")], true), cancel.clone());
+        assert!(matches!(run.next().await, Some(Step::Text(t)) if t == "a"));
+        cancel.cancel();
+        let end = run.next().await;
+        assert!(matches!(
+            end,
+            Some(Step::Finished(
+                FinishReason::Cancelled,
+                Usage {
+                    prompt_tokens: 3,
+                    completion_tokens: 1
+                }
+            ))
+        ));
+        assert!(run.next().await.is_none());
+    }
+
+    #[tokio::test]
+    async fn a_stream_that_just_stops_is_a_failure() {
+        let mut run = GuardedRun::new(accepted(vec![token("a")], false), CancellationToken::new());
+        run.next().await;
+        assert!(matches!(run.next().await, Some(Step::Failed(_))));
+        assert!(run.next().await.is_none());
+    }
+}

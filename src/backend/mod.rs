@@ -1,0 +1,163 @@
+//! The `Backend` trait every model sits behind, and the plain data it speaks.
+//!
+//! Nothing here knows about HTTP: the API layer turns a [`GenerateRequest`]
+//! into a call and the resulting [`TokenEvent`]s into OpenAI chunks.
+
+pub mod echo;
+mod guard;
+
+pub use guard::{GuardedRun, Step};
+
+use async_trait::async_trait;
+use futures_util::stream::BoxStream;
+use tokio_util::sync::CancellationToken;
+
+/// One model that can turn a prompt into a stream of tokens.
+#[async_trait]
+pub trait Backend: Send + Sync + 'static {
+    /// Short name for logs (`echo`, `local`, `openai`).
+    fn name(&self) -> &'static str;
+
+    /// What this backend can do beyond the basics.
+    fn capabilities(&self) -> Capabilities;
+
+    /// The models this backend serves, as clients name them.
+    async fn models(&self) -> Result<Vec<ModelCard>, BackendError>;
+
+    /// Starts a generation. Resolves once the backend has accepted the
+    /// request, so errors such as an unknown model or a prompt too long for
+    /// the context can still become an HTTP status. Work that costs compute
+    /// starts when the returned stream is first polled; later failures arrive
+    /// on the stream. The stream ends after one `Finished` event.
+    ///
+    /// `cancel` fires when nobody wants the rest: the backend stops spending
+    /// compute as soon as it sees it and may end with `Cancelled`.
+    async fn generate(
+        &self,
+        req: GenerateRequest,
+        cancel: CancellationToken,
+    ) -> Result<Accepted, BackendError>;
+}
+
+/// What a backend hands back once it has accepted a request.
+pub struct Accepted {
+    /// Prompt length in the model's tokens, when known before decoding.
+    pub prompt_tokens: Option<u32>,
+    pub tokens: TokenStream,
+}
+
+pub type TokenStream = BoxStream<'static, Result<TokenEvent, BackendError>>;
+
+/// One step of a generation.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TokenEvent {
+    /// A piece of text. `id` is the model's token id when there is one; a
+    /// piece may be empty when a token completes no character.
+    Token { id: Option<u32>, text: String },
+    /// The end, always last.
+    Finished { reason: FinishReason, usage: Usage },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// The model ended its answer, or a stop sequence matched.
+    Stop,
+    /// `max_tokens` (or the context) ran out.
+    Length,
+    /// Someone asked for it to stop.
+    Cancelled,
+}
+
+impl FinishReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Stop => "stop",
+            Self::Length => "length",
+            Self::Cancelled => "cancelled",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub prompt_tokens: u32,
+    pub completion_tokens: u32,
+}
+
+/// A request as backends see it: already validated.
+#[derive(Debug, Clone, Default)]
+pub struct GenerateRequest {
+    pub model: String,
+    pub prompt: Prompt,
+    pub sampling: Sampling,
+    /// Upper bound on generated tokens; `None` leaves it to the backend.
+    pub max_tokens: Option<u32>,
+    /// Text that ends the answer; never sent to the client.
+    pub stop: Vec<String>,
+}
+
+#[derive(Debug, Clone)]
+pub enum Prompt {
+    /// A chat conversation, for `/v1/chat/completions`.
+    Chat(Vec<ChatMessage>),
+    /// Raw text, for the legacy `/v1/completions`.
+    Text(String),
+}
+
+impl Default for Prompt {
+    fn default() -> Self {
+        Self::Chat(Vec::new())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChatMessage {
+    pub role: String,
+    pub content: String,
+}
+
+/// Sampling settings, each `None` when the client left it to the backend.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Sampling {
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    pub top_k: Option<u32>,
+    pub seed: Option<u64>,
+    pub presence_penalty: Option<f32>,
+    pub frequency_penalty: Option<f32>,
+    pub repetition_penalty: Option<f32>,
+}
+
+/// Optional features, so that the API layer can refuse what a backend lacks
+/// with a clear 400 instead of the backend failing later.
+#[derive(Debug, Clone, Copy)]
+pub struct Capabilities {
+    /// Largest `n` (choices per request) the backend produces.
+    pub max_choices: u32,
+    /// Generations worth running at once when `--max-concurrent` is unset.
+    pub default_concurrency: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelCard {
+    pub id: String,
+    pub owned_by: String,
+    /// Context window in tokens, when the backend knows it.
+    pub context_length: Option<u32>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error("the model `{0}` does not exist")]
+    ModelNotFound(String),
+    #[error(
+        "this model's maximum context length is {limit} tokens, but the prompt has {prompt} tokens"
+    )]
+    ContextLength { prompt: u32, limit: u32 },
+    #[error("{0}")]
+    InvalidRequest(String),
+    #[error("the backend is unavailable: {0}")]
+    Unavailable(String),
+    #[error("backend failure: {0}")]
+    Internal(String),
+}

@@ -1,0 +1,145 @@
+//! Command line and environment (`SLUICEGATE_*`) into a validated `Config`.
+//! Nothing else in the crate reads the environment.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BackendKind {
+    /// The bundled GGUF model on this machine's CPU.
+    Local,
+    /// An OpenAI-compatible upstream server.
+    Openai,
+    /// Echoes the last user message, word by word: for tests and frontends.
+    Echo,
+}
+
+/// Streams LLM tokens to chat frontends over OpenAI-compatible SSE.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "sluicegate", version, about)]
+pub struct Config {
+    /// Address to listen on.
+    #[arg(long, env = "SLUICEGATE_HOST", default_value = "127.0.0.1")]
+    pub host: String,
+
+    /// Port to listen on (0 picks a free one).
+    #[arg(long, env = "SLUICEGATE_PORT", default_value_t = 8080)]
+    pub port: u16,
+
+    /// Which model backend serves requests.
+    #[arg(long, env = "SLUICEGATE_BACKEND", value_enum, default_value_t = BackendKind::Local)]
+    pub backend: BackendKind,
+
+    /// `local`: path of a GGUF file (default: the bundled model).
+    #[arg(long, env = "SLUICEGATE_MODEL")]
+    pub model: Option<PathBuf>,
+
+    /// The model id clients send and `/v1/models` lists (default: the backend's).
+    #[arg(long, env = "SLUICEGATE_MODEL_NAME")]
+    pub model_name: Option<String>,
+
+    /// `echo`: pause before each token.
+    #[arg(long, env = "SLUICEGATE_TOKEN_DELAY", value_parser = duration, default_value = "0ms")]
+    pub token_delay: Duration,
+
+    /// Accepted bearer key; repeat for several. None: no authentication.
+    #[arg(
+        long = "api-key",
+        env = "SLUICEGATE_API_KEY",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    pub api_keys: Vec<String>,
+
+    /// Interval of `: keep-alive` comments on idle streams.
+    #[arg(long, env = "SLUICEGATE_KEEP_ALIVE", value_parser = duration, default_value = "15s")]
+    pub keep_alive: Duration,
+
+    /// How long a generation with no client attached keeps going, waiting
+    /// for a resume; `0s` stops it at once.
+    #[arg(long, env = "SLUICEGATE_REATTACH_GRACE", value_parser = duration, default_value = "10s")]
+    pub reattach_grace: Duration,
+
+    /// How long a finished generation's events stay resumable.
+    #[arg(long, env = "SLUICEGATE_RESUME_TTL", value_parser = duration, default_value = "5m")]
+    pub resume_ttl: Duration,
+
+    /// Bytes of stream events kept for resume across all generations;
+    /// finished ones beyond it are dropped, oldest first.
+    #[arg(long, env = "SLUICEGATE_RESUME_BUDGET", default_value_t = 64 << 20)]
+    pub resume_budget: usize,
+
+    /// Request body limit in bytes.
+    #[arg(long, env = "SLUICEGATE_MAX_BODY", default_value_t = 1_048_576)]
+    pub max_body: usize,
+
+    /// How long running streams may finish after SIGTERM or SIGINT.
+    #[arg(long, env = "SLUICEGATE_SHUTDOWN_GRACE", value_parser = duration, default_value = "10s")]
+    pub shutdown_grace: Duration,
+
+    /// Log filter (tracing `EnvFilter` syntax).
+    #[arg(long, env = "SLUICEGATE_LOG", default_value = "info")]
+    pub log: String,
+}
+
+fn duration(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text)
+        .map_err(|e| format!("{e}; write a duration with a unit, such as 500ms, 15s or 5m"))
+}
+
+impl Config {
+    /// Cross-field checks, run once at startup.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.keep_alive.is_zero() {
+            return Err("--keep-alive must be longer than 0s".into());
+        }
+        if self.max_body == 0 {
+            return Err("--max-body must be at least 1 byte".into());
+        }
+        match self.backend {
+            BackendKind::Echo => Ok(()),
+            BackendKind::Local | BackendKind::Openai => Err(format!(
+                "the {:?} backend is not available in this build; use --backend echo",
+                self.backend
+            )),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_match_the_contract() {
+        let c = Config::try_parse_from(["sluicegate"]).expect("parses");
+        assert_eq!((c.host.as_str(), c.port), ("127.0.0.1", 8080));
+        assert_eq!(c.backend, BackendKind::Local);
+        assert_eq!(c.keep_alive, Duration::from_secs(15));
+        assert_eq!(c.reattach_grace, Duration::from_secs(10));
+        assert_eq!(c.resume_ttl, Duration::from_secs(300));
+        assert_eq!(c.max_body, 1_048_576);
+    }
+
+    #[test]
+    fn durations_take_units_and_keys_repeat() {
+        let c = Config::try_parse_from([
+            "sluicegate",
+            "--backend",
+            "echo",
+            "--token-delay",
+            "250ms",
+            "--api-key",
+            "a",
+            "--api-key",
+            "b,c",
+        ])
+        .expect("parses");
+        assert_eq!(c.token_delay, Duration::from_millis(250));
+        assert_eq!(c.api_keys, ["a", "b", "c"]);
+        assert!(c.validate().is_ok());
+        assert!(Config::try_parse_from(["sluicegate", "--keep-alive", "15"]).is_err());
+    }
+}

@@ -1,0 +1,22 @@
+//! sluicegate: streams LLM tokens to chat frontends as OpenAI-compatible
+//! Server-Sent Events.
+//!
+//! # Layout
+//!
+//! - [`config`]: flags and `SLUICEGATE_*` variables into a `Config`.
+//! - [`server`]: `AppState`, the router and its layers, `run` with drain.
+//! - [`api`]: the HTTP surface. Handlers extract, call and map; `api::sse`
+//!   frames events, `api::run` starts generations and writes their logs.
+//! - [`session`]: generations apart from connections: the registry that
+//!   cancels a session's previous generation, the per-generation event log
+//!   that every connection (and every resume) reads.
+//! - [`backend`]: the `Backend` trait and its implementations (`echo`).
+//!
+//! Dependencies point one way: `api` -> `session`, `backend`.
+
+pub mod api;
+pub mod backend;
+pub mod config;
+pub mod server;
+pub mod session;
+pub mod telemetry;

@@ -1,0 +1,58 @@
+//! Parses the configuration, binds, and serves until SIGTERM or SIGINT.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use sluicegate::config::Config;
+use sluicegate::server::{self, AppState};
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let config = Config::parse();
+    if let Err(message) = config.validate() {
+        eprintln!("sluicegate: {message}");
+        return ExitCode::from(2);
+    }
+    sluicegate::telemetry::init(&config.log);
+    match serve(config).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("sluicegate: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
+    let state = AppState::from_config(&config).await?;
+    let listener = tokio::net::TcpListener::bind((config.host.as_str(), config.port))
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {}:{}: {e}", config.host, config.port))?;
+    tracing::info!(addr = %listener.local_addr()?, backend = state.backend.name(), "listening");
+    server::run(listener, state, shutdown_signal()).await?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut terminate) => {
+                tokio::select! {
+                    _ = interrupt => {}
+                    _ = terminate.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = interrupt.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = interrupt.await;
+    }
+}

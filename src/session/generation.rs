@@ -1,0 +1,227 @@
+//! One generation: its cancellation signal, its event log, and the count of
+//! connections attached to it that decides when an abandoned one stops.
+
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::{CallerId, EndCause, EventLog, GenerationId};
+
+pub struct Generation {
+    pub id: GenerationId,
+    pub owner: CallerId,
+    pub session: Option<String>,
+    /// Streamed generations keep a log that connections read and resume
+    /// from; a plain JSON request has none.
+    pub streamed: bool,
+    pub log: EventLog,
+    /// The one signal the backend watches. Set only through [`Self::cancel`]
+    /// so that the cause is recorded first.
+    cancel: CancellationToken,
+    /// Fires once the last event is in the log.
+    done: CancellationToken,
+    cause: OnceLock<EndCause>,
+    ended_at: OnceLock<Instant>,
+    attached: Mutex<AttachState>,
+    reattach_grace: Duration,
+}
+
+#[derive(Default)]
+struct AttachState {
+    count: usize,
+    /// Bumped on every attach and detach, so a grace timer can tell that
+    /// the world moved on since it was started.
+    epoch: u64,
+}
+
+impl Generation {
+    pub fn new(
+        id: GenerationId,
+        owner: CallerId,
+        session: Option<String>,
+        streamed: bool,
+        reattach_grace: Duration,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            id,
+            owner,
+            session,
+            streamed,
+            log: EventLog::default(),
+            cancel: CancellationToken::new(),
+            done: CancellationToken::new(),
+            cause: OnceLock::new(),
+            ended_at: OnceLock::new(),
+            attached: Mutex::new(AttachState::default()),
+            reattach_grace,
+        })
+    }
+
+    /// The token handed to the backend.
+    pub fn cancel_token(&self) -> CancellationToken {
+        self.cancel.clone()
+    }
+
+    /// Asks the generation to stop. Returns whether it was still running and
+    /// this call is the one that stopped it.
+    pub fn cancel(&self, cause: EndCause) -> bool {
+        if self.is_done() || self.cancel.is_cancelled() {
+            return false;
+        }
+        let first = self.cause.set(cause).is_ok();
+        self.cancel.cancel();
+        first
+    }
+
+    /// Why it was cancelled, if it was.
+    pub fn cancel_cause(&self) -> Option<EndCause> {
+        self.cause.get().copied()
+    }
+
+    pub fn is_done(&self) -> bool {
+        self.done.is_cancelled()
+    }
+
+    /// Resolves when the generation has written its last event.
+    pub async fn finished(&self) {
+        self.done.cancelled().await;
+    }
+
+    /// When it ended; `None` while running.
+    pub fn ended_at(&self) -> Option<Instant> {
+        self.ended_at.get().copied()
+    }
+
+    /// Records the end: closes the log and wakes everyone waiting on it.
+    pub fn mark_done(&self) {
+        // Only the first end counts; a second is a no-op by design.
+        let _ = self.ended_at.set(Instant::now());
+        self.log.close();
+        self.done.cancel();
+    }
+
+    /// Registers a connection that reads this generation. Dropping the
+    /// returned value detaches it; the last one to detach starts the
+    /// reattach grace, after which an unfinished generation is cancelled.
+    pub fn attach(self: &Arc<Self>) -> Attachment {
+        let mut state = self.attached.lock().unwrap_or_else(|e| e.into_inner());
+        state.count += 1;
+        state.epoch += 1;
+        Attachment(Arc::clone(self))
+    }
+
+    fn detach(self: &Arc<Self>) {
+        let epoch = {
+            let mut state = self.attached.lock().unwrap_or_else(|e| e.into_inner());
+            state.count -= 1;
+            state.epoch += 1;
+            if state.count > 0 || self.is_done() {
+                return;
+            }
+            state.epoch
+        };
+        if self.reattach_grace.is_zero() {
+            self.cancel(EndCause::ClientGone);
+            return;
+        }
+        // Detaching happens when hyper drops a response body, always on the
+        // runtime; without one there is nothing to wait on, so stop now.
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            self.cancel(EndCause::ClientGone);
+            return;
+        };
+        let generation = Arc::clone(self);
+        runtime.spawn(async move {
+            tokio::select! {
+                () = generation.finished() => {}
+                () = tokio::time::sleep(generation.reattach_grace) => {
+                    let still_alone = {
+                        let state = generation.attached.lock().unwrap_or_else(|e| e.into_inner());
+                        state.count == 0 && state.epoch == epoch
+                    };
+                    if still_alone {
+                        generation.cancel(EndCause::ClientGone);
+                    }
+                }
+            }
+        });
+    }
+
+    pub fn attached_count(&self) -> usize {
+        self.attached
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .count
+    }
+}
+
+/// A connection's hold on a generation; see [`Generation::attach`].
+pub struct Attachment(Arc<Generation>);
+
+impl Drop for Attachment {
+    fn drop(&mut self) {
+        self.0.detach();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn generation(grace: Duration) -> Arc<Generation> {
+        Generation::new(
+            GenerationId::new("t-"),
+            CallerId::ANONYMOUS,
+            None,
+            true,
+            grace,
+        )
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_last_detach_cancels_after_the_grace_unless_someone_returns() {
+        let g = generation(Duration::from_secs(10));
+        let first = g.attach();
+        let second = g.attach();
+        drop(first);
+        tokio::time::sleep(Duration::from_secs(20)).await;
+        assert!(!g.cancel_token().is_cancelled(), "one reader remains");
+
+        drop(second);
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let back = g.attach();
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        assert!(
+            !g.cancel_token().is_cancelled(),
+            "a resume within the grace"
+        );
+
+        drop(back);
+        tokio::time::sleep(Duration::from_millis(9_999)).await;
+        assert!(!g.cancel_token().is_cancelled());
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        assert!(g.cancel_token().is_cancelled());
+        assert_eq!(g.cancel_cause(), Some(EndCause::ClientGone));
+    }
+
+    #[tokio::test]
+    async fn zero_grace_cancels_at_once() {
+        let g = generation(Duration::ZERO);
+        drop(g.attach());
+        assert_eq!(g.cancel_cause(), Some(EndCause::ClientGone));
+    }
+
+    #[tokio::test]
+    async fn cancel_reports_only_the_call_that_stopped_a_running_generation() {
+        let g = generation(Duration::ZERO);
+        assert!(g.cancel(EndCause::CancelEndpoint));
+        assert!(!g.cancel(EndCause::SessionReplaced));
+        assert_eq!(g.cancel_cause(), Some(EndCause::CancelEndpoint));
+
+        let ended = generation(Duration::ZERO);
+        ended.mark_done();
+        assert!(!ended.cancel(EndCause::CancelEndpoint));
+    }
+}
