@@ -1,5 +1,7 @@
 //! Tracing setup: human-readable lines on stderr, filtered by `--log`.
 
+use std::io::IsTerminal as _;
+
 use tracing_subscriber::EnvFilter;
 
 pub fn init(filter: &str) {
@@ -7,5 +9,6 @@ pub fn init(filter: &str) {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
 }

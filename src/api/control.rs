@@ -86,8 +86,11 @@ pub(crate) fn resume_from_post(
     headers: &HeaderMap,
 ) -> Option<Response> {
     let last = headers.get("last-event-id")?.to_str().ok()?;
-    let (id, _) = sse::parse_event_id(last)?;
-    let generation = state.registry.get(caller, &id).filter(|g| g.streamed)?;
+    let (id, seq) = sse::parse_event_id(last)?;
+    let generation = state
+        .registry
+        .get(caller, &id)
+        .filter(|g| g.streamed && seq < g.log.len())?;
     tracing::info!(completion_id = %generation.id, "POST resumes a generation");
     Some(attach(state, &generation, Some(last)))
 }

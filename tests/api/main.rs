@@ -1,0 +1,11 @@
+//! Integration tests over real loopback sockets, one binary for all.
+
+#![allow(clippy::expect_used, clippy::unwrap_used)] // a failed expectation is a failed test
+
+mod auth;
+mod cancel;
+mod common;
+mod errors;
+mod process;
+mod resume;
+mod streaming;

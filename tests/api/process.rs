@@ -1,0 +1,173 @@
+//! The real binary as users start it: configuration from the environment,
+//! what it logs, and SIGTERM.
+
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+use crate::common::{Events, chat, client, read_all, transcript};
+
+struct Process {
+    child: Child,
+    base: String,
+    log: Arc<Mutex<String>>,
+}
+
+impl Process {
+    /// Starts the binary with `args` and `env`, port 0, and waits for its
+    /// "listening" line.
+    async fn start(args: &[&str], env: &[(&str, &str)]) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_sluicegate"))
+            .args(["--port", "0"])
+            .args(args)
+            .envs(env.iter().copied())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawned");
+        let log = Arc::new(Mutex::new(String::new()));
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let mut lines = BufReader::new(child.stderr.take().expect("stderr")).lines();
+        let sink = Arc::clone(&log);
+        tokio::spawn(async move {
+            let mut tx = Some(tx);
+            while let Ok(Some(line)) = lines.next_line().await {
+                let addr = line
+                    .split("addr=")
+                    .nth(1)
+                    .and_then(|r| r.split_whitespace().next());
+                if let (Some(addr), Some(tx)) = (addr, tx.take_if(|_| addr.is_some())) {
+                    let _ = tx.send(addr.to_owned());
+                }
+                let mut log = sink.lock().expect("log");
+                log.push_str(&line);
+                log.push('\n');
+            }
+        });
+        let addr = tokio::time::timeout(Duration::from_secs(30), rx)
+            .await
+            .expect("listening in time")
+            .expect("a listening line");
+        Self {
+            child,
+            base: format!("http://{addr}"),
+            log,
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    fn log(&self) -> String {
+        self.log.lock().expect("log").clone()
+    }
+
+    fn signal(&self, name: &str) {
+        let pid = self.child.id().expect("running").to_string();
+        let status = std::process::Command::new("kill")
+            .args(["-s", name, &pid])
+            .status()
+            .expect("kill");
+        assert!(status.success());
+    }
+}
+
+#[tokio::test]
+async fn the_environment_configures_it_and_keys_never_reach_the_log() {
+    let server = Process::start(
+        &[],
+        &[
+            ("SLUICEGATE_BACKEND", "echo"),
+            ("SLUICEGATE_API_KEY", "sekrit-one,sekrit-two"),
+            ("SLUICEGATE_TOKEN_DELAY", "50ms"),
+        ],
+    )
+    .await;
+    let url = server.url("/v1/chat/completions");
+    let refused = client()
+        .post(&url)
+        .json(&chat("x", false))
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(refused.status(), 401);
+
+    let open = |text: &str| {
+        client()
+            .post(&url)
+            .bearer_auth("sekrit-two")
+            .header("x-session-id", "conv")
+            .json(&chat(text, true))
+            .send()
+    };
+    let first = open("a b c d e f g h").await.expect("sent");
+    let mut events = Events::of(first);
+    events.next_json().await;
+    let second = open("short").await.expect("sent");
+    assert_eq!(
+        transcript(&events.rest().await).finish_reason.as_deref(),
+        Some("cancelled")
+    );
+    assert_eq!(read_all(second).await.text, "short");
+
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let log = server.log();
+    assert!(log.contains("session_replaced"), "{log}");
+    assert!(log.contains("key-2"), "callers are labelled: {log}");
+    assert!(log.contains("conv"), "session ids are logged: {log}");
+    assert!(!log.contains("sekrit"), "keys must never be logged: {log}");
+}
+
+#[tokio::test]
+async fn sigterm_lets_streams_finish_within_the_grace_then_cancels_and_exits_zero() {
+    let mut server = Process::start(
+        &[
+            "--backend",
+            "echo",
+            "--token-delay",
+            "200ms",
+            "--shutdown-grace",
+            "1s",
+        ],
+        &[],
+    )
+    .await;
+    let url = server.url("/v1/chat/completions");
+    let long = client()
+        .post(&url)
+        .json(&chat(&vec!["w"; 100].join(" "), true))
+        .send()
+        .await
+        .expect("sent");
+    let short = client()
+        .post(&url)
+        .json(&chat("two words", true))
+        .send()
+        .await
+        .expect("sent");
+    let mut long = Events::of(long);
+    long.next_json().await;
+
+    server.signal("TERM");
+    let short = read_all(short).await;
+    assert_eq!(
+        (short.text.as_str(), short.finish_reason.as_deref()),
+        ("two words", Some("stop"))
+    );
+    let long = transcript(&long.rest().await);
+    assert_eq!(long.finish_reason.as_deref(), Some("cancelled"));
+    assert!(long.done);
+
+    let status = tokio::time::timeout(Duration::from_secs(20), server.child.wait())
+        .await
+        .expect("exits in time")
+        .expect("status");
+    assert!(status.success(), "{status:?}");
+    let log = server.log();
+    assert!(log.contains("cause=\"shutdown\""), "{log}");
+}
