@@ -75,6 +75,22 @@ pub struct Config {
     #[arg(long, env = "SLUICEGATE_MAX_BODY", default_value_t = 1_048_576)]
     pub max_body: usize,
 
+    /// Generations running at once (default: the backend's choice).
+    #[arg(long, env = "SLUICEGATE_MAX_CONCURRENT")]
+    pub max_concurrent: Option<usize>,
+
+    /// Generations waiting for a run slot before new requests get 429.
+    #[arg(long, env = "SLUICEGATE_MAX_QUEUE", default_value_t = 64)]
+    pub max_queue: usize,
+
+    /// Origin allowed to call from a browser (CORS); repeatable; `*` for any.
+    #[arg(
+        long = "cors-origin",
+        env = "SLUICEGATE_CORS_ORIGIN",
+        value_delimiter = ','
+    )]
+    pub cors_origins: Vec<String>,
+
     /// How long running streams may finish after SIGTERM or SIGINT.
     #[arg(long, env = "SLUICEGATE_SHUTDOWN_GRACE", value_parser = duration, default_value = "10s")]
     pub shutdown_grace: Duration,
@@ -94,6 +110,16 @@ impl Config {
     pub fn validate(&self) -> Result<(), String> {
         if self.keep_alive.is_zero() {
             return Err("--keep-alive must be longer than 0s".into());
+        }
+        if self.max_concurrent == Some(0) {
+            return Err("--max-concurrent must be at least 1".into());
+        }
+        if let Some(bad) = self
+            .cors_origins
+            .iter()
+            .find(|o| *o != "*" && axum::http::HeaderValue::from_str(o).is_err())
+        {
+            return Err(format!("--cors-origin {bad:?} is not a valid origin"));
         }
         if self.max_body == 0 {
             return Err("--max-body must be at least 1 byte".into());

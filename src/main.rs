@@ -24,7 +24,8 @@ async fn main() -> ExitCode {
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {
-    let state = AppState::from_config(&config).await?;
+    let mut state = AppState::from_config(&config).await?;
+    state.metrics = Some(sluicegate::telemetry::install_metrics()?);
     let listener = tokio::net::TcpListener::bind((config.host.as_str(), config.port))
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {}:{}: {e}", config.host, config.port))?;

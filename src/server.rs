@@ -6,11 +6,14 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::Router;
-use axum::extract::{DefaultBodyLimit, Request, State};
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
+use axum::http::{HeaderName, HeaderValue, Method, StatusCode, header};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::limit::RequestBodyLimitLayer;
 use tower_http::request_id::{
     MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer,
@@ -21,7 +24,8 @@ use crate::api::{self, ApiError, ApiKeys};
 use crate::backend::Backend;
 use crate::backend::echo::EchoBackend;
 use crate::config::{BackendKind, Config};
-use crate::session::{EndCause, GenerationRegistry, RegistryConfig};
+use crate::session::{Admission, EndCause, GenerationRegistry, RegistryConfig};
+use crate::telemetry;
 
 /// Settings the request path reads.
 #[derive(Debug, Clone)]
@@ -29,6 +33,12 @@ pub struct Settings {
     pub keep_alive: Duration,
     pub max_body: usize,
     pub shutdown_grace: Duration,
+    /// Generations running at once; `None`: the backend's choice.
+    pub max_concurrent: Option<usize>,
+    /// Generations waiting beyond that before 429.
+    pub max_queue: usize,
+    /// Origins allowed by CORS; `*` for any; empty: no CORS headers.
+    pub cors_origins: Vec<String>,
 }
 
 impl Default for Settings {
@@ -37,6 +47,9 @@ impl Default for Settings {
             keep_alive: Duration::from_secs(15),
             max_body: 1_048_576,
             shutdown_grace: Duration::from_secs(10),
+            max_concurrent: None,
+            max_queue: 64,
+            cors_origins: Vec::new(),
         }
     }
 }
@@ -45,6 +58,7 @@ impl Default for Settings {
 pub struct AppState {
     pub backend: Arc<dyn Backend>,
     pub registry: Arc<GenerationRegistry>,
+    pub admission: Arc<Admission>,
     pub keys: Arc<ApiKeys>,
     pub settings: Arc<Settings>,
     /// The model a request without `model` gets.
@@ -53,6 +67,9 @@ pub struct AppState {
     pub started: u64,
     /// Cancelled when shutdown begins: new generations get 503.
     pub shutdown: CancellationToken,
+    /// Renders `/metrics`; `None` where no recorder is installed (tests
+    /// that run many servers in one process).
+    pub metrics: Option<PrometheusHandle>,
 }
 
 impl AppState {
@@ -67,7 +84,11 @@ impl AppState {
             .await?
             .first()
             .map_or_else(|| "default".to_owned(), |m| m.id.clone());
+        let max_running = settings
+            .max_concurrent
+            .unwrap_or(backend.capabilities().default_concurrency);
         Ok(Self {
+            admission: Arc::new(Admission::new(max_running, settings.max_queue)),
             backend,
             registry: GenerationRegistry::new(registry),
             keys: Arc::new(ApiKeys::new(keys)),
@@ -77,6 +98,7 @@ impl AppState {
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),
             shutdown: CancellationToken::new(),
+            metrics: None,
         })
     }
 
@@ -106,6 +128,9 @@ impl AppState {
             keep_alive: config.keep_alive,
             max_body: config.max_body,
             shutdown_grace: config.shutdown_grace,
+            max_concurrent: config.max_concurrent,
+            max_queue: config.max_queue,
+            cors_origins: config.cors_origins.clone(),
         };
         Ok(Self::new(backend, registry, config.api_keys.clone(), settings).await?)
     }
@@ -117,7 +142,9 @@ impl AppState {
 
 pub fn app(state: AppState) -> Router {
     let max_body = state.settings.max_body;
-    api::routes()
+    let cors = cors(&state.settings.cors_origins);
+    let router = api::routes()
+        .layer(axum::middleware::from_fn(count_requests))
         .layer(DefaultBodyLimit::disable())
         .layer(RequestBodyLimitLayer::new(max_body))
         .layer(axum::middleware::map_response_with_state(
@@ -126,8 +153,55 @@ pub fn app(state: AppState) -> Router {
         ))
         .layer(PropagateRequestIdLayer::x_request_id())
         .layer(TraceLayer::new_for_http().make_span_with(request_span))
-        .layer(SetRequestIdLayer::x_request_id(RandomRequestId))
-        .with_state(state)
+        .layer(SetRequestIdLayer::x_request_id(RandomRequestId));
+    match cors {
+        Some(cors) => router.layer(cors),
+        None => router,
+    }
+    .with_state(state)
+}
+
+fn cors(origins: &[String]) -> Option<CorsLayer> {
+    if origins.is_empty() {
+        return None;
+    }
+    let allow = if origins.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(origins.iter().filter_map(|o| HeaderValue::from_str(o).ok()))
+    };
+    let name = HeaderName::from_static;
+    Some(
+        CorsLayer::new()
+            .allow_origin(allow)
+            .allow_methods([Method::GET, Method::POST, Method::OPTIONS])
+            .allow_headers([
+                header::AUTHORIZATION,
+                header::CONTENT_TYPE,
+                name("x-session-id"),
+                name("last-event-id"),
+                name("x-request-id"),
+            ])
+            .expose_headers([
+                name("x-completion-id"),
+                header::RETRY_AFTER,
+                name("x-request-id"),
+            ])
+            .max_age(Duration::from_secs(600)),
+    )
+}
+
+/// Requests by route (the matched pattern, never the raw path with ids)
+/// and status.
+async fn count_requests(req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or("unmatched", MatchedPath::as_str)
+        .to_owned();
+    let response = next.run(req).await;
+    telemetry::request(&route, response.status().as_u16());
+    response
 }
 
 fn request_span(req: &Request) -> tracing::Span {

@@ -1,8 +1,14 @@
-//! Tracing setup: human-readable lines on stderr, filtered by `--log`.
+//! Tracing setup (human-readable lines on stderr, filtered by `--log`) and
+//! the Prometheus metrics: every metric name lives here.
 
 use std::io::IsTerminal as _;
+use std::time::Duration;
 
+use metrics::{counter, gauge, histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tracing_subscriber::EnvFilter;
+
+use crate::session::EndCause;
 
 pub fn init(filter: &str) {
     let filter = EnvFilter::try_new(filter).unwrap_or_else(|_| EnvFilter::new("info"));
@@ -11,4 +17,53 @@ pub fn init(filter: &str) {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
+}
+
+/// Installs the process-wide metrics recorder (the `metrics` crate has one
+/// per process) and returns the handle `/metrics` renders from.
+pub fn install_metrics() -> anyhow::Result<PrometheusHandle> {
+    const LATENCY: &[f64] = &[
+        0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    ];
+    let handle = PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY)?
+        .install_recorder()?;
+    Ok(handle)
+}
+
+pub fn request(route: &str, status: u16) {
+    counter!("sluicegate_requests_total", "route" => route.to_owned(), "status" => status.to_string())
+        .increment(1);
+}
+
+pub fn generation_load(running: usize, queued: usize) {
+    gauge!("sluicegate_generations_running").set(running as f64);
+    gauge!("sluicegate_generations_queued").set(queued as f64);
+}
+
+pub fn time_to_first_token(elapsed: Duration) {
+    histogram!("sluicegate_time_to_first_token_seconds").record(elapsed.as_secs_f64());
+}
+
+/// The inter-token histogram, fetched once per generation so the per-token
+/// cost is one record.
+pub fn inter_token() -> metrics::Histogram {
+    histogram!("sluicegate_inter_token_seconds")
+}
+
+pub fn generation_ended(cause: EndCause, completion_tokens: u32) {
+    counter!("sluicegate_generations_ended_total", "cause" => cause.as_str()).increment(1);
+    counter!("sluicegate_tokens_generated_total").increment(u64::from(completion_tokens));
+}
+
+pub fn resumed() {
+    counter!("sluicegate_resumes_total").increment(1);
+}
+
+pub fn disconnected() {
+    counter!("sluicegate_disconnects_total").increment(1);
+}
+
+pub fn queue_full() {
+    counter!("sluicegate_rejected_total", "reason" => "queue_full").increment(1);
 }

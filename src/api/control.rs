@@ -15,6 +15,7 @@ use super::sse;
 use super::wire::CancelResult;
 use crate::server::AppState;
 use crate::session::{CallerId, EndCause, Generation, GenerationId};
+use crate::telemetry;
 
 pub(crate) async fn cancel(
     State(state): State<AppState>,
@@ -104,6 +105,7 @@ fn last_event_id<'a>(headers: &'a HeaderMap, query: &'a ResumeQuery) -> Option<&
 
 fn attach(state: &AppState, generation: &Arc<Generation>, last_event_id: Option<&str>) -> Response {
     tracing::Span::current().record("completion_id", generation.id.as_str());
+    telemetry::resumed();
     sse::event_stream(
         generation,
         resume_position(generation, last_event_id),

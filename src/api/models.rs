@@ -1,7 +1,9 @@
-//! `GET /v1/models`, `GET /v1/models/{id}` and `GET /health`.
+//! `GET /v1/models`, `GET /v1/models/{id}`, `GET /health` and `GET /metrics`.
 
 use axum::Json;
 use axum::extract::{Path, State};
+use axum::http::{HeaderValue, header};
+use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
 use super::error::ApiError;
@@ -9,6 +11,7 @@ use super::extract::Caller;
 use super::wire::{ModelList, ModelObject};
 use crate::backend::ModelCard;
 use crate::server::AppState;
+use crate::telemetry;
 
 pub(crate) async fn list(
     State(state): State<AppState>,
@@ -51,4 +54,19 @@ fn object(card: ModelCard, created: u64) -> ModelObject {
 
 pub(crate) async fn health() -> Json<Value> {
     Json(json!({"status": "ok"}))
+}
+
+/// Prometheus text; gauges are read off the live state at scrape time.
+pub(crate) async fn metrics(State(state): State<AppState>) -> Response {
+    telemetry::generation_load(state.admission.running(), state.admission.waiting());
+    let body = state.metrics.as_ref().map(|handle| {
+        handle.run_upkeep();
+        handle.render()
+    });
+    let mut response = body.unwrap_or_default().into_response();
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
+    response
 }

@@ -3,7 +3,7 @@
 //! answer collected in the handler.
 
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use axum::Json;
 use axum::http::HeaderValue;
@@ -16,7 +16,10 @@ use super::sse::{self, ChunkEncoder, Flavor};
 use super::wire::{AssistantMessage, ChatChoice, ChatCompletion, TextChoice, TextCompletion};
 use crate::backend::{FinishReason, GuardedRun, Step, Usage};
 use crate::server::AppState;
-use crate::session::{CallerId, EndCause, Generation, GenerationRegistry, RetireOnDrop};
+use crate::session::{
+    CallerId, EndCause, Generation, GenerationRegistry, QueueFull, RetireOnDrop, Ticket,
+};
+use crate::telemetry;
 
 /// Validated request in, response out: the SSE stream, or the JSON answer.
 pub(crate) async fn start(
@@ -29,6 +32,10 @@ pub(crate) async fn start(
     if state.is_shutting_down() {
         return Err(ApiError::ShuttingDown);
     }
+    let ticket = state.admission.admit().map_err(|QueueFull| {
+        telemetry::queue_full();
+        ApiError::QueueFull { retry_after: 1 }
+    })?;
     let generation = state
         .registry
         .create(flavor.id_prefix(), caller, session, plan.stream);
@@ -57,13 +64,14 @@ pub(crate) async fn start(
             Arc::clone(&state.registry),
             Arc::clone(&generation),
             run,
+            ticket,
             encoder,
             plan.include_usage,
         );
         tokio::spawn(driver.instrument(span));
         Ok(response)
     } else {
-        collect(&state.registry, generation, run, answer).await
+        collect(&state.registry, generation, run, ticket, answer).await
     }
 }
 
@@ -72,16 +80,21 @@ async fn drive(
     registry: Arc<GenerationRegistry>,
     generation: Arc<Generation>,
     mut run: GuardedRun,
+    mut ticket: Ticket,
     mut encoder: ChunkEncoder,
     include_usage: bool,
 ) {
+    let mut clock = TokenClock::start();
+    wait_for_slot(&mut ticket, &generation).await;
     let log = &generation.log;
     let mut cause = EndCause::Error;
     while let Some(step) = run.next().await {
         match step {
-            Step::Text(text) if text.is_empty() => {}
             Step::Text(text) => {
-                log.push(encoder.text(&text));
+                clock.tick();
+                if !text.is_empty() {
+                    log.push(encoder.text(&text));
+                }
             }
             Step::Finished(reason, usage) => {
                 log.push(encoder.finish(reason));
@@ -113,17 +126,23 @@ async fn collect(
     registry: &Arc<GenerationRegistry>,
     generation: Arc<Generation>,
     mut run: GuardedRun,
+    mut ticket: Ticket,
     answer: Answer,
 ) -> Result<Response, ApiError> {
     let _retire = RetireOnDrop {
         registry: Arc::clone(registry),
         generation: Arc::clone(&generation),
     };
+    let mut clock = TokenClock::start();
+    wait_for_slot(&mut ticket, &generation).await;
     let mut text = String::new();
     let mut outcome = Err(ApiError::Internal);
     while let Some(step) = run.next().await {
         match step {
-            Step::Text(piece) => text.push_str(&piece),
+            Step::Text(piece) => {
+                clock.tick();
+                text.push_str(&piece);
+            }
             Step::Finished(reason, usage) => outcome = Ok((reason, usage)),
             Step::Failed(err) => outcome = Err(ApiError::from(err)),
         }
@@ -174,6 +193,17 @@ async fn collect(
     Ok(response)
 }
 
+/// Waits in line for a run slot; a cancellation while waiting ends the
+/// wait, and the run then finishes at once as `cancelled`.
+async fn wait_for_slot(ticket: &mut Ticket, generation: &Generation) {
+    let cancel = generation.cancel_token();
+    tokio::select! {
+        biased;
+        () = cancel.cancelled() => {}
+        () = ticket.run() => {}
+    }
+}
+
 fn end_cause(generation: &Generation, reason: FinishReason) -> EndCause {
     match reason {
         FinishReason::Stop => EndCause::Finished,
@@ -182,7 +212,33 @@ fn end_cause(generation: &Generation, reason: FinishReason) -> EndCause {
     }
 }
 
+/// Time to first token and between tokens, for the metrics.
+struct TokenClock {
+    started: Instant,
+    last: Option<Instant>,
+    inter_token: metrics::Histogram,
+}
+
+impl TokenClock {
+    fn start() -> Self {
+        Self {
+            started: Instant::now(),
+            last: None,
+            inter_token: telemetry::inter_token(),
+        }
+    }
+
+    fn tick(&mut self) {
+        let now = Instant::now();
+        match self.last.replace(now) {
+            None => telemetry::time_to_first_token(now - self.started),
+            Some(last) => self.inter_token.record(now - last),
+        }
+    }
+}
+
 fn log_end(generation: &Generation, cause: EndCause, usage: Usage) {
+    telemetry::generation_ended(cause, usage.completion_tokens);
     tracing::info!(
         completion_id = %generation.id,
         cause = cause.as_str(),

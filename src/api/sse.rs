@@ -19,6 +19,7 @@ use super::error::ApiError;
 use super::wire::{ChatChunk, ChunkChoice, Delta, TextChoice, TextChunk, UsageBody};
 use crate::backend::{FinishReason, Usage};
 use crate::session::{Generation, GenerationId};
+use crate::telemetry;
 
 pub const KEEP_ALIVE: &[u8] = b": keep-alive\n";
 
@@ -212,12 +213,16 @@ pub fn event_stream(generation: &Arc<Generation>, from: usize, keep_alive: Durat
     let mut reader = generation.log.reader(from);
     let body = stream! {
         let _attachment = attachment;
+        let mut left_early = DisconnectCounter(true);
         loop {
             tokio::select! {
                 biased;
                 next = reader.next() => match next {
                     Some(bytes) => yield Ok::<_, Infallible>(bytes),
-                    None => break,
+                    None => {
+                        left_early.0 = false;
+                        break;
+                    }
                 },
                 () = tokio::time::sleep(keep_alive) => yield Ok(Bytes::from_static(KEEP_ALIVE)),
             }
@@ -236,6 +241,17 @@ pub fn event_stream(generation: &Arc<Generation>, from: usize, keep_alive: Durat
         headers.insert("x-completion-id", id);
     }
     response
+}
+
+/// Counts a connection dropped before it read its stream to the end.
+struct DisconnectCounter(bool);
+
+impl Drop for DisconnectCounter {
+    fn drop(&mut self) {
+        if self.0 {
+            telemetry::disconnected();
+        }
+    }
 }
 
 #[cfg(test)]

@@ -1,6 +1,7 @@
 //! Generations as things that live apart from connections: who owns them,
 //! which session they belong to, how they end, and their event logs.
 
+pub mod admission;
 pub mod generation;
 pub mod log;
 pub mod registry;
@@ -10,6 +11,7 @@ use std::fmt;
 use rand::RngExt;
 use rand::distr::Alphanumeric;
 
+pub use admission::{Admission, QueueFull, Ticket};
 pub use generation::{Attachment, Generation};
 pub use log::{EventLog, LogReader};
 pub use registry::{GenerationRegistry, RegistryConfig, RetireOnDrop};

@@ -9,3 +9,4 @@ mod errors;
 mod process;
 mod resume;
 mod streaming;
+mod transport;

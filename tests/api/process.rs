@@ -171,3 +171,168 @@ async fn sigterm_lets_streams_finish_within_the_grace_then_cancels_and_exits_zer
     let log = server.log();
     assert!(log.contains("cause=\"shutdown\""), "{log}");
 }
+
+/// The value of the sample `name` whose labels include all of `labels`.
+fn sample(metrics: &str, name: &str, labels: &[&str]) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .find(|l| {
+            let series = l.rsplit_once(' ').map_or("", |(s, _)| s);
+            let bare = series.split('{').next() == Some(name);
+            bare && labels.iter().all(|label| series.contains(label))
+        })
+        .and_then(|l| l.rsplit_once(' '))
+        .map_or(0.0, |(_, v)| v.parse().expect("number"))
+}
+
+#[tokio::test]
+async fn metrics_follow_a_known_sequence_of_requests() {
+    let server = Process::start(
+        &[
+            "--backend",
+            "echo",
+            "--token-delay",
+            "20ms",
+            "--max-concurrent",
+            "1",
+            "--max-queue",
+            "1",
+        ],
+        &[],
+    )
+    .await;
+    let url = server.url("/v1/chat/completions");
+    let open = |text: &str, session: Option<&str>| {
+        let mut req = client().post(&url).json(&chat(text, true));
+        if let Some(session) = session {
+            req = req.header("x-session-id", session.to_owned());
+        }
+        req.send()
+    };
+
+    // Finishes: 3 tokens.
+    read_all(open("a b c", None).await.expect("sent")).await;
+    // Replaced by the session's next request, which finishes with 1 token.
+    let mut replaced = Events::of(open("d e f g h i j k", Some("s")).await.expect("sent"));
+    replaced.next_json().await;
+    let next = open("x", Some("s")).await.expect("sent");
+    replaced.rest().await;
+    let next_id = next.headers()["x-completion-id"]
+        .to_str()
+        .expect("ascii")
+        .to_owned();
+    read_all(next).await;
+    // One resume of a finished generation.
+    read_all(
+        client()
+            .get(server.url(&format!("/v1/chat/completions/{next_id}/events")))
+            .send()
+            .await
+            .expect("sent"),
+    )
+    .await;
+    // One 400.
+    let bad = client()
+        .post(&url)
+        .header("content-type", "application/json")
+        .body("{")
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(bad.status(), 400);
+    // One running, one queued, one refused; then both cancelled.
+    let running = open("l m n o p q r s", None).await.expect("sent");
+    let queued = open("t", None).await.expect("sent");
+    let refused = open("u", None).await.expect("sent");
+    assert_eq!(refused.status(), 429);
+    for resp in [&running, &queued] {
+        let id = resp.headers()["x-completion-id"].to_str().expect("ascii");
+        client()
+            .post(server.url(&format!("/v1/chat/completions/{id}/cancel")))
+            .send()
+            .await
+            .expect("sent");
+    }
+    read_all(running).await;
+    read_all(queued).await;
+
+    let metrics = client()
+        .get(server.url("/metrics"))
+        .send()
+        .await
+        .expect("sent");
+    assert!(
+        metrics.headers()["content-type"]
+            .to_str()
+            .expect("ascii")
+            .starts_with("text/plain")
+    );
+    let m = metrics.text().await.expect("text");
+    let ended = |cause: &str| {
+        sample(
+            &m,
+            "sluicegate_generations_ended_total",
+            &[&format!("cause=\"{cause}\"")],
+        )
+    };
+    assert_eq!(ended("finished"), 2.0, "{m}");
+    assert_eq!(ended("session_replaced"), 1.0, "{m}");
+    assert_eq!(ended("cancel_endpoint"), 2.0, "{m}");
+    let tokens = sample(&m, "sluicegate_tokens_generated_total", &[]);
+    assert!(
+        tokens >= 4.0,
+        "3 + 1 + whatever the replaced and cancelled ones made: {m}"
+    );
+    let requests = |status: &str| {
+        sample(
+            &m,
+            "sluicegate_requests_total",
+            &[
+                "route=\"/v1/chat/completions\"",
+                &format!("status=\"{status}\""),
+            ],
+        )
+    };
+    assert_eq!(requests("200"), 5.0, "{m}");
+    assert_eq!(requests("400"), 1.0, "{m}");
+    assert_eq!(requests("429"), 1.0, "{m}");
+    assert_eq!(
+        sample(&m, "sluicegate_rejected_total", &["reason=\"queue_full\""]),
+        1.0,
+        "{m}"
+    );
+    assert_eq!(sample(&m, "sluicegate_resumes_total", &[]), 1.0, "{m}");
+    assert!(
+        sample(&m, "sluicegate_time_to_first_token_seconds_count", &[]) >= 2.0,
+        "{m}"
+    );
+    assert!(
+        sample(&m, "sluicegate_inter_token_seconds_count", &[]) >= 2.0,
+        "{m}"
+    );
+    assert_eq!(
+        sample(&m, "sluicegate_generations_running", &[]),
+        0.0,
+        "{m}"
+    );
+    assert_eq!(sample(&m, "sluicegate_generations_queued", &[]), 0.0, "{m}");
+
+    // A client that leaves mid-stream counts as a disconnect.
+    let mut leaving = Events::of(open("v w x y z", None).await.expect("sent"));
+    leaving.next_json().await;
+    drop(leaving);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let m = client()
+        .get(server.url("/metrics"))
+        .send()
+        .await
+        .expect("sent")
+        .text()
+        .await
+        .expect("text");
+    assert!(
+        sample(&m, "sluicegate_disconnects_total", &[]) >= 1.0,
+        "{m}"
+    );
+}

@@ -1,0 +1,310 @@
+//! Load harness: starts the real binary on the echo backend and prints
+//! figures (nothing asserted). `cargo bench --bench load`.
+//!
+//! - server CPU per streamed token, and tokens/s across concurrent streams;
+//! - RSS per open slow stream, 1,000 at once;
+//! - a session's new request to the old stream's `[DONE]`, p50/p99;
+//! - memory per retained 500-token generation, and a 1,000-event replay.
+
+#![allow(clippy::expect_used)] // a harness that cannot measure should stop loudly
+
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use serde_json::json;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+struct Server {
+    child: Child,
+    base: String,
+}
+
+impl Server {
+    async fn start(args: &[&str]) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_sluicegate"))
+            .args([
+                "--backend",
+                "echo",
+                "--port",
+                "0",
+                "--log",
+                "warn,sluicegate=info",
+            ])
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn sluicegate");
+        let mut lines = BufReader::new(child.stderr.take().expect("stderr")).lines();
+        let addr = loop {
+            let line = lines
+                .next_line()
+                .await
+                .expect("read")
+                .expect("a listening line");
+            if let Some(addr) = line.split("addr=").nth(1) {
+                break addr.split_whitespace().next().expect("addr").to_owned();
+            }
+        };
+        // Keep draining stderr so the server never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        Self {
+            child,
+            base: format!("http://{addr}"),
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id().expect("running")
+    }
+
+    /// utime + stime of the server process, in seconds.
+    fn cpu_seconds(&self) -> f64 {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).expect("stat");
+        let after_name = stat.rsplit_once(')').expect("comm").1;
+        let fields: Vec<&str> = after_name.split_whitespace().collect();
+        let ticks: f64 =
+            fields[11].parse::<f64>().expect("utime") + fields[12].parse::<f64>().expect("stime");
+        ticks / 100.0
+    }
+
+    fn rss_kib(&self) -> u64 {
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.pid())).expect("status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .expect("VmRSS")
+    }
+}
+
+fn client() -> reqwest::Client {
+    reqwest::Client::builder().build().expect("client")
+}
+
+fn words(n: usize) -> String {
+    vec!["tok"; n].join(" ")
+}
+
+fn chat(text: &str) -> serde_json::Value {
+    json!({"model": "echo", "stream": true, "messages": [{"role": "user", "content": text}]})
+}
+
+/// Streams one answer to its end; returns the number of `data:` events.
+async fn stream_count(client: &reqwest::Client, url: &str, body: &serde_json::Value) -> usize {
+    let resp = client.post(url).json(body).send().await.expect("sent");
+    let mut body = resp.bytes_stream();
+    let mut events = 0;
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk.expect("chunk");
+        events += chunk.windows(6).filter(|w| w == b"data: ").count();
+    }
+    events
+}
+
+async fn throughput() {
+    let server = Server::start(&["--max-queue", "1024"]).await;
+    let url = format!("{}/v1/chat/completions", server.base);
+    let body = chat(&words(5_000));
+    let concurrency = 32;
+    let run_for = Duration::from_secs(6);
+    let cpu_before = server.cpu_seconds();
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..concurrency)
+        .map(|_| {
+            let url = url.clone();
+            let body = body.clone();
+            tokio::spawn(async move {
+                let client = client();
+                let mut tokens = 0;
+                while started.elapsed() < run_for {
+                    // role, finish and [DONE] are not tokens
+                    tokens += stream_count(&client, &url, &body).await - 3;
+                }
+                tokens
+            })
+        })
+        .collect();
+    let mut tokens = 0;
+    for t in tasks {
+        tokens += t.await.expect("joined");
+    }
+    let wall = started.elapsed().as_secs_f64();
+    let cpu = server.cpu_seconds() - cpu_before;
+    println!(
+        "throughput: {concurrency} concurrent streams, {tokens} tokens in {wall:.2} s = {:.0} tokens/s (client on the same 2 cores); server CPU {:.2} us/token",
+        tokens as f64 / wall,
+        cpu * 1e6 / tokens as f64
+    );
+}
+
+async fn slow_streams_memory() {
+    let server = Server::start(&["--token-delay", "60s", "--max-queue", "4096"]).await;
+    let url = format!("{}/v1/chat/completions", server.base);
+    let open = |n: usize| {
+        let url = url.clone();
+        async move {
+            let mut held = Vec::with_capacity(n);
+            for _ in 0..n {
+                let client = client();
+                let resp = client
+                    .post(&url)
+                    .json(&chat("a b c"))
+                    .send()
+                    .await
+                    .expect("sent");
+                let mut body = resp.bytes_stream();
+                body.next().await.expect("role chunk").expect("chunk");
+                held.push((client, body));
+            }
+            held
+        }
+    };
+    let warm = open(20).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = server.rss_kib();
+    let n = 1_000;
+    let held = open(n).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = server.rss_kib();
+    println!(
+        "slow streams: {n} open at once, server RSS {before} KiB -> {after} KiB = {:.1} KB per stream",
+        (after.saturating_sub(before)) as f64 * 1024.0 / 1000.0 / n as f64
+    );
+    drop((warm, held));
+}
+
+async fn cancel_previous_latency() {
+    let server = Server::start(&["--token-delay", "10s"]).await;
+    let url = format!("{}/v1/chat/completions", server.base);
+    let client = client();
+    let mut samples = Vec::new();
+    for i in 0..300 {
+        let session = format!("s{i}");
+        let old = client
+            .post(&url)
+            .header("x-session-id", &session)
+            .json(&chat("x y z"))
+            .send()
+            .await
+            .expect("sent");
+        let mut old = old.bytes_stream();
+        old.next().await.expect("role").expect("chunk");
+        let started = Instant::now();
+        let next = client
+            .post(&url)
+            .header("x-session-id", &session)
+            .json(&chat("q"))
+            .send();
+        let wait_done = async {
+            let mut seen = Vec::new();
+            while let Some(chunk) = old.next().await {
+                seen.extend_from_slice(&chunk.expect("chunk"));
+                if seen.windows(12).any(|w| w == b"data: [DONE]") {
+                    return started.elapsed();
+                }
+            }
+            panic!("old stream ended without [DONE]");
+        };
+        let (next, elapsed) = tokio::join!(next, wait_done);
+        drop(next);
+        samples.push(elapsed);
+    }
+    samples.sort();
+    let pct = |p: f64| samples[((samples.len() as f64 * p) as usize).min(samples.len() - 1)];
+    println!(
+        "cancel-previous: new request -> old stream's [DONE] over {} runs: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+        samples.len(),
+        pct(0.50).as_secs_f64() * 1e3,
+        pct(0.99).as_secs_f64() * 1e3,
+        samples.last().expect("samples").as_secs_f64() * 1e3
+    );
+}
+
+async fn retained_generations() {
+    let server = Server::start(&["--resume-ttl", "10m", "--resume-budget", "1000000000"]).await;
+    let url = format!("{}/v1/chat/completions", server.base);
+    let client = client();
+    let body = chat(&words(500));
+    for _ in 0..10 {
+        stream_count(&client, &url, &body).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = server.rss_kib();
+    let n = 400;
+    let mut last_id = String::new();
+    for _ in 0..n {
+        let resp = client.post(&url).json(&body).send().await.expect("sent");
+        last_id = resp.headers()["x-completion-id"]
+            .to_str()
+            .expect("id")
+            .to_owned();
+        resp.bytes().await.expect("body");
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let after = server.rss_kib();
+    println!(
+        "retention: {n} finished 500-token generations kept, server RSS +{} KiB = {:.1} KB per generation",
+        after.saturating_sub(before),
+        (after.saturating_sub(before)) as f64 * 1024.0 / 1000.0 / n as f64
+    );
+
+    // A full replay of a 1,000-event generation over HTTP.
+    let resp = client
+        .post(&url)
+        .json(&chat(&words(997)))
+        .send()
+        .await
+        .expect("sent");
+    let id = resp.headers()["x-completion-id"]
+        .to_str()
+        .expect("id")
+        .to_owned();
+    let bytes = resp.bytes().await.expect("body").len();
+    let events_url = format!("{}/v1/chat/completions/{id}/events", server.base);
+    let runs = 200;
+    let started = Instant::now();
+    for _ in 0..runs {
+        let replay = client
+            .get(&events_url)
+            .send()
+            .await
+            .expect("sent")
+            .bytes()
+            .await
+            .expect("body");
+        assert_eq!(replay.len(), bytes);
+    }
+    println!(
+        "replay: 1,000 events ({:.0} KB) replayed over HTTP/1.1 loopback in {:.3} ms each (mean of {runs}); last id {last_id}",
+        bytes as f64 / 1000.0,
+        started.elapsed().as_secs_f64() * 1e3 / runs as f64
+    );
+}
+
+#[tokio::main]
+async fn main() {
+    // `cargo bench` passes --bench; a filter picks scenarios by name.
+    let filter: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
+    let wanted = |name: &str| filter.is_empty() || filter.iter().any(|f| name.contains(f.as_str()));
+    if wanted("throughput") {
+        throughput().await;
+    }
+    if wanted("memory") {
+        slow_streams_memory().await;
+    }
+    if wanted("cancel") {
+        cancel_previous_latency().await;
+    }
+    if wanted("retention") {
+        retained_generations().await;
+    }
+}
