@@ -95,6 +95,14 @@ pub struct Config {
     #[arg(long, env = "SLUICEGATE_SHUTDOWN_GRACE", value_parser = duration, default_value = "10s")]
     pub shutdown_grace: Duration,
 
+    /// PEM certificate chain: serve HTTPS (ALPN h2 and http/1.1).
+    #[arg(long, env = "SLUICEGATE_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key for `--tls-cert`.
+    #[arg(long, env = "SLUICEGATE_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
     /// Log filter (tracing `EnvFilter` syntax).
     #[arg(long, env = "SLUICEGATE_LOG", default_value = "info")]
     pub log: String,

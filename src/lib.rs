@@ -11,6 +11,8 @@
 //!   cancels a session's previous generation, the per-generation event log
 //!   that every connection (and every resume) reads.
 //! - [`backend`]: the `Backend` trait and its implementations (`echo`).
+//! - [`tls`]: rustls config and a handshake-in-its-own-task listener.
+//! - [`telemetry`]: tracing setup and every metric name.
 //!
 //! Dependencies point one way: `api` -> `session`, `backend`.
 
@@ -20,3 +22,4 @@ pub mod config;
 pub mod server;
 pub mod session;
 pub mod telemetry;
+pub mod tls;

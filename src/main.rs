@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use sluicegate::config::Config;
 use sluicegate::server::{self, AppState};
+use sluicegate::tls::TlsListener;
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -26,11 +27,26 @@ async fn main() -> ExitCode {
 async fn serve(config: Config) -> anyhow::Result<()> {
     let mut state = AppState::from_config(&config).await?;
     state.metrics = Some(sluicegate::telemetry::install_metrics()?);
+    let tls = match (&config.tls_cert, &config.tls_key) {
+        (Some(cert), Some(key)) => Some(sluicegate::tls::server_config(cert, key)?),
+        _ => None,
+    };
     let listener = tokio::net::TcpListener::bind((config.host.as_str(), config.port))
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {}:{}: {e}", config.host, config.port))?;
-    tracing::info!(addr = %listener.local_addr()?, backend = state.backend.name(), "listening");
-    server::run(listener, state, shutdown_signal()).await?;
+    let addr = listener.local_addr()?;
+    let backend = state.backend.name();
+    match tls {
+        Some(tls) => {
+            tracing::info!(%addr, backend, scheme = "https", "listening");
+            let listener = TlsListener::new(listener, tls, state.shutdown.clone())?;
+            server::run(listener, state, shutdown_signal()).await?;
+        }
+        None => {
+            tracing::info!(%addr, backend, scheme = "http", "listening");
+            server::run(listener, state, shutdown_signal()).await?;
+        }
+    }
     tracing::info!("stopped");
     Ok(())
 }

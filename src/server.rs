@@ -10,8 +10,8 @@ use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
 use axum::http::{HeaderName, HeaderValue, Method, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+use axum::serve::Listener;
 use metrics_exporter_prometheus::PrometheusHandle;
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::limit::RequestBodyLimitLayer;
@@ -247,11 +247,15 @@ async fn json_payload_too_large(State(state): State<AppState>, response: Respons
 /// Serves until `shutdown` resolves, then stops accepting, lets running
 /// generations finish for the shutdown grace, ends the rest as `cancelled`,
 /// and returns once connections have closed.
-pub async fn run(
-    listener: TcpListener,
+pub async fn run<L>(
+    listener: L,
     state: AppState,
     shutdown: impl Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
+) -> std::io::Result<()>
+where
+    L: Listener,
+    L::Addr: std::fmt::Debug,
+{
     let draining = state.shutdown.clone();
     let registry = Arc::clone(&state.registry);
     let grace = state.settings.shutdown_grace;

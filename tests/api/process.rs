@@ -336,3 +336,65 @@ async fn metrics_follow_a_known_sequence_of_requests() {
         "{m}"
     );
 }
+
+#[tokio::test]
+async fn tls_serves_http2_by_alpn_and_http1_too() {
+    let certified =
+        rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).expect("certificate");
+    let dir = std::env::temp_dir().join(format!("sluicegate-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::write(&cert, certified.cert.pem()).expect("cert written");
+    std::fs::write(&key, certified.signing_key.serialize_pem()).expect("key written");
+
+    let server = Process::start(
+        &[
+            "--backend",
+            "echo",
+            "--tls-cert",
+            cert.to_str().expect("utf-8 path"),
+            "--tls-key",
+            key.to_str().expect("utf-8 path"),
+        ],
+        &[],
+    )
+    .await;
+    let addr: std::net::SocketAddr = server
+        .base
+        .trim_start_matches("http://")
+        .parse()
+        .expect("addr");
+    let _ = tokio_rustls::rustls::crypto::ring::default_provider().install_default();
+    let trust = reqwest::Certificate::from_pem(certified.cert.pem().as_bytes()).expect("pem");
+    let url = format!("https://localhost:{}/v1/chat/completions", addr.port());
+
+    let h2 = reqwest::Client::builder()
+        .tls_certs_only([trust.clone()])
+        .resolve("localhost", addr)
+        .build()
+        .expect("client");
+    let resp = h2
+        .post(&url)
+        .json(&chat("over tls", true))
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(resp.version(), reqwest::Version::HTTP_2, "ALPN picked h2");
+    assert_eq!(read_all(resp).await.text, "over tls");
+
+    let h1 = reqwest::Client::builder()
+        .tls_certs_only([trust])
+        .resolve("localhost", addr)
+        .http1_only()
+        .build()
+        .expect("client");
+    let resp = h1
+        .post(&url)
+        .json(&chat("plain old", true))
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(resp.version(), reqwest::Version::HTTP_11);
+    assert_eq!(read_all(resp).await.text, "plain old");
+    let _ = std::fs::remove_dir_all(&dir);
+}
