@@ -5,7 +5,6 @@ use std::process::ExitCode;
 use clap::Parser;
 use sluicegate::config::Config;
 use sluicegate::server::{self, AppState};
-use sluicegate::tls::TlsListener;
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -36,17 +35,9 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("cannot listen on {}:{}: {e}", config.host, config.port))?;
     let addr = listener.local_addr()?;
     let backend = state.backend.name();
-    match tls {
-        Some(tls) => {
-            tracing::info!(%addr, backend, scheme = "https", "listening");
-            let listener = TlsListener::new(listener, tls, state.shutdown.clone())?;
-            server::run(listener, state, shutdown_signal()).await?;
-        }
-        None => {
-            tracing::info!(%addr, backend, scheme = "http", "listening");
-            server::run(listener, state, shutdown_signal()).await?;
-        }
-    }
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    tracing::info!(%addr, backend, scheme, "listening");
+    server::run(listener, tls, state, shutdown_signal()).await?;
     tracing::info!("stopped");
     Ok(())
 }

@@ -10,8 +10,10 @@ use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
 use axum::http::{HeaderName, HeaderValue, Method, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::serve::Listener;
+use axum::serve::{Listener, ListenerExt as _};
 use metrics_exporter_prometheus::PrometheusHandle;
+use tokio::net::TcpListener;
+use tokio_rustls::rustls::ServerConfig;
 use tokio_util::sync::CancellationToken;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::limit::RequestBodyLimitLayer;
@@ -26,6 +28,7 @@ use crate::backend::echo::EchoBackend;
 use crate::config::{BackendKind, Config};
 use crate::session::{Admission, EndCause, GenerationRegistry, RegistryConfig};
 use crate::telemetry;
+use crate::tls::TlsListener;
 
 /// Settings the request path reads.
 #[derive(Debug, Clone)]
@@ -244,10 +247,35 @@ async fn json_payload_too_large(State(state): State<AppState>, response: Respons
     response
 }
 
-/// Serves until `shutdown` resolves, then stops accepting, lets running
-/// generations finish for the shutdown grace, ends the rest as `cancelled`,
-/// and returns once connections have closed.
-pub async fn run<L>(
+/// Serves HTTP/1.1 and h2c on `listener`, or HTTPS with `tls`, until
+/// `shutdown` resolves; then stops accepting, lets running generations
+/// finish for the shutdown grace, ends the rest as `cancelled`, and returns
+/// once connections have closed.
+pub async fn run(
+    listener: TcpListener,
+    tls: Option<Arc<ServerConfig>>,
+    state: AppState,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    match tls {
+        Some(tls) => {
+            let listener = TlsListener::new(listener, tls, state.shutdown.clone())?;
+            serve(listener, state, shutdown).await
+        }
+        None => {
+            // Each token is a small write that must leave at once: without
+            // NODELAY, Nagle holds it for the client's delayed ACK (~40 ms).
+            let listener = listener.tap_io(|tcp| {
+                if let Err(err) = tcp.set_nodelay(true) {
+                    tracing::debug!(%err, "cannot set TCP_NODELAY");
+                }
+            });
+            serve(listener, state, shutdown).await
+        }
+    }
+}
+
+async fn serve<L>(
     listener: L,
     state: AppState,
     shutdown: impl Future<Output = ()> + Send + 'static,

@@ -92,7 +92,7 @@ impl TestServer {
             .expect("bind");
         let addr: SocketAddr = listener.local_addr().expect("addr");
         let (tx, rx) = oneshot::channel();
-        tokio::spawn(server::run(listener, state.clone(), async {
+        tokio::spawn(server::run(listener, None, state.clone(), async {
             let _ = rx.await;
         }));
         Self {
@@ -107,10 +107,17 @@ impl TestServer {
     }
 }
 
+/// A client builder; reqwest is built without a bundled TLS provider, so
+/// this installs ring as the process default first.
+pub(crate) fn client_builder() -> reqwest::ClientBuilder {
+    let _ = tokio_rustls::rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::builder()
+}
+
 pub(crate) fn client() -> reqwest::Client {
     // No pooling: an idle pooled connection (and the pool's timer task)
     // would outlive a test's requests and blur what the server keeps.
-    reqwest::Client::builder()
+    client_builder()
         .pool_max_idle_per_host(0)
         .build()
         .expect("client")

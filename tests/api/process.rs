@@ -246,7 +246,8 @@ async fn metrics_follow_a_known_sequence_of_requests() {
     let queued = open("t", None).await.expect("sent");
     let refused = open("u", None).await.expect("sent");
     assert_eq!(refused.status(), 429);
-    for resp in [&running, &queued] {
+    // The queued one first: cancelling the running one would let it run.
+    for resp in [&queued, &running] {
         let id = resp.headers()["x-completion-id"].to_str().expect("ascii");
         client()
             .post(server.url(&format!("/v1/chat/completions/{id}/cancel")))
@@ -364,11 +365,10 @@ async fn tls_serves_http2_by_alpn_and_http1_too() {
         .trim_start_matches("http://")
         .parse()
         .expect("addr");
-    let _ = tokio_rustls::rustls::crypto::ring::default_provider().install_default();
     let trust = reqwest::Certificate::from_pem(certified.cert.pem().as_bytes()).expect("pem");
     let url = format!("https://localhost:{}/v1/chat/completions", addr.port());
 
-    let h2 = reqwest::Client::builder()
+    let h2 = crate::common::client_builder()
         .tls_certs_only([trust.clone()])
         .resolve("localhost", addr)
         .build()
@@ -382,7 +382,7 @@ async fn tls_serves_http2_by_alpn_and_http1_too() {
     assert_eq!(resp.version(), reqwest::Version::HTTP_2, "ALPN picked h2");
     assert_eq!(read_all(resp).await.text, "over tls");
 
-    let h1 = reqwest::Client::builder()
+    let h1 = crate::common::client_builder()
         .tls_certs_only([trust])
         .resolve("localhost", addr)
         .http1_only()

@@ -110,7 +110,7 @@ async fn twenty_streams_share_one_http2_connection_and_progress_together() {
         .delay(Duration::from_millis(100))
         .start()
         .await;
-    let h2 = reqwest::Client::builder()
+    let h2 = crate::common::client_builder()
         .http2_prior_knowledge()
         .build()
         .expect("client");
