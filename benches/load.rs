@@ -180,6 +180,94 @@ async fn slow_streams_memory() {
     drop((warm, held));
 }
 
+/// 1,000 slow streams multiplexed 200 to an HTTP/2 connection (hyper's
+/// cap on concurrent streams per connection), which separates what a stream
+/// costs from what a connection costs.
+async fn slow_streams_memory_h2() {
+    let server = Server::start(&["--token-delay", "60s", "--max-queue", "4096"]).await;
+    let url = format!("{}/v1/chat/completions", server.base);
+    let connections: Vec<reqwest::Client> = (0..6)
+        .map(|_| {
+            reqwest::Client::builder()
+                .http2_prior_knowledge()
+                .build()
+                .expect("client")
+        })
+        .collect();
+    let open = |n: usize| {
+        let url = url.clone();
+        let connections = connections.clone();
+        async move {
+            let mut held = Vec::with_capacity(n);
+            for i in 0..n {
+                let h2 = &connections[i / 200];
+                let resp = h2
+                    .post(&url)
+                    .json(&chat("a b c"))
+                    .send()
+                    .await
+                    .expect("sent");
+                let mut body = resp.bytes_stream();
+                body.next().await.expect("role chunk").expect("chunk");
+                held.push(body);
+            }
+            held
+        }
+    };
+    let held = open(1).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = server.rss_kib();
+    drop(held);
+    let n = 1_000;
+    let held = open(n).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = server.rss_kib();
+    let warm = ();
+    println!(
+        "slow streams over HTTP/2, 200 per connection: {n} open, server RSS {before} KiB -> {after} KiB = {:.1} KB per stream",
+        (after.saturating_sub(before)) as f64 * 1024.0 / 1000.0 / n as f64
+    );
+    drop((warm, held));
+}
+
+/// Idle keep-alive HTTP/1.1 connections after one request each: the floor
+/// under the per-stream figure.
+async fn idle_connections_memory() {
+    let server = Server::start(&[]).await;
+    let url = format!("{}/health", server.base);
+    let open = |n: usize| {
+        let url = url.clone();
+        async move {
+            let mut held = Vec::with_capacity(n);
+            for _ in 0..n {
+                let client = client();
+                client
+                    .get(&url)
+                    .send()
+                    .await
+                    .expect("sent")
+                    .bytes()
+                    .await
+                    .expect("body");
+                held.push(client);
+            }
+            held
+        }
+    };
+    let warm = open(20).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = server.rss_kib();
+    let n = 1_000;
+    let held = open(n).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = server.rss_kib();
+    println!(
+        "idle HTTP/1.1 connections: {n} open, server RSS {before} KiB -> {after} KiB = {:.1} KB per connection",
+        (after.saturating_sub(before)) as f64 * 1024.0 / 1000.0 / n as f64
+    );
+    drop((warm, held));
+}
+
 async fn cancel_previous_latency() {
     let server = Server::start(&["--token-delay", "10s"]).await;
     let url = format!("{}/v1/chat/completions", server.base);
@@ -301,6 +389,8 @@ async fn main() {
     }
     if wanted("memory") {
         slow_streams_memory().await;
+        slow_streams_memory_h2().await;
+        idle_connections_memory().await;
     }
     if wanted("cancel") {
         cancel_previous_latency().await;

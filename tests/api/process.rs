@@ -193,7 +193,7 @@ async fn metrics_follow_a_known_sequence_of_requests() {
             "--backend",
             "echo",
             "--token-delay",
-            "20ms",
+            "100ms",
             "--max-concurrent",
             "1",
             "--max-queue",
