@@ -32,9 +32,15 @@ pub struct Config {
     #[arg(long, env = "SLUICEGATE_BACKEND", value_enum, default_value_t = BackendKind::Local)]
     pub backend: BackendKind,
 
-    /// `local`: path of a GGUF file (default: the bundled model).
+    /// `local`: path of a GGUF file (default: the bundled model, fetched by
+    /// scripts/fetch-model into the cache directory).
     #[arg(long, env = "SLUICEGATE_MODEL")]
     pub model: Option<PathBuf>,
+
+    /// `local`: chat template, a built-in name (`chatml`) or a Jinja file
+    /// (default: the model's own).
+    #[arg(long, env = "SLUICEGATE_CHAT_TEMPLATE")]
+    pub chat_template: Option<String>,
 
     /// The model id clients send and `/v1/models` lists (default: the backend's).
     #[arg(long, env = "SLUICEGATE_MODEL_NAME")]
@@ -108,6 +114,18 @@ pub struct Config {
     pub log: String,
 }
 
+/// Where scripts/fetch-model puts the default model.
+pub const DEFAULT_MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+
+fn default_model_path() -> PathBuf {
+    let cache = std::env::var_os("XDG_CACHE_HOME")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cache")))
+        .unwrap_or_else(|| PathBuf::from(".cache"));
+    cache.join("sluicegate").join(DEFAULT_MODEL_FILE)
+}
+
 fn duration(text: &str) -> Result<Duration, String> {
     humantime::parse_duration(text)
         .map_err(|e| format!("{e}; write a duration with a unit, such as 500ms, 15s or 5m"))
@@ -133,12 +151,17 @@ impl Config {
             return Err("--max-body must be at least 1 byte".into());
         }
         match self.backend {
-            BackendKind::Echo => Ok(()),
-            BackendKind::Local | BackendKind::Openai => Err(format!(
-                "the {:?} backend is not available in this build; use --backend echo",
-                self.backend
-            )),
+            BackendKind::Echo | BackendKind::Local => Ok(()),
+            BackendKind::Openai => {
+                Err("the openai backend is not available in this build yet".into())
+            }
         }
+    }
+
+    /// The GGUF the local backend loads: `--model`, or the bundled model in
+    /// the cache directory.
+    pub fn model_path(&self) -> PathBuf {
+        self.model.clone().unwrap_or_else(default_model_path)
     }
 }
 

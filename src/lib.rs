@@ -10,15 +10,20 @@
 //! - [`session`]: generations apart from connections: the registry that
 //!   cancels a session's previous generation, the per-generation event log
 //!   that every connection (and every resume) reads.
-//! - [`backend`]: the `Backend` trait and its implementations (`echo`).
+//! - [`backend`]: the `Backend` trait and its implementations: `echo`,
+//!   `local` (a decode thread over [`model`]).
+//! - [`model`]: the GGUF llama decoder on candle, its tokenizer, chat
+//!   template and sampler. Knows nothing of HTTP or of the server.
 //! - [`tls`]: rustls config and a handshake-in-its-own-task listener.
 //! - [`telemetry`]: tracing setup and every metric name.
 //!
-//! Dependencies point one way: `api` -> `session`, `backend`.
+//! Dependencies point one way: `api` -> `session`, `backend`;
+//! `backend::local` -> `model`.
 
 pub mod api;
 pub mod backend;
 pub mod config;
+pub mod model;
 pub mod server;
 pub mod session;
 pub mod telemetry;

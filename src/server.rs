@@ -25,6 +25,7 @@ use tower_http::trace::TraceLayer;
 use crate::api::{self, ApiError, ApiKeys};
 use crate::backend::Backend;
 use crate::backend::echo::EchoBackend;
+use crate::backend::local::LocalBackend;
 use crate::config::{BackendKind, Config};
 use crate::session::{Admission, EndCause, GenerationRegistry, RegistryConfig};
 use crate::telemetry;
@@ -115,11 +116,17 @@ impl AppState {
                     .unwrap_or_else(|| EchoBackend::DEFAULT_MODEL.to_owned()),
                 config.token_delay,
             )),
-            BackendKind::Local | BackendKind::Openai => {
-                anyhow::bail!(
-                    "the {:?} backend is not available in this build",
-                    config.backend
-                )
+            BackendKind::Local => {
+                let path = config.model_path();
+                let template = config.chat_template.clone();
+                let model = tokio::task::spawn_blocking(move || {
+                    crate::model::load(&path, template.as_deref())
+                })
+                .await??;
+                Arc::new(LocalBackend::start(model, config.model_name.clone())?)
+            }
+            BackendKind::Openai => {
+                anyhow::bail!("the openai backend is not available in this build yet")
             }
         };
         let registry = RegistryConfig {

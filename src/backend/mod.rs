@@ -5,6 +5,8 @@
 
 pub mod echo;
 mod guard;
+pub mod local;
+pub mod stop;
 
 pub use guard::{GuardedRun, Step};
 

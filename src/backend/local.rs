@@ -1,0 +1,269 @@
+//! The `local` backend: a GGUF model on this machine's CPU. Decoding runs on
+//! one dedicated thread that takes a step of each running generation in
+//! turn (each with its own KV cache over the shared weights) and checks for
+//! cancellation between steps; the async runtime never waits on compute.
+
+use std::sync::{Arc, mpsc};
+
+use async_stream::stream;
+use async_trait::async_trait;
+use tokio::sync::mpsc as tokio_mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::stop::StopMatcher;
+use super::{
+    Accepted, Backend, BackendError, Capabilities, FinishReason, GenerateRequest, ModelCard,
+    Prompt, Sampling, TokenEvent, Usage,
+};
+use crate::model::llama::Cache;
+use crate::model::sampling::Sampler;
+use crate::model::tokenizer::{self, TextStream};
+use crate::model::{Model, template::TemplateError};
+
+/// Generations decoded in turn by default; more wait in the server's queue.
+const DEFAULT_CONCURRENCY: usize = 4;
+
+pub struct LocalBackend {
+    model: Arc<Model>,
+    name: String,
+    jobs: mpsc::Sender<Job>,
+}
+
+type EventSender = tokio_mpsc::UnboundedSender<Result<TokenEvent, BackendError>>;
+
+/// A generation handed to the decode thread.
+struct Job {
+    prompt: Vec<u32>,
+    sampling: Sampling,
+    max_tokens: u32,
+    stop: Vec<String>,
+    cancel: CancellationToken,
+    events: EventSender,
+}
+
+impl LocalBackend {
+    /// Starts the decode thread. `name` overrides the model's own id.
+    pub fn start(model: Model, name: Option<String>) -> std::io::Result<Self> {
+        let model = Arc::new(model);
+        let (jobs, queue) = mpsc::channel();
+        let worker = Arc::clone(&model);
+        std::thread::Builder::new()
+            .name("sluicegate-decode".into())
+            .spawn(move || decode_loop(&worker, &queue))?;
+        Ok(Self {
+            name: name.unwrap_or_else(|| model.name.clone()),
+            model,
+            jobs,
+        })
+    }
+
+    fn prompt_text(&self, prompt: &Prompt) -> Result<String, BackendError> {
+        match prompt {
+            Prompt::Chat(messages) => {
+                self.model
+                    .template
+                    .render(messages, true)
+                    .map_err(|e| match e {
+                        TemplateError::Render(message) => BackendError::InvalidRequest(message),
+                        TemplateError::Compile(detail) => BackendError::Internal(detail),
+                    })
+            }
+            Prompt::Text(text) => Ok(text.clone()),
+        }
+    }
+}
+
+#[async_trait]
+impl Backend for LocalBackend {
+    fn name(&self) -> &'static str {
+        "local"
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            max_choices: 1,
+            default_concurrency: DEFAULT_CONCURRENCY,
+        }
+    }
+
+    async fn models(&self) -> Result<Vec<ModelCard>, BackendError> {
+        Ok(vec![ModelCard {
+            id: self.name.clone(),
+            owned_by: "sluicegate".into(),
+            context_length: u32::try_from(self.model.weights.config.context_length).ok(),
+        }])
+    }
+
+    async fn generate(
+        &self,
+        req: GenerateRequest,
+        cancel: CancellationToken,
+    ) -> Result<Accepted, BackendError> {
+        if req.model != self.name {
+            return Err(BackendError::ModelNotFound(req.model));
+        }
+        let text = self.prompt_text(&req.prompt)?;
+        let prompt = tokenizer::encode(&self.model.tokenizer, &text)
+            .map_err(|e| BackendError::Internal(e.to_string()))?;
+        let context = u32::try_from(self.model.weights.config.context_length).unwrap_or(u32::MAX);
+        let prompt_tokens = u32::try_from(prompt.len()).unwrap_or(u32::MAX);
+        // The prompt must leave room for at least one generated token.
+        if prompt.is_empty() || prompt_tokens >= context {
+            return Err(BackendError::ContextLength {
+                prompt: prompt_tokens,
+                limit: context,
+            });
+        }
+        let room = context - prompt_tokens;
+        let max_tokens = req.max_tokens.map_or(room, |n| n.min(room));
+        let (events, mut received) = tokio_mpsc::unbounded_channel();
+        let job = Job {
+            prompt,
+            sampling: req.sampling,
+            max_tokens,
+            stop: req.stop,
+            cancel,
+            events,
+        };
+        let jobs = self.jobs.clone();
+        // Compute starts when the server polls the stream, that is once the
+        // generation has a run slot.
+        let tokens = stream! {
+            if jobs.send(job).is_err() {
+                yield Err(BackendError::Unavailable("the decode thread has stopped".into()));
+                return;
+            }
+            while let Some(event) = received.recv().await {
+                yield event;
+            }
+        };
+        Ok(Accepted {
+            prompt_tokens: Some(prompt_tokens),
+            tokens: Box::pin(tokens),
+        })
+    }
+}
+
+/// The decode thread: admits jobs, then steps every running generation in
+/// turn until the channel closes.
+fn decode_loop(model: &Model, queue: &mpsc::Receiver<Job>) {
+    let mut running: Vec<Running<'_>> = Vec::new();
+    loop {
+        if running.is_empty() {
+            match queue.recv() {
+                Ok(job) => running.push(Running::new(model, job)),
+                Err(_) => return,
+            }
+        }
+        while let Ok(job) = queue.try_recv() {
+            running.push(Running::new(model, job));
+        }
+        running.retain_mut(|generation| generation.step(model));
+    }
+}
+
+/// One generation on the decode thread.
+struct Running<'m> {
+    cache: Cache,
+    sampler: Sampler,
+    text: TextStream<'m>,
+    stop: StopMatcher,
+    /// What the next forward pass reads: the prompt, then the last token.
+    input: Vec<u32>,
+    usage: Usage,
+    max_tokens: u32,
+    cancel: CancellationToken,
+    events: EventSender,
+}
+
+impl<'m> Running<'m> {
+    fn new(model: &'m Model, job: Job) -> Self {
+        let mut sampler = Sampler::new(&job.sampling);
+        for &token in &job.prompt {
+            sampler.observe(token);
+        }
+        Self {
+            cache: model.weights.new_cache(),
+            sampler,
+            text: TextStream::new(&model.tokenizer),
+            stop: StopMatcher::new(job.stop),
+            usage: Usage {
+                prompt_tokens: u32::try_from(job.prompt.len()).unwrap_or(u32::MAX),
+                completion_tokens: 0,
+            },
+            input: job.prompt,
+            max_tokens: job.max_tokens,
+            cancel: job.cancel,
+            events: job.events,
+        }
+    }
+
+    /// One forward pass and one token. Returns whether to keep going.
+    fn step(&mut self, model: &Model) -> bool {
+        if self.cancel.is_cancelled() || self.events.is_closed() {
+            return self.finish(FinishReason::Cancelled, String::new());
+        }
+        let mut logits = match model.weights.forward(&self.input, &mut self.cache) {
+            Ok(logits) => logits,
+            Err(err) => return self.fail(format!("decode failed: {err}")),
+        };
+        let token = self.sampler.sample(&mut logits);
+        self.sampler.observe(token);
+        if model.end_tokens.contains(&token) {
+            let held = self.stop.finish();
+            return self.finish(FinishReason::Stop, held);
+        }
+        self.usage.completion_tokens += 1;
+        let piece = match self.text.step(token) {
+            Ok(piece) => piece.unwrap_or_default(),
+            Err(err) => return self.fail(format!("detokenizing failed: {err}")),
+        };
+        let released = self.stop.push(&piece);
+        if released.stopped {
+            return self.finish(FinishReason::Stop, released.text);
+        }
+        // An empty piece still counts the token; the server sends no chunk.
+        if !self.send(Ok(TokenEvent::Token {
+            id: Some(token),
+            text: released.text,
+        })) {
+            return false;
+        }
+        if self.usage.completion_tokens >= self.max_tokens {
+            let held = self.stop.finish();
+            return self.finish(FinishReason::Length, held);
+        }
+        self.input.clear();
+        self.input.push(token);
+        true
+    }
+
+    /// Sends any last text and the finish; always ends the generation.
+    fn finish(&mut self, reason: FinishReason, last_text: String) -> bool {
+        if !last_text.is_empty()
+            && !self.send(Ok(TokenEvent::Token {
+                id: None,
+                text: last_text,
+            }))
+        {
+            return false;
+        }
+        self.send(Ok(TokenEvent::Finished {
+            reason,
+            usage: self.usage,
+        }));
+        false
+    }
+
+    /// Reports a failure on the stream; always ends the generation, whether
+    /// or not anyone still listens.
+    fn fail(&self, detail: String) -> bool {
+        self.send(Err(BackendError::Internal(detail)));
+        false
+    }
+
+    /// False once nobody listens: the generation then stops.
+    fn send(&self, event: Result<TokenEvent, BackendError>) -> bool {
+        self.events.send(event).is_ok()
+    }
+}

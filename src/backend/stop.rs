@@ -1,0 +1,136 @@
+//! `StopMatcher`: ends an answer at a stop sequence found in the text, even
+//! when it spans token boundaries, and never lets any of it reach the
+//! client: text that could be the start of a stop sequence is held back
+//! until the next piece decides.
+
+pub struct StopMatcher {
+    stops: Vec<String>,
+    pending: String,
+}
+
+/// What a piece of text turned into.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Released {
+    /// Text that is safe to send.
+    pub text: String,
+    /// A stop sequence matched: `text` is everything before it.
+    pub stopped: bool,
+}
+
+impl StopMatcher {
+    pub fn new(stops: Vec<String>) -> Self {
+        Self {
+            stops: stops.into_iter().filter(|s| !s.is_empty()).collect(),
+            pending: String::new(),
+        }
+    }
+
+    /// Adds a piece of the answer.
+    pub fn push(&mut self, piece: &str) -> Released {
+        if self.stops.is_empty() {
+            return Released {
+                text: piece.to_owned(),
+                stopped: false,
+            };
+        }
+        self.pending.push_str(piece);
+        let first_match = self
+            .stops
+            .iter()
+            .filter_map(|s| self.pending.find(s.as_str()))
+            .min();
+        if let Some(at) = first_match {
+            self.pending.truncate(at);
+            return Released {
+                text: std::mem::take(&mut self.pending),
+                stopped: true,
+            };
+        }
+        let hold = self.held_back();
+        let text = self.pending[..self.pending.len() - hold].to_owned();
+        self.pending.drain(..self.pending.len() - hold);
+        Released {
+            text,
+            stopped: false,
+        }
+    }
+
+    /// Whatever was held back, once the answer ended without a match.
+    pub fn finish(&mut self) -> String {
+        std::mem::take(&mut self.pending)
+    }
+
+    /// Length of the longest end of `pending` that begins a stop sequence.
+    fn held_back(&self) -> usize {
+        self.stops
+            .iter()
+            .flat_map(|stop| {
+                (1..stop.len())
+                    .rev()
+                    .filter(|&n| stop.is_char_boundary(n) && self.pending.ends_with(&stop[..n]))
+                    .take(1)
+            })
+            .max()
+            .unwrap_or(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(stops: &[&str], pieces: &[&str]) -> (String, bool) {
+        let mut m = StopMatcher::new(stops.iter().map(|s| (*s).to_owned()).collect());
+        let mut out = String::new();
+        for piece in pieces {
+            let r = m.push(piece);
+            out.push_str(&r.text);
+            if r.stopped {
+                return (out, true);
+            }
+        }
+        out.push_str(&m.finish());
+        (out, false)
+    }
+
+    #[test]
+    fn a_stop_split_across_pieces_ends_the_text_before_it() {
+        assert_eq!(
+            run(&["\n\n"], &["Hello", "\n", "\nmore"]),
+            ("Hello".into(), true)
+        );
+        assert_eq!(run(&["END"], &["a E", "N", "D b"]), ("a ".into(), true));
+    }
+
+    #[test]
+    fn a_near_miss_is_released_in_full() {
+        assert_eq!(run(&["END"], &["a E", "N", "d"]), ("a ENd".into(), false));
+        assert_eq!(run(&["END"], &["a EN"]), ("a EN".into(), false));
+    }
+
+    #[test]
+    fn held_text_is_released_as_soon_as_it_cannot_match() {
+        let mut m = StopMatcher::new(vec!["STOP".into()]);
+        assert_eq!(m.push("go S").text, "go ");
+        assert_eq!(m.push("x").text, "Sx");
+    }
+
+    #[test]
+    fn the_earliest_of_several_stops_wins_and_characters_stay_whole() {
+        assert_eq!(run(&["b", "a"], &["xxab"]), ("xx".into(), true));
+        assert_eq!(run(&["é!"], &["caf", "é", "!"]), ("caf".into(), true));
+        assert_eq!(run(&["é!"], &["café"]), ("café".into(), false));
+    }
+
+    #[test]
+    fn without_stops_everything_passes_straight_through() {
+        let mut m = StopMatcher::new(vec![String::new()]);
+        assert_eq!(
+            m.push("abc"),
+            Released {
+                text: "abc".into(),
+                stopped: false
+            }
+        );
+    }
+}
