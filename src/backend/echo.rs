@@ -7,6 +7,7 @@ use async_stream::stream;
 use async_trait::async_trait;
 use tokio_util::sync::CancellationToken;
 
+use super::stop::StopMatcher;
 use super::{
     Accepted, Backend, BackendError, Capabilities, FinishReason, GenerateRequest, ModelCard,
     Prompt, TokenEvent, Usage,
@@ -96,10 +97,15 @@ impl Backend for EchoBackend {
         let prompt_tokens = prompt_tokens(&req.prompt);
         let max_tokens = req.max_tokens.map_or(usize::MAX, |n| n as usize);
         let delay = self.token_delay;
+        let mut stop = StopMatcher::new(req.stop);
         let tokens = stream! {
             let mut usage = Usage { prompt_tokens, completion_tokens: 0 };
             for (i, word) in words.into_iter().enumerate() {
                 if i == max_tokens {
+                    let held = stop.finish();
+                    if !held.is_empty() {
+                        yield Ok(TokenEvent::Token { id: None, text: held });
+                    }
                     yield Ok(TokenEvent::Finished { reason: FinishReason::Length, usage });
                     return;
                 }
@@ -117,7 +123,16 @@ impl Backend for EchoBackend {
                     return;
                 }
                 usage.completion_tokens += 1;
-                yield Ok(TokenEvent::Token { id: None, text: word });
+                let released = stop.push(&word);
+                yield Ok(TokenEvent::Token { id: None, text: released.text });
+                if released.stopped {
+                    yield Ok(TokenEvent::Finished { reason: FinishReason::Stop, usage });
+                    return;
+                }
+            }
+            let held = stop.finish();
+            if !held.is_empty() {
+                yield Ok(TokenEvent::Token { id: None, text: held });
             }
             yield Ok(TokenEvent::Finished { reason: FinishReason::Stop, usage });
         };
@@ -207,6 +222,21 @@ mod tests {
         ));
         req.max_tokens = Some(3);
         let events = run(req, CancellationToken::new()).await;
+        assert!(matches!(
+            events.last(),
+            Some(TokenEvent::Finished {
+                reason: FinishReason::Stop,
+                ..
+            })
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_stop_sequence_ends_the_echo_before_it() {
+        let mut req = chat("one two three four");
+        req.stop = vec!["thr".into()];
+        let events = run(req, CancellationToken::new()).await;
+        assert_eq!(text_of(&events), "one two ");
         assert!(matches!(
             events.last(),
             Some(TokenEvent::Finished {

@@ -3,6 +3,7 @@
 //! turn (each with its own KV cache over the shared weights) and checks for
 //! cancellation between steps; the async runtime never waits on compute.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, mpsc};
 
 use async_stream::stream;
@@ -27,6 +28,8 @@ pub struct LocalBackend {
     model: Arc<Model>,
     name: String,
     jobs: mpsc::Sender<Job>,
+    /// Forward passes run so far: shows when decoding stops.
+    steps: Arc<AtomicU64>,
 }
 
 type EventSender = tokio_mpsc::UnboundedSender<Result<TokenEvent, BackendError>>;
@@ -47,14 +50,27 @@ impl LocalBackend {
         let model = Arc::new(model);
         let (jobs, queue) = mpsc::channel();
         let worker = Arc::clone(&model);
+        let steps = Arc::new(AtomicU64::new(0));
+        let counter = Arc::clone(&steps);
         std::thread::Builder::new()
             .name("sluicegate-decode".into())
-            .spawn(move || decode_loop(&worker, &queue))?;
+            .spawn(move || decode_loop(&worker, &queue, &counter))?;
         Ok(Self {
             name: name.unwrap_or_else(|| model.name.clone()),
             model,
             jobs,
+            steps,
         })
+    }
+
+    /// Forward passes run so far, over all generations.
+    pub fn decode_steps(&self) -> u64 {
+        self.steps.load(Ordering::Relaxed)
+    }
+
+    /// The loaded model.
+    pub fn model(&self) -> &Model {
+        &self.model
     }
 
     fn prompt_text(&self, prompt: &Prompt) -> Result<String, BackendError> {
@@ -146,7 +162,7 @@ impl Backend for LocalBackend {
 
 /// The decode thread: admits jobs, then steps every running generation in
 /// turn until the channel closes.
-fn decode_loop(model: &Model, queue: &mpsc::Receiver<Job>) {
+fn decode_loop(model: &Model, queue: &mpsc::Receiver<Job>, steps: &AtomicU64) {
     let mut running: Vec<Running<'_>> = Vec::new();
     loop {
         if running.is_empty() {
@@ -158,7 +174,10 @@ fn decode_loop(model: &Model, queue: &mpsc::Receiver<Job>) {
         while let Ok(job) = queue.try_recv() {
             running.push(Running::new(model, job));
         }
-        running.retain_mut(|generation| generation.step(model));
+        running.retain_mut(|generation| {
+            steps.fetch_add(1, Ordering::Relaxed);
+            generation.step(model)
+        });
     }
 }
 

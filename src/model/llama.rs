@@ -5,8 +5,8 @@
 //! Differences from candle's stock `quantized_llama`, each for speed:
 //! - Q, K and V are one matmul, and so are gate and up: fewer passes over
 //!   the activations and fewer dispatches per token.
-//! - Weights whose type has no SIMD kernel in candle (Q4_1, Q5_x) are
-//!   re-quantized to Q8_0 at load.
+//! - Q4_1 weights, which candle multiplies with scalar code, run on the
+//!   AVX2 Q4_0 kernel plus an exact offset term (see `linear`).
 //! - The embedding table stays quantized (rows are dequantized on lookup).
 //! - The KV cache is appended in place, not concatenated every step, and
 //!   grouped-query attention runs per KV head without copying K and V.
@@ -17,8 +17,10 @@ use std::path::Path;
 use std::sync::Arc;
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor, gguf_file};
-use candle_core::{D, DType, Device, Module, Tensor};
+use candle_core::{D, DType, Device, Tensor};
 use candle_nn::kv_cache::KvCache;
+
+use super::linear::Linear;
 
 pub type Result<T> = candle_core::Result<T>;
 
@@ -87,12 +89,12 @@ impl LlamaConfig {
 struct Layer {
     attn_norm: Tensor,
     /// Q, K and V projections stacked: `n_head + 2 * n_kv_head` heads out.
-    qkv: QMatMul,
-    wo: QMatMul,
+    qkv: Linear,
+    wo: Linear,
     ffn_norm: Tensor,
     /// Gate and up projections stacked: `2 * n_ff` out.
-    gate_up: QMatMul,
-    down: QMatMul,
+    gate_up: Linear,
+    down: Linear,
 }
 
 /// The model's weights, shared by all generations.
@@ -102,7 +104,7 @@ pub struct Weights {
     embedding: Arc<QTensor>,
     layers: Vec<Layer>,
     norm: Tensor,
-    output: QMatMul,
+    output: Linear,
     cos: Tensor,
     sin: Tensor,
     device: Device,
@@ -130,24 +132,24 @@ pub fn load(path: &Path) -> Result<(gguf_file::Content, Weights)> {
         let (gate, up) = (get("ffn_gate")?, get("ffn_up")?);
         layers.push(Layer {
             attn_norm: get("attn_norm")?.dequantize(&device)?,
-            qkv: stacked(&[q, k, v], &device)?,
-            wo: simd_ready(get("attn_output")?, &device)?,
+            qkv: Linear::stacked(&[q, k, v], &device)?,
+            wo: Linear::single(get("attn_output")?, &device)?,
             ffn_norm: get("ffn_norm")?.dequantize(&device)?,
-            gate_up: stacked(&[gate, up], &device)?,
-            down: simd_ready(get("ffn_down")?, &device)?,
+            gate_up: Linear::stacked(&[gate, up], &device)?,
+            down: Linear::single(get("ffn_down")?, &device)?,
         });
     }
     let embedding = Arc::new(tensor("token_embd.weight")?);
     let output = match tensor("output.weight") {
-        Ok(output) => simd_ready(output, &device)?,
+        Ok(output) => Linear::single(output, &device)?,
         // Tied embeddings: the output projection is the embedding table.
-        Err(_) if simd_type(embedding.dtype()) == embedding.dtype() => {
-            QMatMul::from_arc(Arc::clone(&embedding))?
+        Err(_) if embedding.dtype() == GgmlDType::Q8_0 || embedding.dtype() == GgmlDType::Q4_0 => {
+            Linear::Plain(QMatMul::from_arc(Arc::clone(&embedding))?)
         }
-        Err(_) => simd_ready(
-            QTensor::quantize(&embedding.dequantize(&device)?, GgmlDType::Q8_0)?,
-            &device,
-        )?,
+        Err(_) => Linear::Plain(QMatMul::from_qtensor(QTensor::quantize(
+            &embedding.dequantize(&device)?,
+            GgmlDType::Q8_0,
+        )?)?),
     };
     let norm = tensor("output_norm.weight")?.dequantize(&device)?;
     let (cos, sin) = rope_tables(&config, &device)?;
@@ -162,44 +164,6 @@ pub fn load(path: &Path) -> Result<(gguf_file::Content, Weights)> {
         device,
     };
     Ok((content, weights))
-}
-
-/// The type a weight is kept in: its own where candle has a SIMD kernel
-/// for it, Q8_0 otherwise (near-lossless from 4 and 5 bits).
-fn simd_type(dtype: GgmlDType) -> GgmlDType {
-    match dtype {
-        GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1 | GgmlDType::Q8_1 => GgmlDType::Q8_0,
-        other => other,
-    }
-}
-
-fn simd_ready(weight: QTensor, device: &Device) -> Result<QMatMul> {
-    let wanted = simd_type(weight.dtype());
-    let weight = if wanted == weight.dtype() {
-        weight
-    } else {
-        QTensor::quantize(&weight.dequantize(device)?, wanted)?
-    };
-    QMatMul::from_qtensor(weight)
-}
-
-/// Several projections of the same input as one matrix (rows stacked).
-fn stacked(parts: &[QTensor], device: &Device) -> Result<QMatMul> {
-    let rows = parts
-        .iter()
-        .map(|p| p.dequantize(device))
-        .collect::<Result<Vec<_>>>()?;
-    let dtype = match parts.first().map(QTensor::dtype) {
-        // Stacking re-quantizes anyway: Q8_0 keeps 8-bit sources exact and
-        // 4/5-bit sources near-exact, on the AVX2 kernel.
-        Some(GgmlDType::F32) => GgmlDType::F32,
-        _ => GgmlDType::Q8_0,
-    };
-    let joined = Tensor::cat(&rows, 0)?;
-    if dtype == GgmlDType::F32 {
-        return Ok(QMatMul::Tensor(joined));
-    }
-    QMatMul::from_qtensor(QTensor::quantize(&joined, dtype)?)
 }
 
 fn rope_tables(config: &LlamaConfig, device: &Device) -> Result<(Tensor, Tensor)> {

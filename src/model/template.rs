@@ -133,11 +133,11 @@ mod tests {
 
     #[test]
     fn trims_blocks_like_hugging_face_and_knows_python_methods() {
-        let source = "{% for m in messages %}\n  {{ bos_token }}{{ m.content.strip() }}{{ eos_token }}\n{% endfor %}";
+        let source = "{% for m in messages %}\n  {% if m.role %}{{ bos_token }}{{ m.content.strip() }}{{ eos_token }}{% endif %}\n{% endfor %}";
         let prompt = template(source)
             .render(&[msg("user", "  hi  ")], false)
             .expect("renders");
-        assert_eq!(prompt, "<s>hi</s>\n");
+        assert_eq!(prompt, "<s>hi</s>");
     }
 
     #[test]

@@ -9,6 +9,7 @@ use bytes::Bytes;
 use eventsource_stream::{Event, Eventsource};
 use futures_util::{Stream, StreamExt};
 use serde_json::{Value, json};
+use sluicegate::backend::Backend;
 use sluicegate::backend::echo::EchoBackend;
 use sluicegate::server::{self, AppState, Settings};
 use sluicegate::session::RegistryConfig;
@@ -25,6 +26,8 @@ pub(crate) struct TestServer {
 /// an instant echo.
 #[derive(Clone)]
 pub(crate) struct Options {
+    /// The backend; `None`: echo with `token_delay`.
+    pub(crate) backend: Option<Arc<dyn Backend>>,
     pub(crate) token_delay: Duration,
     pub(crate) api_keys: Vec<String>,
     pub(crate) registry: RegistryConfig,
@@ -34,6 +37,7 @@ pub(crate) struct Options {
 impl Default for Options {
     fn default() -> Self {
         Self {
+            backend: None,
             token_delay: Duration::ZERO,
             api_keys: Vec::new(),
             registry: RegistryConfig::default(),
@@ -45,6 +49,11 @@ impl Default for Options {
 impl Options {
     pub(crate) fn delay(mut self, delay: Duration) -> Self {
         self.token_delay = delay;
+        self
+    }
+
+    pub(crate) fn backend(mut self, backend: Arc<dyn Backend>) -> Self {
+        self.backend = Some(backend);
         self
     }
 
@@ -78,7 +87,9 @@ impl TestServer {
     }
 
     async fn start(options: Options) -> Self {
-        let backend = Arc::new(EchoBackend::new("echo", options.token_delay));
+        let backend = options
+            .backend
+            .unwrap_or_else(|| Arc::new(EchoBackend::new("echo", options.token_delay)));
         let state = AppState::new(
             backend,
             options.registry,

@@ -6,6 +6,7 @@ mod auth;
 mod cancel;
 mod common;
 mod errors;
+mod model;
 mod process;
 mod resume;
 mod streaming;
