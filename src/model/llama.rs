@@ -1,15 +1,17 @@
 //! A llama-family decoder on candle's quantized CPU kernels, shaped for
 //! serving: weights loaded once and shared by every generation, each
-//! generation with its own KV cache that grows in place.
+//! generation with its own KV cache.
 //!
 //! Differences from candle's stock `quantized_llama`, each for speed:
 //! - Q, K and V are one matmul, and so are gate and up: fewer passes over
 //!   the activations and fewer dispatches per token.
-//! - Q4_1 weights, which candle multiplies with scalar code, run on the
-//!   AVX2 Q4_0 kernel plus an exact offset term (see `linear`).
-//! - The embedding table stays quantized (rows are dequantized on lookup).
-//! - The KV cache is appended in place, not concatenated every step, and
-//!   grouped-query attention runs per KV head without copying K and V.
+//! - Weights whose type has no SIMD kernel in candle (Q4_1, Q5_x) are
+//!   re-quantized to Q8_0 at load (near-lossless; AVX2, and for inputs of
+//!   256-multiples candle's VNNI kernel).
+//! - The embedding table stays quantized (rows are dequantized on lookup)
+//!   and doubles as the output projection when the two are tied.
+//! - Attention and RoPE run as plain loops over a KV cache kept per KV
+//!   head (see `attention`), instead of a dozen tensor ops per layer.
 
 use std::fs::File;
 use std::io::BufReader;
@@ -17,15 +19,11 @@ use std::path::Path;
 use std::sync::Arc;
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor, gguf_file};
-use candle_core::{D, DType, Device, Tensor};
-use candle_nn::kv_cache::KvCache;
+use candle_core::{D, Device, Module, Tensor};
 
-use super::linear::Linear;
+use super::attention::{self, Heads, KvStore, Rope};
 
 pub type Result<T> = candle_core::Result<T>;
-
-/// KV cache growth step, in positions.
-const KV_CHUNK: usize = 256;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct LlamaConfig {
@@ -84,17 +82,25 @@ impl LlamaConfig {
             vocab_size,
         })
     }
+
+    fn heads(&self) -> Heads {
+        Heads {
+            n_head: self.n_head,
+            n_kv_head: self.n_kv_head,
+            head_dim: self.head_dim,
+        }
+    }
 }
 
 struct Layer {
     attn_norm: Tensor,
     /// Q, K and V projections stacked: `n_head + 2 * n_kv_head` heads out.
-    qkv: Linear,
-    wo: Linear,
+    qkv: QMatMul,
+    wo: QMatMul,
     ffn_norm: Tensor,
     /// Gate and up projections stacked: `2 * n_ff` out.
-    gate_up: Linear,
-    down: Linear,
+    gate_up: QMatMul,
+    down: QMatMul,
 }
 
 /// The model's weights, shared by all generations.
@@ -104,15 +110,14 @@ pub struct Weights {
     embedding: Arc<QTensor>,
     layers: Vec<Layer>,
     norm: Tensor,
-    output: Linear,
-    cos: Tensor,
-    sin: Tensor,
+    output: QMatMul,
+    rope: Rope,
     device: Device,
 }
 
 /// One generation's attention state.
 pub struct Cache {
-    layers: Vec<KvCache>,
+    layers: Vec<KvStore>,
     /// Positions already in the cache.
     pub position: usize,
 }
@@ -132,62 +137,85 @@ pub fn load(path: &Path) -> Result<(gguf_file::Content, Weights)> {
         let (gate, up) = (get("ffn_gate")?, get("ffn_up")?);
         layers.push(Layer {
             attn_norm: get("attn_norm")?.dequantize(&device)?,
-            qkv: Linear::stacked(&[q, k, v], &device)?,
-            wo: Linear::single(get("attn_output")?, &device)?,
+            qkv: stacked(&[q, k, v], &device)?,
+            wo: simd_ready(get("attn_output")?, &device)?,
             ffn_norm: get("ffn_norm")?.dequantize(&device)?,
-            gate_up: Linear::stacked(&[gate, up], &device)?,
-            down: Linear::single(get("ffn_down")?, &device)?,
+            gate_up: stacked(&[gate, up], &device)?,
+            down: simd_ready(get("ffn_down")?, &device)?,
         });
     }
     let embedding = Arc::new(tensor("token_embd.weight")?);
     let output = match tensor("output.weight") {
-        Ok(output) => Linear::single(output, &device)?,
+        Ok(output) => simd_ready(output, &device)?,
         // Tied embeddings: the output projection is the embedding table.
-        Err(_) if embedding.dtype() == GgmlDType::Q8_0 || embedding.dtype() == GgmlDType::Q4_0 => {
-            Linear::Plain(QMatMul::from_arc(Arc::clone(&embedding))?)
-        }
-        Err(_) => Linear::Plain(QMatMul::from_qtensor(QTensor::quantize(
+        Err(_) if has_simd(embedding.dtype()) => QMatMul::from_arc(Arc::clone(&embedding))?,
+        Err(_) => QMatMul::from_qtensor(QTensor::quantize(
             &embedding.dequantize(&device)?,
             GgmlDType::Q8_0,
-        )?)?),
+        )?)?,
     };
     let norm = tensor("output_norm.weight")?.dequantize(&device)?;
-    let (cos, sin) = rope_tables(&config, &device)?;
+    let rope = Rope::new(config.head_dim, config.rope_base, config.context_length);
     let weights = Weights {
         config,
         embedding,
         layers,
         norm,
         output,
-        cos,
-        sin,
+        rope,
         device,
     };
     Ok((content, weights))
 }
 
-fn rope_tables(config: &LlamaConfig, device: &Device) -> Result<(Tensor, Tensor)> {
-    let half = config.head_dim / 2;
-    let inv_freq: Vec<f32> = (0..half)
-        .map(|i| {
-            1.0 / config
-                .rope_base
-                .powf((2 * i) as f32 / config.head_dim as f32)
-        })
-        .collect();
-    let inv_freq = Tensor::from_vec(inv_freq, (1, half), device)?;
-    let positions = Tensor::arange(0u32, config.context_length as u32, device)?
-        .to_dtype(DType::F32)?
-        .reshape((config.context_length, 1))?;
-    let angles = positions.matmul(&inv_freq)?;
-    Ok((angles.cos()?, angles.sin()?))
+/// Types candle multiplies with SIMD on x86.
+fn has_simd(dtype: GgmlDType) -> bool {
+    !matches!(
+        dtype,
+        GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1 | GgmlDType::Q8_1
+    )
+}
+
+fn simd_ready(weight: QTensor, device: &Device) -> Result<QMatMul> {
+    if has_simd(weight.dtype()) {
+        return QMatMul::from_qtensor(weight);
+    }
+    QMatMul::from_qtensor(QTensor::quantize(
+        &weight.dequantize(device)?,
+        GgmlDType::Q8_0,
+    )?)
+}
+
+/// Several projections of the same input as one matrix (rows stacked),
+/// in Q8_0: exact for 8-bit sources, near-exact for 4 and 5 bits.
+fn stacked(parts: &[QTensor], device: &Device) -> Result<QMatMul> {
+    let rows = parts
+        .iter()
+        .map(|p| p.dequantize(device))
+        .collect::<Result<Vec<_>>>()?;
+    QMatMul::from_qtensor(QTensor::quantize(&Tensor::cat(&rows, 0)?, GgmlDType::Q8_0)?)
+}
+
+/// Rows from which a dequantized f32 matmul beats the quantized kernel,
+/// which handles one row at a time.
+const GEMM_ROWS: usize = 8;
+
+/// `x @ Wᵀ`: the quantized kernel for a token or a few, an f32 GEMM over
+/// the dequantized weights for a prompt.
+fn project(weights: &QMatMul, x: &Tensor, rows: usize) -> Result<Tensor> {
+    match weights {
+        QMatMul::QTensor(q) if rows >= GEMM_ROWS => {
+            x.broadcast_matmul(&q.dequantize(&x.device().clone())?.t()?)
+        }
+        _ => weights.forward(x),
+    }
 }
 
 impl Weights {
     pub fn new_cache(&self) -> Cache {
         Cache {
             layers: (0..self.config.n_layer)
-                .map(|_| KvCache::new(2, KV_CHUNK))
+                .map(|_| KvStore::default())
                 .collect(),
             position: 0,
         }
@@ -206,71 +234,27 @@ impl Weights {
                 c.context_length
             );
         }
-        let group = c.n_head / c.n_kv_head;
-        let (hd, n_q, n_kv) = (c.head_dim, c.n_head * c.head_dim, c.n_kv_head * c.head_dim);
         let ids = Tensor::new(tokens, &self.device)?;
         let mut x = self.embedding.embedding(&ids)?.unsqueeze(0)?;
-        let cos = self.cos.narrow(0, start, seq)?;
-        let sin = self.sin.narrow(0, start, seq)?;
-        let mask = (seq > 1)
-            .then(|| causal_mask(seq, start, group, &self.device))
-            .transpose()?;
-        let scale = 1.0 / (hd as f64).sqrt();
-
-        for (layer, kv) in self.layers.iter().zip(cache.layers.iter_mut()) {
+        for (layer, store) in self.layers.iter().zip(cache.layers.iter_mut()) {
             let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, c.rms_eps)?;
-            let qkv = layer.qkv.forward(&h)?;
-            let heads = |offset: usize, width: usize, n: usize| {
-                qkv.narrow(D::Minus1, offset, width)?
-                    .reshape((1, seq, n, hd))?
-                    .transpose(1, 2)?
-                    .contiguous()
-            };
-            let q = candle_nn::rotary_emb::rope_i(&heads(0, n_q, c.n_head)?, &cos, &sin)?;
-            let k = candle_nn::rotary_emb::rope_i(&heads(n_q, n_kv, c.n_kv_head)?, &cos, &sin)?;
-            let v = heads(n_q + n_kv, n_kv, c.n_kv_head)?;
-            let (k, v) = kv.append(&k, &v)?;
-            // Query heads that share a KV head become rows of one matrix.
-            let q = q.reshape((1, c.n_kv_head, group * seq, hd))?;
-            let scores = (q.matmul(&k.t()?)? * scale)?;
-            let scores = match &mask {
-                Some(mask) => scores.broadcast_add(mask)?,
-                None => scores,
-            };
-            let attn = candle_nn::ops::softmax_last_dim(&scores)?.matmul(&v.contiguous()?)?;
-            let attn = attn
-                .reshape((1, c.n_head, seq, hd))?
-                .transpose(1, 2)?
-                .reshape((1, seq, c.n_embd))?;
-            x = (x + layer.wo.forward(&attn)?)?;
+            let qkv = project(&layer.qkv, &h, seq)?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
+            let attn = attention::attend(&qkv, seq, start, c.heads(), &self.rope, store);
+            let attn = Tensor::from_vec(attn, (1, seq, c.n_head * c.head_dim), &self.device)?;
+            x = (x + project(&layer.wo, &attn, seq)?)?;
 
             let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, c.rms_eps)?;
-            let gate_up = layer.gate_up.forward(&h)?;
+            let gate_up = project(&layer.gate_up, &h, seq)?;
             let gate = gate_up.narrow(D::Minus1, 0, c.n_ff)?;
             let up = gate_up.narrow(D::Minus1, c.n_ff, c.n_ff)?;
             let act = (candle_nn::ops::silu(&gate)? * up)?;
-            x = (x + layer.down.forward(&act)?)?;
+            x = (x + project(&layer.down, &act, seq)?)?;
         }
         cache.position += seq;
         let last = x.narrow(1, seq - 1, 1)?;
         let h = candle_nn::ops::rms_norm(&last, &self.norm, c.rms_eps)?;
         self.output.forward(&h)?.flatten_all()?.to_vec1::<f32>()
     }
-}
-
-/// Additive mask for `seq` new positions after `start` cached ones, with
-/// the rows repeated for the `group` query heads sharing a KV head.
-fn causal_mask(seq: usize, start: usize, group: usize, device: &Device) -> Result<Tensor> {
-    let total = start + seq;
-    let row = |s: usize| {
-        (0..total).map(move |j| {
-            if j > start + s {
-                f32::NEG_INFINITY
-            } else {
-                0.0
-            }
-        })
-    };
-    let values: Vec<f32> = (0..group).flat_map(|_| (0..seq).flat_map(row)).collect();
-    Tensor::from_vec(values, (group * seq, total), device)
 }

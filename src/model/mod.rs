@@ -1,7 +1,7 @@
 //! The local model: GGUF weights, the tokenizer and chat template its
 //! metadata describes, loaded once and shared by every generation.
 
-pub mod linear;
+pub mod attention;
 pub mod llama;
 pub mod sampling;
 pub mod template;
