@@ -46,6 +46,22 @@ pub struct Config {
     #[arg(long, env = "SLUICEGATE_MODEL_NAME")]
     pub model_name: Option<String>,
 
+    /// `openai`: base URL of an OpenAI-compatible server; repeat for several.
+    #[arg(long = "upstream", env = "SLUICEGATE_UPSTREAM", value_delimiter = ',')]
+    pub upstreams: Vec<String>,
+
+    /// `openai`: bearer key sent to the upstreams (never the client's own).
+    #[arg(long, env = "SLUICEGATE_UPSTREAM_API_KEY", hide_env_values = true)]
+    pub upstream_api_key: Option<String>,
+
+    /// `openai`: give up connecting to an upstream after this long.
+    #[arg(long, env = "SLUICEGATE_UPSTREAM_CONNECT_TIMEOUT", value_parser = duration, default_value = "5s")]
+    pub upstream_connect_timeout: Duration,
+
+    /// `openai`: give up on an upstream that sends nothing for this long.
+    #[arg(long, env = "SLUICEGATE_UPSTREAM_FIRST_BYTE_TIMEOUT", value_parser = duration, default_value = "60s")]
+    pub upstream_first_byte_timeout: Duration,
+
     /// `echo`: pause before each token.
     #[arg(long, env = "SLUICEGATE_TOKEN_DELAY", value_parser = duration, default_value = "0ms")]
     pub token_delay: Duration,
@@ -152,9 +168,19 @@ impl Config {
         }
         match self.backend {
             BackendKind::Echo | BackendKind::Local => Ok(()),
-            BackendKind::Openai => {
-                Err("the openai backend is not available in this build yet".into())
+            BackendKind::Openai if self.upstreams.is_empty() => {
+                Err("--backend openai needs at least one --upstream URL".into())
             }
+            BackendKind::Openai => match self
+                .upstreams
+                .iter()
+                .find(|u| !(u.starts_with("http://") || u.starts_with("https://")))
+            {
+                Some(bad) => Err(format!(
+                    "--upstream {bad:?} must be an http:// or https:// URL"
+                )),
+                None => Ok(()),
+            },
         }
     }
 

@@ -26,6 +26,7 @@ use crate::api::{self, ApiError, ApiKeys};
 use crate::backend::Backend;
 use crate::backend::echo::EchoBackend;
 use crate::backend::local::LocalBackend;
+use crate::backend::upstream::{UpstreamBackend, UpstreamConfig};
 use crate::config::{BackendKind, Config};
 use crate::session::{Admission, EndCause, GenerationRegistry, RegistryConfig};
 use crate::telemetry;
@@ -82,16 +83,20 @@ impl AppState {
         registry: RegistryConfig,
         keys: Vec<String>,
         settings: Settings,
-    ) -> Result<Self, crate::backend::BackendError> {
-        let default_model = backend
-            .models()
-            .await?
-            .first()
-            .map_or_else(|| "default".to_owned(), |m| m.id.clone());
+    ) -> Self {
+        // An upstream may be down at startup; that must not stop the server.
+        let default_model = match backend.models().await {
+            Ok(models) => models.first().map(|m| m.id.clone()),
+            Err(err) => {
+                tracing::warn!(%err, "no model list at startup");
+                None
+            }
+        }
+        .unwrap_or_else(|| "default".to_owned());
         let max_running = settings
             .max_concurrent
             .unwrap_or(backend.capabilities().default_concurrency);
-        Ok(Self {
+        Self {
             admission: Arc::new(Admission::new(max_running, settings.max_queue)),
             backend,
             registry: GenerationRegistry::new(registry),
@@ -103,7 +108,7 @@ impl AppState {
                 .map_or(0, |d| d.as_secs()),
             shutdown: CancellationToken::new(),
             metrics: None,
-        })
+        }
     }
 
     /// The state a validated `Config` describes.
@@ -125,9 +130,12 @@ impl AppState {
                 .await??;
                 Arc::new(LocalBackend::start(model, config.model_name.clone())?)
             }
-            BackendKind::Openai => {
-                anyhow::bail!("the openai backend is not available in this build yet")
-            }
+            BackendKind::Openai => Arc::new(UpstreamBackend::new(UpstreamConfig {
+                urls: config.upstreams.clone(),
+                api_key: config.upstream_api_key.clone(),
+                connect_timeout: config.upstream_connect_timeout,
+                first_byte_timeout: config.upstream_first_byte_timeout,
+            })?),
         };
         let registry = RegistryConfig {
             reattach_grace: config.reattach_grace,
@@ -142,7 +150,7 @@ impl AppState {
             max_queue: config.max_queue,
             cors_origins: config.cors_origins.clone(),
         };
-        Ok(Self::new(backend, registry, config.api_keys.clone(), settings).await?)
+        Ok(Self::new(backend, registry, config.api_keys.clone(), settings).await)
     }
 
     pub fn is_shutting_down(&self) -> bool {

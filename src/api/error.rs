@@ -39,6 +39,13 @@ pub enum ApiError {
     BackendUnavailable,
     #[error("Internal error.")]
     Internal,
+    /// An upstream's 4xx, passed on with its status.
+    #[error("{message}")]
+    Upstream {
+        status: StatusCode,
+        message: String,
+        retry_after: Option<HeaderValue>,
+    },
 }
 
 impl ApiError {
@@ -93,6 +100,15 @@ impl ApiError {
                 Some("backend_unavailable"),
             ),
             Self::Internal => (S::INTERNAL_SERVER_ERROR, "server_error", None),
+            Self::Upstream { status, .. } => {
+                let kind = match status.as_u16() {
+                    401 | 403 => "authentication_error",
+                    404 => "not_found_error",
+                    429 => "rate_limit_error",
+                    _ => "invalid_request_error",
+                };
+                (*status, kind, None)
+            }
         }
     }
 
@@ -135,6 +151,21 @@ impl From<BackendError> for ApiError {
                 tracing::error!(%detail, "backend failure");
                 Self::Internal
             }
+            BackendError::Upstream {
+                status,
+                message,
+                retry_after,
+            } => match StatusCode::from_u16(status) {
+                Ok(status) if status.is_client_error() => Self::Upstream {
+                    status,
+                    message,
+                    retry_after: retry_after.and_then(|v| HeaderValue::from_str(&v).ok()),
+                },
+                _ => {
+                    tracing::error!(status, %message, "upstream failure");
+                    Self::BackendUnavailable
+                }
+            },
         }
     }
 }
@@ -148,8 +179,17 @@ impl IntoResponse for ApiError {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         );
-        if let Self::QueueFull { retry_after } = self {
-            headers.insert(header::RETRY_AFTER, HeaderValue::from(retry_after));
+        match self {
+            Self::QueueFull { retry_after } => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from(retry_after));
+            }
+            Self::Upstream {
+                retry_after: Some(value),
+                ..
+            } => {
+                headers.insert(header::RETRY_AFTER, value);
+            }
+            _ => {}
         }
         response
     }

@@ -7,6 +7,7 @@ pub mod echo;
 mod guard;
 pub mod local;
 pub mod stop;
+pub mod upstream;
 
 pub use guard::{GuardedRun, Step};
 
@@ -162,4 +163,12 @@ pub enum BackendError {
     Unavailable(String),
     #[error("backend failure: {0}")]
     Internal(String),
+    /// An upstream server refused the request (4xx): the client gets the
+    /// same status.
+    #[error("{message}")]
+    Upstream {
+        status: u16,
+        message: String,
+        retry_after: Option<String>,
+    },
 }

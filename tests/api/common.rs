@@ -96,8 +96,7 @@ impl TestServer {
             options.api_keys,
             options.settings,
         )
-        .await
-        .expect("state");
+        .await;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");

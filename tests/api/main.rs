@@ -11,3 +11,4 @@ mod process;
 mod resume;
 mod streaming;
 mod transport;
+mod upstream;

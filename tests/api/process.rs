@@ -398,3 +398,31 @@ async fn tls_serves_http2_by_alpn_and_http1_too() {
     assert_eq!(read_all(resp).await.text, "plain old");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test]
+async fn the_binary_fronts_an_upstream_with_backend_openai() {
+    let upstream = crate::common::TestServer::echo().await;
+    let server = Process::start(
+        &[
+            "--backend",
+            "openai",
+            "--upstream",
+            &upstream.base,
+            "--upstream-api-key",
+            "up-key",
+        ],
+        &[],
+    )
+    .await;
+    let resp = client()
+        .post(server.url("/v1/chat/completions"))
+        .json(&chat("relayed by a process", true))
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(read_all(resp).await.text, "relayed by a process");
+    assert!(
+        !server.log().contains("up-key"),
+        "the upstream key is never logged"
+    );
+}

@@ -1,0 +1,376 @@
+//! The `openai` backend in front of real upstreams: another sluicegate on
+//! echo, and a misbehaving OpenAI-style server written here that can omit
+//! `[DONE]`, fail mid-stream, stall, refuse, and that records when a
+//! client's connection goes away.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use axum::Json;
+use axum::body::Body;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde_json::{Value, json};
+use sluicegate::backend::upstream::{UpstreamBackend, UpstreamConfig};
+
+use crate::common::{
+    Events, TestServer, chat, client, eventually, open_stream, post as post_to, read_all,
+    transcript,
+};
+
+fn relay_to(urls: Vec<String>, first_byte_timeout: Duration) -> crate::common::Options {
+    let backend = UpstreamBackend::new(UpstreamConfig {
+        urls,
+        api_key: Some("upstream-secret".into()),
+        connect_timeout: Duration::from_secs(2),
+        first_byte_timeout,
+    })
+    .expect("backend");
+    TestServer::options().backend(Arc::new(backend))
+}
+
+/// A badly behaved OpenAI-compatible server. The last user message picks
+/// the misbehaviour.
+struct Rogue {
+    base: String,
+    /// Streams whose client went away before the end.
+    closed: Arc<AtomicUsize>,
+    /// Requests seen, and the last Authorization header.
+    requests: Arc<AtomicUsize>,
+    last_auth: Arc<std::sync::Mutex<Option<String>>>,
+}
+
+/// Counts a dropped stream that did not reach its end.
+struct OnClose(Arc<AtomicUsize>, bool);
+
+impl Drop for OnClose {
+    fn drop(&mut self) {
+        if !self.1 {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+}
+
+fn sse(chunks: Vec<String>, closed: Arc<AtomicUsize>, gap: Duration) -> Response {
+    let body = async_stream::stream! {
+        let mut guard = OnClose(closed, false);
+        for chunk in chunks {
+            tokio::time::sleep(gap).await;
+            yield Ok::<_, Infallible>(chunk);
+        }
+        guard.1 = true;
+    };
+    (
+        [(header::CONTENT_TYPE, "text/event-stream")],
+        Body::from_stream(body),
+    )
+        .into_response()
+}
+
+fn delta(text: &str, role: bool, finish: Option<&str>) -> String {
+    let mut delta = json!({"content": text});
+    if role {
+        delta["role"] = json!("assistant");
+    }
+    let chunk = json!({"id": "", "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]});
+    format!("data: {chunk}\n\n")
+}
+
+async fn rogue() -> Rogue {
+    let closed = Arc::new(AtomicUsize::new(0));
+    let requests = Arc::new(AtomicUsize::new(0));
+    let last_auth = Arc::new(std::sync::Mutex::new(None));
+    let (c, r, a) = (
+        Arc::clone(&closed),
+        Arc::clone(&requests),
+        Arc::clone(&last_auth),
+    );
+    let app = axum::Router::new()
+        .route(
+            "/v1/models",
+            get(|| async { Json(json!({"object": "list", "data": [{"id": "echo", "object": "model", "owned_by": "rogue"}]})) }),
+        )
+        .route(
+            "/v1/chat/completions",
+            post(move |headers: axum::http::HeaderMap, Json(body): Json<Value>| {
+                let (closed, requests, last_auth) = (Arc::clone(&c), Arc::clone(&r), Arc::clone(&a));
+                async move {
+                    requests.fetch_add(1, Ordering::SeqCst);
+                    *last_auth.lock().expect("lock") =
+                        headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).map(str::to_owned);
+                    let mode = body["messages"].as_array().and_then(|m| m.last()).and_then(|m| m["content"].as_str()).unwrap_or("").to_owned();
+                    let ms = Duration::from_millis;
+                    match mode.as_str() {
+                        "no-done" => sse(
+                            vec![delta("one", true, None), delta(" two", true, None), delta("", true, Some("eos_token"))],
+                            closed,
+                            ms(1),
+                        ),
+                        "error-mid" => sse(
+                            vec![delta("partial", true, None), "data: {\"error\": {\"message\": \"engine exploded\"}}\n\n".into()],
+                            closed,
+                            ms(1),
+                        ),
+                        "close-early" => sse(vec![delta("cut", false, None)], closed, ms(1)),
+                        "slow" => sse((0..400).map(|i| delta(&format!(" t{i}"), false, None)).collect(), closed, ms(30)),
+                        "stall" => {
+                            tokio::time::sleep(Duration::from_secs(30)).await;
+                            StatusCode::OK.into_response()
+                        }
+                        "503" => (StatusCode::SERVICE_UNAVAILABLE, "overloaded").into_response(),
+                        "400" => (StatusCode::BAD_REQUEST, Json(json!({"error": {"message": "upstream says the prompt is bad"}}))).into_response(),
+                        "429" => (StatusCode::TOO_MANY_REQUESTS, [(header::RETRY_AFTER, "7")], Json(json!({"error": {"message": "slow down"}}))).into_response(),
+                        _ => sse(vec![delta("fine", false, Some("stop")), "data: [DONE]\n\n".into()], closed, ms(1)),
+                    }
+                }
+            }),
+        );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let base = format!("http://{}", listener.local_addr().expect("addr"));
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    Rogue {
+        base,
+        closed,
+        requests,
+        last_auth,
+    }
+}
+
+/// A URL where nothing listens.
+async fn dead_url() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    drop(listener);
+    format!("http://{addr}")
+}
+
+#[tokio::test]
+async fn a_sluicegate_upstream_is_relayed_with_our_own_framing() {
+    let upstream = TestServer::echo().await;
+    let server = relay_to(vec![upstream.base.clone()], Duration::from_secs(5))
+        .start()
+        .await;
+    let resp = open_stream(&server, "hello big world", None).await;
+    let id = resp.headers()["x-completion-id"]
+        .to_str()
+        .expect("ascii")
+        .to_owned();
+    let t = read_all(resp).await;
+    assert_eq!(t.text, "hello big world");
+    assert_eq!(t.finish_reason.as_deref(), Some("stop"));
+    assert!(t.done);
+    assert!(
+        t.chunks.iter().all(|c| c["id"] == id.as_str()),
+        "our ids, not the upstream's"
+    );
+    assert!(t.ids.iter().all(|e| e.starts_with(&id)));
+
+    let mut body = chat("a b c d", false);
+    body["max_tokens"] = json!(2);
+    let answer: Value = post_to(&server, "/v1/chat/completions", &body)
+        .send()
+        .await
+        .expect("sent")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(answer["choices"][0]["message"]["content"], "a b");
+    assert_eq!(answer["choices"][0]["finish_reason"], "length");
+    assert_eq!(
+        answer["usage"]["prompt_tokens"], 4,
+        "usage from the upstream"
+    );
+
+    let legacy = json!({"model": "echo", "prompt": "once upon", "stream": true});
+    let t = read_all(
+        post_to(&server, "/v1/completions", &legacy)
+            .send()
+            .await
+            .expect("sent"),
+    )
+    .await;
+    assert_eq!(t.text, "once upon");
+
+    let models: Value = client()
+        .get(server.url("/v1/models"))
+        .send()
+        .await
+        .expect("sent")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(models["data"][0]["id"], "echo");
+    let mut unknown = chat("x", true);
+    unknown["model"] = json!("gpt-9");
+    let resp = post_to(&server, "/v1/chat/completions", &unknown)
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(resp.status(), 404);
+    assert_eq!(
+        resp.json::<Value>().await.expect("json")["error"]["code"],
+        "model_not_found"
+    );
+}
+
+#[tokio::test]
+async fn odd_upstream_streams_still_end_cleanly() {
+    let rogue = rogue().await;
+    let server = relay_to(vec![rogue.base.clone()], Duration::from_secs(5))
+        .start()
+        .await;
+
+    let t = read_all(open_stream(&server, "no-done", None).await).await;
+    assert_eq!(
+        (t.text.as_str(), t.finish_reason.as_deref(), t.done),
+        ("one two", Some("stop"), true)
+    );
+    assert_eq!(
+        t.chunks
+            .iter()
+            .filter(|c| c["choices"][0]["delta"]["role"].is_string())
+            .count(),
+        1,
+        "one role chunk"
+    );
+
+    for mode in ["error-mid", "close-early"] {
+        let events = Events::of(open_stream(&server, mode, None).await)
+            .rest()
+            .await;
+        let last_data = &events[events.len() - 2].data;
+        assert!(
+            last_data.contains("\"error\""),
+            "{mode}: an error event before [DONE]: {events:?}"
+        );
+        assert_eq!(events.last().expect("events").data, "[DONE]");
+    }
+}
+
+#[tokio::test]
+async fn refusals_pass_through_with_their_status() {
+    let rogue = rogue().await;
+    let server = relay_to(vec![rogue.base.clone()], Duration::from_secs(5))
+        .start()
+        .await;
+    let resp = post_to(&server, "/v1/chat/completions", &chat("400", true))
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(resp.status(), 400);
+    let body: Value = resp.json().await.expect("json");
+    assert_eq!(body["error"]["message"], "upstream says the prompt is bad");
+    let resp = post_to(&server, "/v1/chat/completions", &chat("429", true))
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(resp.status(), 429);
+    assert_eq!(resp.headers()["retry-after"], "7");
+    assert_eq!(
+        resp.json::<Value>().await.expect("json")["error"]["type"],
+        "rate_limit_error"
+    );
+    assert_eq!(
+        rogue.last_auth.lock().expect("lock").as_deref(),
+        Some("Bearer upstream-secret"),
+        "the upstream key is sent, never the client's"
+    );
+}
+
+#[tokio::test]
+async fn a_failing_or_stalled_upstream_is_retried_on_another_unseen() {
+    let rogue = rogue().await;
+    let echo = TestServer::echo().await;
+    for (n, mode) in ["503", "stall"].into_iter().enumerate() {
+        // A fresh relay each time, the rogue first in line: with equal
+        // load, order decides.
+        let server = relay_to(
+            vec![rogue.base.clone(), echo.base.clone()],
+            Duration::from_millis(300),
+        )
+        .start()
+        .await;
+        let t = read_all(open_stream(&server, mode, None).await).await;
+        assert_eq!(
+            (t.text.as_str(), t.finish_reason.as_deref()),
+            (mode, Some("stop")),
+            "echo answered"
+        );
+        assert_eq!(
+            rogue.requests.load(Ordering::SeqCst),
+            n + 1,
+            "the rogue was tried first"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_down_upstream_is_skipped() {
+    let echo = TestServer::echo().await;
+    let server = relay_to(
+        vec![dead_url().await, echo.base.clone()],
+        Duration::from_secs(2),
+    )
+    .start()
+    .await;
+    for _ in 0..3 {
+        let t = read_all(open_stream(&server, "still served", None).await).await;
+        assert_eq!(t.text, "still served");
+    }
+    let models = client()
+        .get(server.url("/v1/models"))
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(models.status(), 200);
+}
+
+#[tokio::test]
+async fn cancel_and_session_replacement_close_the_upstream_connection() {
+    let rogue = rogue().await;
+    let server = relay_to(vec![rogue.base.clone()], Duration::from_secs(5))
+        .start()
+        .await;
+
+    let resp = open_stream(&server, "slow", None).await;
+    let id = resp.headers()["x-completion-id"]
+        .to_str()
+        .expect("ascii")
+        .to_owned();
+    let mut events = Events::of(resp);
+    events.next_json().await;
+    events.next_json().await;
+    assert_eq!(rogue.closed.load(Ordering::SeqCst), 0);
+    client()
+        .post(server.url(&format!("/v1/chat/completions/{id}/cancel")))
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(
+        transcript(&events.rest().await).finish_reason.as_deref(),
+        Some("cancelled")
+    );
+    eventually(Duration::from_secs(3), || {
+        rogue.closed.load(Ordering::SeqCst) == 1
+    })
+    .await;
+
+    let mut first = Events::of(open_stream(&server, "slow", Some("s")).await);
+    first.next_json().await;
+    first.next_json().await;
+    let second = open_stream(&server, "fine", Some("s")).await;
+    assert_eq!(
+        transcript(&first.rest().await).finish_reason.as_deref(),
+        Some("cancelled")
+    );
+    eventually(Duration::from_secs(3), || {
+        rogue.closed.load(Ordering::SeqCst) == 2
+    })
+    .await;
+    assert_eq!(read_all(second).await.text, "fine");
+}
