@@ -4,7 +4,9 @@
 //! - server CPU per streamed token, and tokens/s across concurrent streams;
 //! - RSS per open slow stream, 1,000 at once;
 //! - a session's new request to the old stream's `[DONE]`, p50/p99;
-//! - memory per retained 500-token generation, and a 1,000-event replay.
+//! - memory per retained 500-token generation, and a 1,000-event replay;
+//! - the openai backend's added first-token latency and CPU per relayed
+//!   token, against the upstream alone.
 
 #![allow(clippy::expect_used)] // a harness that cannot measure should stop loudly
 
@@ -22,16 +24,14 @@ struct Server {
 }
 
 impl Server {
+    /// The binary on the echo backend.
     async fn start(args: &[&str]) -> Self {
+        Self::spawn(&[&["--backend", "echo"], args].concat()).await
+    }
+
+    async fn spawn(args: &[&str]) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_sluicegate"))
-            .args([
-                "--backend",
-                "echo",
-                "--port",
-                "0",
-                "--log",
-                "warn,sluicegate=info",
-            ])
+            .args(["--port", "0", "--log", "warn,sluicegate=info"])
             .args(args)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -376,6 +376,66 @@ async fn retained_generations() {
     );
 }
 
+/// Time from sending a request to its first content token, per request.
+async fn first_token_times(url: &str, runs: usize) -> Vec<Duration> {
+    let client = client();
+    let body = chat("first second third");
+    let mut times = Vec::with_capacity(runs);
+    for _ in 0..runs {
+        let started = Instant::now();
+        let resp = client.post(url).json(&body).send().await.expect("sent");
+        let mut stream = resp.bytes_stream();
+        let mut seen = Vec::new();
+        while let Some(chunk) = stream.next().await {
+            seen.extend_from_slice(&chunk.expect("chunk"));
+            if seen.windows(18).any(|w| w == b"\"content\":\"first") {
+                times.push(started.elapsed());
+                break;
+            }
+        }
+        while stream.next().await.is_some() {}
+    }
+    times.sort();
+    times
+}
+
+/// sluicegate on the openai backend in front of another on echo, against
+/// the upstream alone.
+async fn relay() {
+    let upstream = Server::start(&[]).await;
+    let relay = Server::spawn(&["--backend", "openai", "--upstream", &upstream.base]).await;
+    let direct_url = format!("{}/v1/chat/completions", upstream.base);
+    let relay_url = format!("{}/v1/chat/completions", relay.base);
+    first_token_times(&relay_url, 20).await;
+    let runs = 300;
+    let direct = first_token_times(&direct_url, runs).await;
+    let relayed = first_token_times(&relay_url, runs).await;
+    let p50 = |t: &[Duration]| t[t.len() / 2].as_secs_f64() * 1e3;
+    let p99 = |t: &[Duration]| t[t.len() * 99 / 100].as_secs_f64() * 1e3;
+    println!(
+        "relay first token over {runs} requests: direct p50 {:.2} ms p99 {:.2} ms; relayed p50 {:.2} ms p99 {:.2} ms; added p50 {:.2} ms",
+        p50(&direct),
+        p99(&direct),
+        p50(&relayed),
+        p99(&relayed),
+        p50(&relayed) - p50(&direct)
+    );
+
+    let body = chat(&words(5_000));
+    let client = client();
+    let cpu_before = relay.cpu_seconds();
+    let started = Instant::now();
+    let mut tokens = 0;
+    while started.elapsed() < Duration::from_secs(4) {
+        tokens += stream_count(&client, &relay_url, &body).await - 3;
+    }
+    let cpu = relay.cpu_seconds() - cpu_before;
+    println!(
+        "relay cost: {tokens} tokens relayed, relay process CPU {:.2} us/token",
+        cpu * 1e6 / tokens as f64
+    );
+}
+
 #[tokio::main]
 async fn main() {
     // `cargo bench` passes --bench; a filter picks scenarios by name.
@@ -397,5 +457,8 @@ async fn main() {
     }
     if wanted("retention") {
         retained_generations().await;
+    }
+    if wanted("relay") {
+        relay().await;
     }
 }
