@@ -6,6 +6,7 @@ mod control;
 pub mod error;
 mod extract;
 mod models;
+mod page;
 pub mod params;
 mod run;
 pub mod sse;
@@ -34,6 +35,7 @@ pub fn routes() -> Router<AppState> {
         )
         .route("/v1/models", get(models::list))
         .route("/v1/models/{model}", get(models::retrieve))
+        .route("/", get(page::index))
         .route("/health", get(models::health))
         .route("/metrics", get(models::metrics))
         .fallback(|uri: Uri| async move { ApiError::RouteNotFound(uri.path().to_owned()) })

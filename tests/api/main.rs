@@ -4,6 +4,7 @@
 
 mod auth;
 mod cancel;
+mod clients;
 mod common;
 mod errors;
 mod model;

@@ -1,0 +1,141 @@
+//! The clients frontends really use, unmodified, against a real server:
+//! the openai packages for Python and Node, fetch-event-source through a
+//! connection-cutting proxy, the chat page in headless Chromium, and curl.
+//! scripts/setup-clients installs them; tests/clients/ holds their scripts.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use tokio::process::Command;
+
+use crate::common::TestServer;
+
+fn clients() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients")
+}
+
+/// Runs a client script against `server`; fails the test with its output
+/// when it fails.
+async fn run(server: &TestServer, program: &str, script: &str, env: &[(&str, PathBuf)]) -> String {
+    let mut command = Command::new(program);
+    command
+        .arg(clients().join(script))
+        .current_dir(clients())
+        .env("SLUICEGATE_URL", &server.base)
+        .kill_on_drop(true);
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    let output = tokio::time::timeout(Duration::from_secs(120), command.output())
+        .await
+        .unwrap_or_else(|_| panic!("{script} took over two minutes"))
+        .unwrap_or_else(|e| panic!("cannot run {program} (run scripts/setup-clients): {e}"));
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success(),
+        "{script} failed ({}); run scripts/setup-clients if a package is missing\nstdout:\n{stdout}\nstderr:\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    stdout
+}
+
+fn slow_echo() -> crate::common::Options {
+    TestServer::options().delay(Duration::from_millis(40))
+}
+
+#[tokio::test]
+async fn openai_python() {
+    let server = slow_echo().start().await;
+    let packages = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/client-python");
+    let out = run(
+        &server,
+        "python3",
+        "python/test_openai.py",
+        &[("PYTHONPATH", packages)],
+    )
+    .await;
+    assert!(out.contains("openai-python: ok"), "{out}");
+}
+
+#[tokio::test]
+async fn openai_node() {
+    let server = slow_echo().start().await;
+    let out = run(&server, "node", "node/openai_stream.mjs", &[]).await;
+    assert!(out.contains("openai-node: ok"), "{out}");
+}
+
+#[tokio::test]
+async fn fetch_event_source_retries_through_a_cut_connection() {
+    let server = slow_echo().start().await;
+    let out = run(&server, "node", "node/fetch_event_source_retry.mjs", &[]).await;
+    assert!(out.contains("fetch-event-source: ok"), "{out}");
+    assert_eq!(
+        server.state.registry.len(),
+        1,
+        "the retry resumed, no second generation"
+    );
+}
+
+#[tokio::test]
+async fn chromium_runs_the_chat_page() {
+    let server = TestServer::options()
+        .delay(Duration::from_millis(60))
+        .start()
+        .await;
+    let shots = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/client-tests");
+    std::fs::create_dir_all(&shots).expect("screenshot dir");
+    let out = run(
+        &server,
+        "node",
+        "browser/chat_page.mjs",
+        &[("SCREENSHOT_DIR", shots.clone())],
+    )
+    .await;
+    assert!(out.contains("chromium: ok"), "{out}");
+    assert!(shots.join("chat-desktop.png").is_file());
+}
+
+#[tokio::test]
+async fn curl_sees_the_raw_framing() {
+    let server = TestServer::echo().await;
+    let output = Command::new("curl")
+        .args(["-sN", "-H", "Content-Type: application/json", "-d"])
+        .arg(r#"{"model":"echo","stream":true,"messages":[{"role":"user","content":"curl framing"}]}"#)
+        .arg(format!("{}/v1/chat/completions", server.base))
+        .output()
+        .await
+        .expect("curl");
+    let body = String::from_utf8(output.stdout).expect("UTF-8");
+    let events: Vec<&str> = body.trim_end().split("\n\n").collect();
+    assert_eq!(events.len(), 5, "{body}");
+    assert!(
+        events
+            .iter()
+            .all(|e| e.starts_with("data: ") && e.contains("\nid: ")),
+        "{body}"
+    );
+    assert!(events[4].starts_with("data: [DONE]\nid: "), "{body}");
+}
+
+#[tokio::test]
+async fn the_page_is_served_at_the_root() {
+    let server = TestServer::echo().await;
+    let resp = crate::common::client()
+        .get(server.url("/"))
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(resp.status(), 200);
+    assert!(
+        resp.headers()["content-type"]
+            .to_str()
+            .expect("ascii")
+            .starts_with("text/html")
+    );
+    let html = resp.text().await.expect("text");
+    assert!(
+        html.contains("X-Session-Id") && html.contains("/cancel"),
+        "the page uses sessions and cancel"
+    );
+}
