@@ -6,12 +6,14 @@
 //! - [`config`]: flags and `SLUICEGATE_*` variables into a `Config`.
 //! - [`server`]: `AppState`, the router and its layers, `run` with drain.
 //! - [`api`]: the HTTP surface. Handlers extract, call and map; `api::sse`
-//!   frames events, `api::run` starts generations and writes their logs.
+//!   frames events, `api::run` starts generations and writes their logs;
+//!   `api::page` serves the chat page from `web/`.
 //! - [`session`]: generations apart from connections: the registry that
 //!   cancels a session's previous generation, the per-generation event log
 //!   that every connection (and every resume) reads.
 //! - [`backend`]: the `Backend` trait and its implementations: `echo`,
-//!   `local` (a decode thread over [`model`]).
+//!   `local` (a decode thread over [`model`]) and `upstream` (the `openai`
+//!   backend, relaying to OpenAI-compatible servers).
 //! - [`model`]: the GGUF llama decoder on candle, its tokenizer, chat
 //!   template and sampler. Knows nothing of HTTP or of the server.
 //! - [`tls`]: rustls config and a handshake-in-its-own-task listener.
