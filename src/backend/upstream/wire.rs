@@ -1,0 +1,210 @@
+//! What goes to an upstream and how its answer is read: the request body,
+//! and its SSE stream in whatever dialect the server speaks (a role on every
+//! chunk or none, no `[DONE]`, error events, odd finish reasons) turned
+//! into plain steps.
+
+use std::collections::VecDeque;
+use std::pin::Pin;
+use std::time::Duration;
+
+use eventsource_stream::{Event, Eventsource};
+use futures_util::{Stream, StreamExt};
+use serde_json::{Value, json};
+
+use crate::backend::{FinishReason, GenerateRequest, Prompt, Usage};
+
+/// The upstream path, body, and whether it is a chat completion.
+pub(super) fn upstream_body(req: &GenerateRequest) -> (&'static str, Value, bool) {
+    let mut body = json!({
+        "model": req.model,
+        "stream": true,
+        "stream_options": {"include_usage": true},
+    });
+    let chat = match &req.prompt {
+        Prompt::Chat(messages) => {
+            body["messages"] = messages
+                .iter()
+                .map(|m| json!({"role": m.role, "content": m.content}))
+                .collect();
+            true
+        }
+        Prompt::Text(text) => {
+            body["prompt"] = json!(text);
+            false
+        }
+    };
+    let s = &req.sampling;
+    let optional = [
+        ("max_tokens", req.max_tokens.map(Value::from)),
+        ("temperature", s.temperature.map(Value::from)),
+        ("top_p", s.top_p.map(Value::from)),
+        ("top_k", s.top_k.map(Value::from)),
+        ("seed", s.seed.map(Value::from)),
+        ("presence_penalty", s.presence_penalty.map(Value::from)),
+        ("frequency_penalty", s.frequency_penalty.map(Value::from)),
+        ("repetition_penalty", s.repetition_penalty.map(Value::from)),
+        ("stop", (!req.stop.is_empty()).then(|| json!(req.stop))),
+    ];
+    for (key, value) in optional {
+        if let Some(value) = value {
+            body[key] = value;
+        }
+    }
+    let path = if chat {
+        "/chat/completions"
+    } else {
+        "/completions"
+    };
+    (path, body, chat)
+}
+
+pub(super) enum RelayStep {
+    Text(String),
+    Usage(Usage),
+    Finished(FinishReason),
+}
+
+/// An upstream's SSE stream read as steps, whatever its dialect.
+pub(super) struct Relay {
+    events: Pin<Box<dyn Stream<Item = Result<Event, String>> + Send>>,
+    chat: bool,
+    timeout: Duration,
+    /// Seen a `finish_reason`: a missing `[DONE]` after it is no failure.
+    finish: Option<FinishReason>,
+    /// Steps decoded from one event, handed out one at a time.
+    pending: VecDeque<RelayStep>,
+}
+
+impl Relay {
+    pub(super) fn new(resp: reqwest::Response, chat: bool, timeout: Duration) -> Self {
+        let events = resp
+            .bytes_stream()
+            .eventsource()
+            .map(|e| e.map_err(|err| err.to_string()));
+        Self {
+            events: Box::pin(events),
+            chat,
+            timeout,
+            finish: None,
+            pending: VecDeque::new(),
+        }
+    }
+
+    pub(super) async fn next(&mut self) -> Result<RelayStep, String> {
+        loop {
+            if let Some(step) = self.pending.pop_front() {
+                return Ok(step);
+            }
+            let event = match tokio::time::timeout(self.timeout, self.events.next()).await {
+                Err(_) => return Err("the upstream went silent".into()),
+                Ok(None) => {
+                    return match self.finish.take() {
+                        // Ended without [DONE] but after the answer was
+                        // complete: take it as the end.
+                        Some(reason) => Ok(RelayStep::Finished(reason)),
+                        None => Err("the upstream closed the stream before the end".into()),
+                    };
+                }
+                Ok(Some(Err(err))) => return Err(err),
+                Ok(Some(Ok(event))) => event,
+            };
+            if event.event == "error" {
+                return Err(format!("the upstream sent an error event: {}", event.data));
+            }
+            let data = event.data.trim();
+            if data.is_empty() {
+                continue;
+            }
+            if data == "[DONE]" {
+                return Ok(RelayStep::Finished(
+                    self.finish.take().unwrap_or(FinishReason::Stop),
+                ));
+            }
+            let chunk: Value = serde_json::from_str(data)
+                .map_err(|e| format!("the upstream sent something other than JSON: {e}"))?;
+            if let Some(error) = chunk.get("error") {
+                let message = error["message"]
+                    .as_str()
+                    .map_or_else(|| error.to_string(), str::to_owned);
+                return Err(format!("the upstream reported: {message}"));
+            }
+            self.decode(&chunk);
+        }
+    }
+
+    fn decode(&mut self, chunk: &Value) {
+        let choice = &chunk["choices"][0];
+        let text = if self.chat {
+            choice["delta"]["content"].as_str()
+        } else {
+            choice["text"].as_str()
+        };
+        if let Some(text) = text.filter(|t| !t.is_empty()) {
+            self.pending.push_back(RelayStep::Text(text.to_owned()));
+        }
+        if let Some(usage) = chunk.get("usage").filter(|u| u.is_object()) {
+            let count =
+                |key: &str| u32::try_from(usage[key].as_u64().unwrap_or(0)).unwrap_or(u32::MAX);
+            self.pending.push_back(RelayStep::Usage(Usage {
+                prompt_tokens: count("prompt_tokens"),
+                completion_tokens: count("completion_tokens"),
+            }));
+        }
+        if let Some(reason) = choice["finish_reason"].as_str() {
+            self.finish = Some(map_finish(reason));
+        }
+    }
+}
+
+/// Upstream finish reasons in the contract's three; the original is logged.
+fn map_finish(reason: &str) -> FinishReason {
+    match reason {
+        "length" | "max_tokens" => FinishReason::Length,
+        "cancelled" | "abort" | "aborted" => FinishReason::Cancelled,
+        "stop" | "eos" | "end_turn" | "stop_sequence" => FinishReason::Stop,
+        other => {
+            tracing::info!(
+                upstream_finish_reason = other,
+                "unknown finish reason mapped to stop"
+            );
+            FinishReason::Stop
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::{ChatMessage, Sampling};
+
+    #[test]
+    fn the_body_carries_only_what_was_set_and_always_streams() {
+        let req = GenerateRequest {
+            model: "m".into(),
+            prompt: Prompt::Chat(vec![ChatMessage {
+                role: "user".into(),
+                content: "hi".into(),
+            }]),
+            sampling: Sampling {
+                temperature: Some(0.5),
+                ..Sampling::default()
+            },
+            max_tokens: Some(7),
+            stop: vec!["x".into()],
+        };
+        let (path, body, chat) = upstream_body(&req);
+        assert_eq!((path, chat), ("/chat/completions", true));
+        assert_eq!(body["stream"], true);
+        assert_eq!(body["max_tokens"], 7);
+        assert_eq!(body["stop"], json!(["x"]));
+        assert!(body.get("top_k").is_none() && body.get("seed").is_none());
+    }
+
+    #[test]
+    fn finish_reasons_map_into_the_contracts_three() {
+        assert_eq!(map_finish("length"), FinishReason::Length);
+        assert_eq!(map_finish("eos"), FinishReason::Stop);
+        assert_eq!(map_finish("tool_calls"), FinishReason::Stop);
+        assert_eq!(map_finish("abort"), FinishReason::Cancelled);
+    }
+}
