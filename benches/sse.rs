@@ -1,5 +1,6 @@
-//! Per-token costs below the network: encoding one chunk, and replaying a
-//! 1,000-event log. `cargo bench --bench sse`.
+//! Per-token costs below the network: encoding one chunk, recording the
+//! per-token metric, and replaying a 1,000-event log.
+//! `cargo bench --bench sse`.
 
 #![allow(clippy::expect_used)] // a harness that cannot measure should stop loudly
 
@@ -42,5 +43,16 @@ fn replay(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, encode, replay);
+/// What metrics add per token: one histogram sample into the Prometheus
+/// recorder (installed here as the binary installs it).
+fn metrics_per_token(c: &mut Criterion) {
+    let _ = sluicegate::telemetry::install_metrics();
+    let histogram = sluicegate::telemetry::inter_token();
+    let gap = std::time::Duration::from_micros(850);
+    c.bench_function("record one inter-token sample", |b| {
+        b.iter(|| histogram.record(black_box(gap)));
+    });
+}
+
+criterion_group!(benches, encode, replay, metrics_per_token);
 criterion_main!(benches);

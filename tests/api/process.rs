@@ -426,3 +426,24 @@ async fn the_binary_fronts_an_upstream_with_backend_openai() {
         "the upstream key is never logged"
     );
 }
+
+#[tokio::test]
+async fn a_missing_or_corrupt_model_is_a_clear_startup_error() {
+    let dir = std::env::temp_dir().join(format!("sluicegate-model-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let corrupt = dir.join("corrupt.gguf");
+    std::fs::write(&corrupt, b"GGUF but not really a model").expect("written");
+    for (path, hint) in [(dir.join("missing.gguf"), "fetch-model"), (corrupt, "GGUF")] {
+        let output = Command::new(env!("CARGO_BIN_EXE_sluicegate"))
+            .args(["--port", "0", "--model"])
+            .arg(&path)
+            .output()
+            .await
+            .expect("ran");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{stderr}");
+        assert!(stderr.contains(path.to_str().expect("utf-8")), "names the path: {stderr}");
+        assert!(stderr.contains(hint), "says what to do: {stderr}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
