@@ -388,7 +388,8 @@ async fn first_token_times(url: &str, runs: usize) -> Vec<Duration> {
         let mut seen = Vec::new();
         while let Some(chunk) = stream.next().await {
             seen.extend_from_slice(&chunk.expect("chunk"));
-            if seen.windows(18).any(|w| w == b"\"content\":\"first") {
+            let needle = b"\"content\":\"first";
+            if seen.windows(needle.len()).any(|w| w == needle) {
                 times.push(started.elapsed());
                 break;
             }

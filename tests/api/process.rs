@@ -442,7 +442,10 @@ async fn a_missing_or_corrupt_model_is_a_clear_startup_error() {
             .expect("ran");
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert!(!output.status.success(), "{stderr}");
-        assert!(stderr.contains(path.to_str().expect("utf-8")), "names the path: {stderr}");
+        assert!(
+            stderr.contains(path.to_str().expect("utf-8")),
+            "names the path: {stderr}"
+        );
         assert!(stderr.contains(hint), "says what to do: {stderr}");
     }
     let _ = std::fs::remove_dir_all(&dir);
