@@ -6,7 +6,8 @@
 //! - a session's new request to the old stream's `[DONE]`, p50/p99;
 //! - memory per retained 500-token generation, and a 1,000-event replay;
 //! - the openai backend's added first-token latency and CPU per relayed
-//!   token, against the upstream alone.
+//!   token, against the upstream alone;
+//! - token gaps with 200 to 4,000 streams over HTTP/2.
 
 #![allow(clippy::expect_used)] // a harness that cannot measure should stop loudly
 
@@ -84,7 +85,6 @@ impl Server {
 }
 
 fn client() -> reqwest::Client {
-    let _ = tokio_rustls::rustls::crypto::ring::default_provider().install_default();
     reqwest::Client::builder().build().expect("client")
 }
 
@@ -437,8 +437,67 @@ async fn relay() {
     );
 }
 
+/// Many streams at 10 tokens/s each over HTTP/2 (200 per connection, the
+/// cap hyper sets): how far token gaps stray from the 100 ms the model
+/// keeps, as the count grows.
+async fn scale() {
+    let server = Server::start(&["--token-delay", "100ms", "--max-queue", "100000"]).await;
+    let url = format!("{}/v1/chat/completions", server.base);
+    let body = chat("a b c d e f g h i j");
+    for n in [200usize, 1_000, 4_000] {
+        let connections: Vec<reqwest::Client> = (0..n.div_ceil(200))
+            .map(|_| {
+                reqwest::Client::builder()
+                    .http2_prior_knowledge()
+                    .build()
+                    .expect("client")
+            })
+            .collect();
+        let tasks: Vec<_> = (0..n)
+            .map(|i| {
+                let client = connections[i / 200].clone();
+                let (url, body) = (url.clone(), body.clone());
+                tokio::spawn(async move {
+                    let resp = client.post(&url).json(&body).send().await.expect("sent");
+                    let mut stream = resp.bytes_stream();
+                    let mut arrivals = Vec::new();
+                    while let Some(chunk) = stream.next().await {
+                        let chunk = chunk.expect("chunk");
+                        let tokens = chunk.windows(11).filter(|w| w == b"\"content\":\"").count();
+                        let now = Instant::now();
+                        arrivals.extend(std::iter::repeat_n(now, tokens));
+                    }
+                    // The first "content" is the role chunk's empty one.
+                    arrivals
+                        .windows(2)
+                        .skip(1)
+                        .map(|w| w[1] - w[0])
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        let mut gaps = Vec::new();
+        for task in tasks {
+            gaps.extend(task.await.expect("joined"));
+        }
+        gaps.sort();
+        let at = |p: f64| {
+            gaps[((gaps.len() as f64 * p) as usize).min(gaps.len() - 1)].as_secs_f64() * 1e3
+        };
+        println!(
+            "scale: {n} streams over {} HTTP/2 connections, 10 tokens/s each: token gap p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms (ideal 100)",
+            connections.len(),
+            at(0.5),
+            at(0.99),
+            gaps.last().expect("gaps").as_secs_f64() * 1e3
+        );
+    }
+}
+
 #[tokio::main]
 async fn main() {
+    // reqwest is built without a bundled TLS provider.
+    let _ = tokio_rustls::rustls::crypto::ring::default_provider().install_default();
     // `cargo bench` passes --bench; a filter picks scenarios by name.
     let filter: Vec<String> = std::env::args()
         .skip(1)
@@ -461,5 +520,8 @@ async fn main() {
     }
     if wanted("relay") {
         relay().await;
+    }
+    if wanted("scale") {
+        scale().await;
     }
 }
