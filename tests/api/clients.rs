@@ -1,4 +1,4 @@
-//! The clients frontends really use, unmodified, against a real server:
+//! The clients frontends really use, unmodified, against the real binary:
 //! the openai packages for Python and Node, fetch-event-source through a
 //! connection-cutting proxy, the chat page in headless Chromium, and curl.
 //! scripts/setup-clients installs them; tests/clients/ holds their scripts.
@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use tokio::process::Command;
 
-use crate::common::TestServer;
+use crate::process::Process;
 
 fn clients() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients")
@@ -16,7 +16,7 @@ fn clients() -> PathBuf {
 
 /// Runs a client script against `server`; fails the test with its output
 /// when it fails.
-async fn run(server: &TestServer, program: &str, script: &str, env: &[(&str, PathBuf)]) -> String {
+async fn run(server: &Process, program: &str, script: &str, env: &[(&str, PathBuf)]) -> String {
     let mut command = Command::new(program);
     command
         .arg(clients().join(script))
@@ -40,13 +40,14 @@ async fn run(server: &TestServer, program: &str, script: &str, env: &[(&str, Pat
     stdout
 }
 
-fn slow_echo() -> crate::common::Options {
-    TestServer::options().delay(Duration::from_millis(40))
+/// The binary on echo, slow enough to watch: 40 ms a token.
+async fn slow_echo() -> Process {
+    Process::start(&["--backend", "echo", "--token-delay", "40ms"], &[]).await
 }
 
 #[tokio::test]
 async fn openai_python() {
-    let server = slow_echo().start().await;
+    let server = slow_echo().await;
     let packages = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/client-python");
     let out = run(
         &server,
@@ -60,29 +61,46 @@ async fn openai_python() {
 
 #[tokio::test]
 async fn openai_node() {
-    let server = slow_echo().start().await;
+    let server = slow_echo().await;
     let out = run(&server, "node", "node/openai_stream.mjs", &[]).await;
     assert!(out.contains("openai-node: ok"), "{out}");
 }
 
 #[tokio::test]
 async fn fetch_event_source_retries_through_a_cut_connection() {
-    let server = slow_echo().start().await;
+    let server = slow_echo().await;
     let out = run(&server, "node", "node/fetch_event_source_retry.mjs", &[]).await;
     assert!(out.contains("fetch-event-source: ok"), "{out}");
+    let metrics = crate::common::client()
+        .get(server.url("/metrics"))
+        .send()
+        .await
+        .expect("sent")
+        .text()
+        .await
+        .expect("text");
+    let sample = |series: &str| {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(series))
+            .and_then(|l| l.rsplit(' ').next())
+            .map(str::to_owned)
+    };
     assert_eq!(
-        server.state.registry.len(),
-        1,
-        "the retry resumed, no second generation"
+        sample("sluicegate_resumes_total").as_deref(),
+        Some("1"),
+        "the retry resumed: {metrics}"
+    );
+    assert_eq!(
+        sample("sluicegate_generations_ended_total").as_deref(),
+        Some("1"),
+        "one generation for both POSTs: {metrics}"
     );
 }
 
 #[tokio::test]
 async fn chromium_runs_the_chat_page() {
-    let server = TestServer::options()
-        .delay(Duration::from_millis(60))
-        .start()
-        .await;
+    let server = Process::start(&["--backend", "echo", "--token-delay", "60ms"], &[]).await;
     let shots = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/client-tests");
     std::fs::create_dir_all(&shots).expect("screenshot dir");
     let out = run(
@@ -98,7 +116,7 @@ async fn chromium_runs_the_chat_page() {
 
 #[tokio::test]
 async fn curl_sees_the_raw_framing() {
-    let server = TestServer::echo().await;
+    let server = Process::start(&["--backend", "echo"], &[]).await;
     let output = Command::new("curl")
         .args(["-sN", "-H", "Content-Type: application/json", "-d"])
         .arg(r#"{"model":"echo","stream":true,"messages":[{"role":"user","content":"curl framing"}]}"#)
@@ -120,7 +138,7 @@ async fn curl_sees_the_raw_framing() {
 
 #[tokio::test]
 async fn the_page_is_served_at_the_root() {
-    let server = TestServer::echo().await;
+    let server = Process::start(&["--backend", "echo"], &[]).await;
     let resp = crate::common::client()
         .get(server.url("/"))
         .send()

@@ -10,16 +10,17 @@ use tokio::process::{Child, Command};
 
 use crate::common::{Events, chat, client, read_all, transcript};
 
-struct Process {
+/// The binary as users run it, on port 0.
+pub(crate) struct Process {
     child: Child,
-    base: String,
+    pub(crate) base: String,
     log: Arc<Mutex<String>>,
 }
 
 impl Process {
     /// Starts the binary with `args` and `env`, port 0, and waits for its
     /// "listening" line.
-    async fn start(args: &[&str], env: &[(&str, &str)]) -> Self {
+    pub(crate) async fn start(args: &[&str], env: &[(&str, &str)]) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_sluicegate"))
             .args(["--port", "0"])
             .args(args)
@@ -59,7 +60,7 @@ impl Process {
         }
     }
 
-    fn url(&self, path: &str) -> String {
+    pub(crate) fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base)
     }
 
