@@ -4,7 +4,7 @@ usage: llama_cpp_reference.py MODEL THREADS PROMPT_TEXT DECODE_STEPS
 Prints one JSON line: prefill_ms, prompt_tokens, decode_tok_s, max_rss_mib.
 Needs the llama-cpp-python package (it compiles llama.cpp from source).
 """
-import json, resource, sys, time
+import json, sys, time
 
 import numpy as np
 from llama_cpp import Llama, llama_cpp
@@ -28,5 +28,8 @@ for _ in range(3):
     run = {"prefill_ms": prefill * 1000, "prompt_tokens": len(tokens), "decode_tok_s": steps / spent}
     if best is None or run["decode_tok_s"] > best["decode_tok_s"]:
         best = run
-best["max_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+# VmHWM, not ru_maxrss: a spawned child's ru_maxrss starts at its parent's.
+with open("/proc/self/status") as status:
+    hwm_kib = next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
+best["max_rss_mib"] = hwm_kib / 1024
 print(json.dumps(best))

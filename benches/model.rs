@@ -15,11 +15,12 @@ use sluicegate::model::tokenizer;
 
 const DECODE_STEPS: usize = 128;
 
+/// Peak RSS of this process (VmHWM), comparable with llama.cpp's figure.
 fn rss_mib() -> f64 {
     let status = std::fs::read_to_string("/proc/self/status").expect("status");
     status
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix("VmHWM:"))
         .and_then(|v| v.split_whitespace().next())
         .and_then(|v| v.parse::<f64>().ok())
         .expect("VmRSS")
@@ -62,7 +63,7 @@ fn main() {
     }
     let rss = rss_mib();
     println!(
-        "sluicegate: load {load_s:.2} s; prompt {} tokens: prefill {:.0} ms, greedy decode {best_decode:.1} tokens/s ({DECODE_STEPS} steps, best of 3); RSS {rss:.0} MiB",
+        "sluicegate: load {load_s:.2} s; prompt {} tokens: prefill {:.0} ms, greedy decode {best_decode:.1} tokens/s ({DECODE_STEPS} steps, best of 3); peak RSS {rss:.0} MiB",
         ids.len(),
         best_prefill * 1e3,
     );
@@ -96,7 +97,7 @@ fn main() {
     let prefill = reference["prefill_ms"].as_f64().unwrap_or(f64::NAN);
     let decode = reference["decode_tok_s"].as_f64().unwrap_or(f64::NAN);
     println!(
-        "llama.cpp ({threads} threads): prompt {} tokens: prefill {prefill:.0} ms, greedy decode {decode:.1} tokens/s; max RSS {:.0} MiB",
+        "llama.cpp ({threads} threads): prompt {} tokens: prefill {prefill:.0} ms, greedy decode {decode:.1} tokens/s; peak RSS {:.0} MiB",
         reference["prompt_tokens"],
         reference["max_rss_mib"].as_f64().unwrap_or(f64::NAN),
     );
