@@ -144,6 +144,26 @@ async fn throughput() {
     );
 }
 
+/// Server RSS in KiB before and after holding `n` of what `open` opens,
+/// after a warm-up of 20 so that one-time allocations do not count.
+async fn rss_around<T, Fut>(server: &Server, n: usize, open: impl Fn(usize) -> Fut) -> (u64, u64)
+where
+    Fut: std::future::Future<Output = Vec<T>>,
+{
+    let warm = open(20).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = server.rss_kib();
+    let held = open(n).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = server.rss_kib();
+    drop((warm, held));
+    (before, after)
+}
+
+fn kb_each(before: u64, after: u64, n: usize) -> f64 {
+    after.saturating_sub(before) as f64 * 1024.0 / 1000.0 / n as f64
+}
+
 async fn slow_streams_memory() {
     let server = Server::start(&["--token-delay", "60s", "--max-queue", "4096"]).await;
     let url = format!("{}/v1/chat/completions", server.base);
@@ -166,23 +186,17 @@ async fn slow_streams_memory() {
             held
         }
     };
-    let warm = open(20).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let before = server.rss_kib();
     let n = 1_000;
-    let held = open(n).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let after = server.rss_kib();
+    let (before, after) = rss_around(&server, n, open).await;
     println!(
         "slow streams: {n} open at once, server RSS {before} KiB -> {after} KiB = {:.1} KB per stream",
-        (after.saturating_sub(before)) as f64 * 1024.0 / 1000.0 / n as f64
+        kb_each(before, after, n)
     );
-    drop((warm, held));
 }
 
-/// 1,000 slow streams multiplexed 200 to an HTTP/2 connection (hyper's
-/// cap on concurrent streams per connection), which separates what a stream
-/// costs from what a connection costs.
+/// 1,000 slow streams over 6 HTTP/2 connections (under hyper's cap of 200
+/// concurrent streams per connection), which separates what a stream costs
+/// from what a connection costs.
 async fn slow_streams_memory_h2() {
     let server = Server::start(&["--token-delay", "60s", "--max-queue", "4096"]).await;
     let url = format!("{}/v1/chat/completions", server.base);
@@ -200,7 +214,7 @@ async fn slow_streams_memory_h2() {
         async move {
             let mut held = Vec::with_capacity(n);
             for i in 0..n {
-                let h2 = &connections[i / 200];
+                let h2 = &connections[i % connections.len()];
                 let resp = h2
                     .post(&url)
                     .json(&chat("a b c"))
@@ -214,20 +228,12 @@ async fn slow_streams_memory_h2() {
             held
         }
     };
-    let held = open(1).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let before = server.rss_kib();
-    drop(held);
     let n = 1_000;
-    let held = open(n).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let after = server.rss_kib();
-    let warm = ();
+    let (before, after) = rss_around(&server, n, open).await;
     println!(
-        "slow streams over HTTP/2, 200 per connection: {n} open, server RSS {before} KiB -> {after} KiB = {:.1} KB per stream",
-        (after.saturating_sub(before)) as f64 * 1024.0 / 1000.0 / n as f64
+        "slow streams over HTTP/2, 6 connections: {n} open, server RSS {before} KiB -> {after} KiB = {:.1} KB per stream",
+        kb_each(before, after, n)
     );
-    drop((warm, held));
 }
 
 /// Idle keep-alive HTTP/1.1 connections after one request each: the floor
@@ -254,18 +260,12 @@ async fn idle_connections_memory() {
             held
         }
     };
-    let warm = open(20).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let before = server.rss_kib();
     let n = 1_000;
-    let held = open(n).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let after = server.rss_kib();
+    let (before, after) = rss_around(&server, n, open).await;
     println!(
         "idle HTTP/1.1 connections: {n} open, server RSS {before} KiB -> {after} KiB = {:.1} KB per connection",
-        (after.saturating_sub(before)) as f64 * 1024.0 / 1000.0 / n as f64
+        kb_each(before, after, n)
     );
-    drop((warm, held));
 }
 
 async fn cancel_previous_latency() {
