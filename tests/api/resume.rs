@@ -17,6 +17,16 @@ fn words(n: usize) -> String {
         .join(" ")
 }
 
+/// `GET …/events` for generation `id` after the event `last`.
+async fn resume(server: &TestServer, id: &str, last: &str) -> reqwest::Response {
+    client()
+        .get(server.url(&format!("/v1/chat/completions/{id}/events")))
+        .header("last-event-id", last)
+        .send()
+        .await
+        .expect("sent")
+}
+
 /// Reads the role chunk and `tokens` tokens, then drops the connection.
 /// Returns the generation id, the text so far and the last event id.
 async fn cut_after(resp: reqwest::Response, tokens: usize) -> (String, String, String) {
@@ -48,12 +58,7 @@ async fn a_get_with_last_event_id_continues_exactly_where_the_cut_was() {
         .await;
     let full = words(40);
     let (id, before, last) = cut_after(open_stream(&server, &full, None).await, 5).await;
-    let resumed = client()
-        .get(server.url(&format!("/v1/chat/completions/{id}/events")))
-        .header("last-event-id", &last)
-        .send()
-        .await
-        .expect("sent");
+    let resumed = resume(&server, &id, &last).await;
     assert_eq!(resumed.status(), 200);
     assert_eq!(resumed.headers()["content-type"], "text/event-stream");
     let after = read_all(resumed).await;
@@ -144,12 +149,7 @@ async fn a_resume_while_running_continues_live() {
         .registry
         .get(CallerId::ANONYMOUS, &GenerationId::from(id.as_str()))
         .expect("kept");
-    let resumed = client()
-        .get(server.url(&format!("/v1/chat/completions/{id}/events")))
-        .header("last-event-id", &last)
-        .send()
-        .await
-        .expect("sent");
+    let resumed = resume(&server, &id, &last).await;
     assert!(!generation.is_done(), "resumed while still generating");
     let after = read_all(resumed).await;
     assert_eq!(format!("{before}{}", after.text), full);
@@ -299,12 +299,7 @@ async fn two_readers_each_get_everything_and_the_grace_waits_for_the_last() {
         .expect("kept");
     eventually(Duration::from_secs(5), || generation.attached_count() == 0).await;
     tokio::time::sleep(Duration::from_millis(100)).await;
-    let back = client()
-        .get(server.url(&format!("/v1/chat/completions/{id}/events")))
-        .header("last-event-id", &last)
-        .send()
-        .await
-        .expect("sent");
+    let back = resume(&server, &id, &last).await;
     tokio::time::sleep(Duration::from_millis(400)).await;
     assert!(
         !generation.cancel_token().is_cancelled(),
@@ -406,12 +401,7 @@ async fn malformed_or_forged_event_ids_are_treated_as_unknown() {
         "..",
         "x.1",
     ] {
-        let replay = client()
-            .get(server.url(&format!("/v1/chat/completions/{id}/events")))
-            .header("last-event-id", forged)
-            .send()
-            .await
-            .expect("sent");
+        let replay = resume(&server, &id, forged).await;
         assert_eq!(replay.status(), 200, "{forged:?}");
         assert_eq!(
             read_all(replay).await.text,
