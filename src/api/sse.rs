@@ -214,6 +214,9 @@ pub fn event_stream(generation: &Arc<Generation>, from: usize, keep_alive: Durat
     let body = stream! {
         let _attachment = attachment;
         let mut left_early = DisconnectCounter(true);
+        // One timer per connection, pushed back after each write.
+        let idle = tokio::time::sleep(keep_alive);
+        tokio::pin!(idle);
         loop {
             tokio::select! {
                 biased;
@@ -224,8 +227,9 @@ pub fn event_stream(generation: &Arc<Generation>, from: usize, keep_alive: Durat
                         break;
                     }
                 },
-                () = tokio::time::sleep(keep_alive) => yield Ok(Bytes::from_static(KEEP_ALIVE)),
+                () = &mut idle => yield Ok(Bytes::from_static(KEEP_ALIVE)),
             }
+            idle.as_mut().reset(tokio::time::Instant::now() + keep_alive);
         }
     };
     let mut response = Response::new(Body::from_stream(body));

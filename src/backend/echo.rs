@@ -123,7 +123,7 @@ impl Backend for EchoBackend {
                     return;
                 }
                 usage.completion_tokens += 1;
-                let released = stop.push(&word);
+                let released = stop.push(word);
                 yield Ok(TokenEvent::Token { id: None, text: released.text });
                 if released.stopped {
                     yield Ok(TokenEvent::Finished { reason: FinishReason::Stop, usage });

@@ -237,7 +237,7 @@ impl<'m> Running<'m> {
             Ok(piece) => piece.unwrap_or_default(),
             Err(err) => return self.fail(format!("detokenizing failed: {err}")),
         };
-        let released = self.stop.push(&piece);
+        let released = self.stop.push(piece);
         if released.stopped {
             return self.finish(FinishReason::Stop, released.text);
         }

@@ -25,15 +25,16 @@ impl StopMatcher {
         }
     }
 
-    /// Adds a piece of the answer.
-    pub fn push(&mut self, piece: &str) -> Released {
+    /// Adds a piece of the answer; without stop sequences it passes
+    /// straight through, uncopied.
+    pub fn push(&mut self, piece: String) -> Released {
         if self.stops.is_empty() {
             return Released {
-                text: piece.to_owned(),
+                text: piece,
                 stopped: false,
             };
         }
-        self.pending.push_str(piece);
+        self.pending.push_str(&piece);
         let first_match = self
             .stops
             .iter()
@@ -83,7 +84,7 @@ mod tests {
         let mut m = StopMatcher::new(stops.iter().map(|s| (*s).to_owned()).collect());
         let mut out = String::new();
         for piece in pieces {
-            let r = m.push(piece);
+            let r = m.push((*piece).to_owned());
             out.push_str(&r.text);
             if r.stopped {
                 return (out, true);
@@ -111,8 +112,8 @@ mod tests {
     #[test]
     fn held_text_is_released_as_soon_as_it_cannot_match() {
         let mut m = StopMatcher::new(vec!["STOP".into()]);
-        assert_eq!(m.push("go S").text, "go ");
-        assert_eq!(m.push("x").text, "Sx");
+        assert_eq!(m.push("go S".into()).text, "go ");
+        assert_eq!(m.push("x".into()).text, "Sx");
     }
 
     #[test]
@@ -126,7 +127,7 @@ mod tests {
     fn without_stops_everything_passes_straight_through() {
         let mut m = StopMatcher::new(vec![String::new()]);
         assert_eq!(
-            m.push("abc"),
+            m.push("abc".into()),
             Released {
                 text: "abc".into(),
                 stopped: false
