@@ -8,7 +8,9 @@ use std::hint::black_box;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use sluicegate::api::sse::{ChunkEncoder, Flavor};
-use sluicegate::session::{EventLog, GenerationId};
+use std::sync::Arc;
+
+use sluicegate::session::{GenerationId, LogReader, MemoryLog};
 
 fn encode(c: &mut Criterion) {
     let id = GenerationId::new("chatcmpl-");
@@ -21,9 +23,9 @@ fn encode(c: &mut Criterion) {
 fn replay(c: &mut Criterion) {
     let id = GenerationId::new("chatcmpl-");
     let mut encoder = ChunkEncoder::new(&id, "echo", 1_700_000_000, Flavor::Chat);
-    let log = EventLog::default();
+    let log = Arc::new(MemoryLog::default());
     for _ in 0..1_000 {
-        log.push(encoder.text(" word"));
+        log.push(&encoder.text(" word"));
     }
     log.close();
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -32,9 +34,9 @@ fn replay(c: &mut Criterion) {
     c.bench_function("replay a 1000-event log", |b| {
         b.iter(|| {
             runtime.block_on(async {
-                let mut reader = log.reader(0);
+                let mut reader = LogReader::new(log.clone(), 0);
                 let mut bytes = 0;
-                while let Some(chunk) = reader.next().await {
+                while let Some(chunk) = reader.next().await.expect("a memory log") {
                     bytes += chunk.len();
                 }
                 black_box(bytes)

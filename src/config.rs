@@ -93,6 +93,26 @@ pub struct Config {
     #[arg(long, env = "SLUICEGATE_RESUME_BUDGET", default_value_t = 64 << 20)]
     pub resume_budget: usize,
 
+    /// Largest event log of one generation in bytes; an answer that reaches
+    /// it ends with `finish_reason: "length"`.
+    #[arg(long, env = "SLUICEGATE_MAX_LOG_BYTES", default_value_t = 16 << 20)]
+    pub max_log_bytes: usize,
+
+    /// `redis://` or `rediss://` URL of the state shared by replicas
+    /// (user and password in the URL). None: all state in this process.
+    #[arg(long, env = "SLUICEGATE_REDIS", hide_env_values = true)]
+    pub redis: Option<String>,
+
+    /// With `--redis`: how long a generation's owner lease lasts. Readers
+    /// on other instances end a generation whose owner has not renewed it
+    /// for this long.
+    #[arg(long, env = "SLUICEGATE_REDIS_LEASE", value_parser = duration, default_value = "3s")]
+    pub redis_lease: Duration,
+
+    /// With `--redis`: longest wait for one Redis command.
+    #[arg(long, env = "SLUICEGATE_REDIS_TIMEOUT", value_parser = duration, default_value = "1s")]
+    pub redis_timeout: Duration,
+
     /// Request body limit in bytes.
     #[arg(long, env = "SLUICEGATE_MAX_BODY", default_value_t = 1_048_576)]
     pub max_body: usize,
@@ -162,6 +182,20 @@ impl Config {
             .find(|o| *o != "*" && axum::http::HeaderValue::from_str(o).is_err())
         {
             return Err(format!("--cors-origin {bad:?} is not a valid origin"));
+        }
+        if let Some(url) = &self.redis
+            && !(url.starts_with("redis://") || url.starts_with("rediss://"))
+        {
+            return Err("--redis must be a redis:// or rediss:// URL".into());
+        }
+        if self.redis_lease < Duration::from_millis(300) {
+            return Err("--redis-lease must be at least 300ms".into());
+        }
+        if self.redis_timeout.is_zero() {
+            return Err("--redis-timeout must be longer than 0s".into());
+        }
+        if self.max_log_bytes < 4096 {
+            return Err("--max-log-bytes must be at least 4096".into());
         }
         if self.max_body == 0 {
             return Err("--max-body must be at least 1 byte".into());

@@ -24,6 +24,8 @@ async fn main() -> ExitCode {
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {
+    // `rediss://` and `https://` upstreams take the process's rustls provider.
+    let _ = tokio_rustls::rustls::crypto::ring::default_provider().install_default();
     let mut state = AppState::from_config(&config).await?;
     state.metrics = Some(sluicegate::telemetry::install_metrics()?);
     let tls = match (&config.tls_cert, &config.tls_key) {

@@ -28,7 +28,10 @@ use crate::backend::echo::EchoBackend;
 use crate::backend::local::LocalBackend;
 use crate::backend::upstream::{UpstreamBackend, UpstreamConfig};
 use crate::config::{BackendKind, Config};
-use crate::session::{Admission, EndCause, GenerationRegistry, RegistryConfig};
+use crate::session::replicas::caller_hash;
+use crate::session::{
+    Admission, EndCause, GenerationRegistry, RegistryConfig, ReplicaConfig, Replicas,
+};
 use crate::telemetry;
 use crate::tls::TlsListener;
 
@@ -75,6 +78,9 @@ pub struct AppState {
     /// Renders `/metrics`; `None` where no recorder is installed (tests
     /// that run many servers in one process).
     pub metrics: Option<PrometheusHandle>,
+    /// The state shared with other instances (`--redis`); `None`: all
+    /// state is in this process.
+    pub replicas: Option<Arc<Replicas>>,
 }
 
 impl AppState {
@@ -108,7 +114,29 @@ impl AppState {
                 .map_or(0, |d| d.as_secs()),
             shutdown: CancellationToken::new(),
             metrics: None,
+            replicas: None,
         }
+    }
+
+    /// Shares generations with the other instances on the same Redis.
+    /// `keys` are the `--api-key` values, in the order the state got them.
+    pub fn share(mut self, config: ReplicaConfig, keys: &[String]) -> Result<Self, String> {
+        let callers = std::iter::once(caller_hash(None))
+            .chain(
+                keys.iter()
+                    .filter(|k| !k.is_empty())
+                    .map(|k| caller_hash(Some(k))),
+            )
+            .collect();
+        let epilogue: crate::session::replicas::Epilogue =
+            Arc::new(|id, seq| crate::api::sse::epilogue(id, seq, &ApiError::OwnerGone));
+        self.replicas = Some(Replicas::start(
+            config,
+            callers,
+            Arc::clone(&self.registry),
+            epilogue,
+        )?);
+        Ok(self)
     }
 
     /// The state a validated `Config` describes.
@@ -141,6 +169,7 @@ impl AppState {
             reattach_grace: config.reattach_grace,
             resume_ttl: config.resume_ttl,
             resume_budget: config.resume_budget,
+            max_log_bytes: config.max_log_bytes,
         };
         let settings = Settings {
             keep_alive: config.keep_alive,
@@ -150,7 +179,21 @@ impl AppState {
             max_queue: config.max_queue,
             cors_origins: config.cors_origins.clone(),
         };
-        Ok(Self::new(backend, registry, config.api_keys.clone(), settings).await)
+        let state = Self::new(backend, registry, config.api_keys.clone(), settings).await;
+        match &config.redis {
+            Some(url) => {
+                let shared = ReplicaConfig {
+                    url: url.clone(),
+                    lease: config.redis_lease,
+                    timeout: config.redis_timeout,
+                    resume_ttl: config.resume_ttl,
+                };
+                state
+                    .share(shared, &config.api_keys)
+                    .map_err(anyhow::Error::msg)
+            }
+            None => Ok(state),
+        }
     }
 
     pub fn is_shutting_down(&self) -> bool {
@@ -272,7 +315,9 @@ pub async fn run(
     state: AppState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    match tls {
+    let replicas = state.replicas.clone();
+    let grace = state.settings.shutdown_grace;
+    let served = match tls {
         Some(tls) => {
             let listener = TlsListener::new(listener, tls, state.shutdown.clone())?;
             serve(listener, state, shutdown).await
@@ -287,7 +332,14 @@ pub async fn run(
             });
             serve(listener, state, shutdown).await
         }
+    };
+    // Readers on other instances get the ends of what ran here.
+    if let Some(replicas) = replicas {
+        replicas
+            .flush(tokio::time::Instant::now() + grace.max(Duration::from_secs(2)))
+            .await;
     }
+    served
 }
 
 async fn serve<L>(
@@ -309,10 +361,9 @@ where
             tracing::info!(running = registry.running(), "shutting down");
             draining.cancel();
             tokio::spawn(async move {
-                let deadline = tokio::time::Instant::now() + grace;
-                while registry.running() > 0 && tokio::time::Instant::now() < deadline {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
+                registry
+                    .wait_idle(tokio::time::Instant::now() + grace)
+                    .await;
                 let stopped = registry.cancel_all(EndCause::Shutdown);
                 if stopped > 0 {
                     tracing::info!(stopped, "shutdown grace over; generations cancelled");

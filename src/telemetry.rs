@@ -67,3 +67,11 @@ pub fn disconnected() {
 pub fn queue_full() {
     counter!("sluicegate_rejected_total", "reason" => "queue_full").increment(1);
 }
+
+pub fn redis_error() {
+    counter!("sluicegate_redis_errors_total").increment(1);
+}
+
+pub fn redis_up(up: bool) {
+    gauge!("sluicegate_redis_up").set(if up { 1.0 } else { 0.0 });
+}

@@ -44,7 +44,7 @@ async fn handle(
 ) -> Result<Response, ApiError> {
     // fetch-event-source retries by re-sending the same POST with the last
     // id it saw: continue that generation rather than start a second one.
-    if let Some(resumed) = control::resume_from_post(&state, caller, headers) {
+    if let Some(resumed) = control::resume_from_post(&state, caller, headers).await? {
         return Ok(resumed);
     }
     let plan = params::plan(

@@ -1,5 +1,7 @@
 //! Endpoints that act on an existing generation: cancel it, or re-attach to
-//! its stream (by id, by session, or by a re-sent POST).
+//! its stream (by id, by session, or by a re-sent POST). A generation is
+//! looked for in this process first, then, with `--redis`, on the other
+//! instances.
 
 use std::sync::Arc;
 
@@ -14,22 +16,108 @@ use super::extract::Caller;
 use super::sse;
 use super::wire::CancelResult;
 use crate::server::AppState;
-use crate::session::{CallerId, EndCause, Generation, GenerationId};
+use crate::session::{CallerId, EndCause, Generation, GenerationId, LogReader, RemoteGeneration};
 use crate::telemetry;
+
+/// A caller's generation, here or on another instance.
+enum Found {
+    Local(Arc<Generation>),
+    Remote(RemoteGeneration),
+}
+
+impl Found {
+    fn streamed(&self) -> bool {
+        match self {
+            Self::Local(g) => g.streamed,
+            Self::Remote(r) => r.streamed,
+        }
+    }
+
+    fn id(&self) -> &GenerationId {
+        match self {
+            Self::Local(g) => &g.id,
+            Self::Remote(r) => &r.id,
+        }
+    }
+
+    /// Events written so far, and whether the last one is `[DONE]`.
+    fn written(&self) -> (usize, bool) {
+        match self {
+            Self::Local(g) => (g.log.len(), g.log.is_closed()),
+            Self::Remote(r) => (r.len, r.done),
+        }
+    }
+}
+
+/// Ids are generated here: anything else (say, a key pattern aimed at
+/// Redis) is unknown without asking anyone.
+fn plausible(id: &str) -> bool {
+    (1..=64).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+}
+
+async fn find(
+    state: &AppState,
+    caller: CallerId,
+    id: &GenerationId,
+) -> Result<Option<Found>, ApiError> {
+    if let Some(local) = state.registry.get(caller, id) {
+        return Ok(Some(Found::Local(local)));
+    }
+    match &state.replicas {
+        Some(replicas) if plausible(id.as_str()) => {
+            Ok(replicas.find(caller, id).await?.map(Found::Remote))
+        }
+        _ => Ok(None),
+    }
+}
+
+/// The caller's latest generation in a session. With Redis the shared
+/// record decides (a newer one may run elsewhere); without it, or while
+/// Redis is away, what this instance knows.
+async fn latest_in_session(
+    state: &AppState,
+    caller: CallerId,
+    session: &str,
+) -> Result<Option<Found>, ApiError> {
+    let local = state.registry.latest_in_session(caller, session);
+    let Some(replicas) = &state.replicas else {
+        return Ok(local.map(Found::Local));
+    };
+    match replicas.latest_in_session(caller, session).await {
+        Ok(Some(remote)) => Ok(Some(match state.registry.get(caller, &remote.id) {
+            Some(here) => Found::Local(here),
+            None => Found::Remote(remote),
+        })),
+        Ok(None) => Ok(local.map(Found::Local)),
+        Err(err) => match local {
+            Some(here) => Ok(Some(Found::Local(here))),
+            None => Err(err.into()),
+        },
+    }
+}
 
 pub(crate) async fn cancel(
     State(state): State<AppState>,
     Caller(caller): Caller,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let generation = state
-        .registry
-        .get(caller, &GenerationId::from(id.as_str()))
-        .ok_or(ApiError::GenerationNotFound(id))?;
-    tracing::Span::current().record("completion_id", generation.id.as_str());
-    let cancelled = generation.cancel(EndCause::CancelEndpoint);
+    let generation_id = GenerationId::from(id.as_str());
+    let found = find(&state, caller, &generation_id)
+        .await?
+        .ok_or_else(|| ApiError::GenerationNotFound(id.clone()))?;
+    tracing::Span::current().record("completion_id", found.id().as_str());
+    let cancelled = match &found {
+        Found::Local(generation) => generation.cancel(EndCause::CancelEndpoint),
+        Found::Remote(remote) => {
+            let replicas = state.replicas.as_ref().ok_or(ApiError::Internal)?;
+            replicas
+                .cancel(caller, &remote.id, EndCause::CancelEndpoint)
+                .await?
+                .ok_or(ApiError::GenerationNotFound(id))?
+        }
+    };
     let body = CancelResult {
-        id: generation.id.as_str(),
+        id: found.id().as_str(),
         object: "chat.completion",
         cancelled,
     };
@@ -50,13 +138,12 @@ pub(crate) async fn events(
     Query(query): Query<ResumeQuery>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let generation = state
-        .registry
-        .get(caller, &GenerationId::from(id.as_str()))
-        .filter(|g| g.streamed)
+    let found = find(&state, caller, &GenerationId::from(id.as_str()))
+        .await?
+        .filter(Found::streamed)
         .ok_or(ApiError::GenerationNotFound(id))?;
     let last = last_event_id(&headers, &query);
-    Ok(attach(&state, &generation, last))
+    Ok(attach(&state, found, last).await)
 }
 
 /// `GET /v1/sessions/{session_id}/stream`: the session's latest generation,
@@ -67,33 +154,38 @@ pub(crate) async fn session_stream(
     Path(session): Path<String>,
     Query(query): Query<ResumeQuery>,
     headers: HeaderMap,
-) -> Response {
+) -> Result<Response, ApiError> {
     tracing::Span::current().record("session_id", session.as_str());
-    match state
-        .registry
-        .latest_in_session(caller, &session)
-        .filter(|g| g.streamed)
+    match latest_in_session(&state, caller, &session)
+        .await?
+        .filter(Found::streamed)
     {
-        Some(generation) => attach(&state, &generation, last_event_id(&headers, &query)),
-        None => StatusCode::NO_CONTENT.into_response(),
+        Some(found) => Ok(attach(&state, found, last_event_id(&headers, &query)).await),
+        None => Ok(StatusCode::NO_CONTENT.into_response()),
     }
 }
 
 /// A POST whose `Last-Event-ID` names one of the caller's streamed
 /// generations resumes it; anything else is a new request.
-pub(crate) fn resume_from_post(
+pub(crate) async fn resume_from_post(
     state: &AppState,
     caller: CallerId,
     headers: &HeaderMap,
-) -> Option<Response> {
-    let last = headers.get("last-event-id")?.to_str().ok()?;
-    let (id, seq) = sse::parse_event_id(last)?;
-    let generation = state
-        .registry
-        .get(caller, &id)
-        .filter(|g| g.streamed && seq < g.log.len())?;
-    tracing::info!(completion_id = %generation.id, "POST resumes a generation");
-    Some(attach(state, &generation, Some(last)))
+) -> Result<Option<Response>, ApiError> {
+    let Some(last) = headers.get("last-event-id").and_then(|v| v.to_str().ok()) else {
+        return Ok(None);
+    };
+    let Some((id, seq)) = sse::parse_event_id(last) else {
+        return Ok(None);
+    };
+    let Some(found) = find(state, caller, &id)
+        .await?
+        .filter(|f| f.streamed() && seq < f.written().0)
+    else {
+        return Ok(None);
+    };
+    tracing::info!(completion_id = %found.id(), "POST resumes a generation");
+    Ok(Some(attach(state, found, Some(last)).await))
 }
 
 fn last_event_id<'a>(headers: &'a HeaderMap, query: &'a ResumeQuery) -> Option<&'a str> {
@@ -103,21 +195,75 @@ fn last_event_id<'a>(headers: &'a HeaderMap, query: &'a ResumeQuery) -> Option<&
         .or(query.last_event_id.as_deref())
 }
 
-fn attach(state: &AppState, generation: &Arc<Generation>, last_event_id: Option<&str>) -> Response {
-    tracing::Span::current().record("completion_id", generation.id.as_str());
+async fn attach(state: &AppState, found: Found, last_event_id: Option<&str>) -> Response {
+    let id = found.id().clone();
+    tracing::Span::current().record("completion_id", id.as_str());
     telemetry::resumed();
-    sse::event_stream(
-        generation,
-        resume_position(generation, last_event_id),
-        state.settings.keep_alive,
-    )
+    let (written, done) = found.written();
+    let from = resume_position(&id, written, done, last_event_id);
+    let keep_alive = state.settings.keep_alive;
+    match found {
+        Found::Local(generation) => {
+            let reader = LogReader::new(generation.log.clone(), from);
+            sse::event_stream(&id, reader, generation.attach(), keep_alive)
+        }
+        Found::Remote(remote) => match &state.replicas {
+            Some(replicas) => {
+                let remote = replicas.reader(&remote.id, from).await;
+                sse::event_stream(&id, remote.reader, remote.follow, keep_alive)
+            }
+            None => ApiError::Internal.into_response(),
+        },
+    }
 }
 
 /// Where a reader resumes: just after the named event when the id names an
-/// event of this generation that was written; otherwise from the start.
-fn resume_position(generation: &Generation, last_event_id: Option<&str>) -> usize {
+/// event of this generation that was written; otherwise from the start. A
+/// resume after the last event of a finished generation gets `[DONE]`
+/// again, so a client that missed the end sees it and stops retrying.
+fn resume_position(
+    id: &GenerationId,
+    written: usize,
+    done: bool,
+    last_event_id: Option<&str>,
+) -> usize {
     last_event_id
         .and_then(sse::parse_event_id)
-        .filter(|(id, seq)| *id == generation.id && *seq < generation.log.len())
-        .map_or(0, |(_, seq)| seq + 1)
+        .filter(|(named, seq)| named == id && *seq < written)
+        .map_or(0, |(_, seq)| {
+            let next = seq + 1;
+            if done && next >= written {
+                written - 1
+            } else {
+                next
+            }
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resume_positions() {
+        let id = GenerationId::from("chatcmpl-a");
+        assert_eq!(resume_position(&id, 5, false, None), 0);
+        assert_eq!(resume_position(&id, 5, false, Some("chatcmpl-a.2")), 3);
+        assert_eq!(resume_position(&id, 5, false, Some("chatcmpl-b.2")), 0);
+        assert_eq!(resume_position(&id, 5, false, Some("chatcmpl-a.9")), 0);
+        assert_eq!(
+            resume_position(&id, 5, true, Some("chatcmpl-a.4")),
+            4,
+            "[DONE] again"
+        );
+        assert_eq!(resume_position(&id, 5, true, Some("chatcmpl-a.3")), 4);
+    }
+
+    #[test]
+    fn only_ids_of_our_shape_are_looked_up() {
+        assert!(plausible("chatcmpl-abc123"));
+        for bad in ["", "a}b", "a*", "a b", &"x".repeat(65)] {
+            assert!(!plausible(bad), "{bad:?}");
+        }
+    }
 }

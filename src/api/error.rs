@@ -37,6 +37,12 @@ pub enum ApiError {
     ShuttingDown,
     #[error("The model backend is unavailable; retry shortly.")]
     BackendUnavailable,
+    #[error(
+        "Redis is unreachable, so generations on other instances cannot be reached; retry shortly."
+    )]
+    SharedStateUnavailable,
+    #[error("The instance running this generation stopped before it ended; start a new request.")]
+    OwnerGone,
     #[error("Internal error.")]
     Internal,
     /// An upstream's 4xx, passed on with its status.
@@ -99,6 +105,16 @@ impl ApiError {
                 "server_error",
                 Some("backend_unavailable"),
             ),
+            Self::SharedStateUnavailable => (
+                S::SERVICE_UNAVAILABLE,
+                "server_error",
+                Some("redis_unavailable"),
+            ),
+            Self::OwnerGone => (
+                S::SERVICE_UNAVAILABLE,
+                "server_error",
+                Some("instance_gone"),
+            ),
             Self::Internal => (S::INTERNAL_SERVER_ERROR, "server_error", None),
             Self::Upstream { status, .. } => {
                 let kind = match status.as_u16() {
@@ -134,6 +150,13 @@ impl ApiError {
             },
         };
         serde_json::to_vec(&envelope).unwrap_or_default()
+    }
+}
+
+impl From<crate::session::SharedStateError> for ApiError {
+    fn from(err: crate::session::SharedStateError) -> Self {
+        tracing::warn!(%err, "shared state unavailable");
+        Self::SharedStateUnavailable
     }
 }
 

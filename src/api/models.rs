@@ -52,8 +52,16 @@ fn object(card: ModelCard, created: u64) -> ModelObject {
     }
 }
 
-pub(crate) async fn health() -> Json<Value> {
-    Json(json!({"status": "ok"}))
+/// Liveness, 200 while the process serves; with `--redis`, whether Redis
+/// answered the last command (an instance serves on without it).
+pub(crate) async fn health(State(state): State<AppState>) -> Json<Value> {
+    match &state.replicas {
+        Some(replicas) => Json(json!({
+            "status": "ok",
+            "redis": if replicas.is_up() { "ok" } else { "unreachable" },
+        })),
+        None => Json(json!({"status": "ok"})),
+    }
 }
 
 /// Prometheus text; gauges are read off the live state at scrape time.

@@ -17,7 +17,7 @@ use super::wire::{AssistantMessage, ChatChoice, ChatCompletion, TextChoice, Text
 use crate::backend::{FinishReason, GuardedRun, Step, Usage};
 use crate::server::AppState;
 use crate::session::{
-    CallerId, EndCause, Generation, GenerationRegistry, QueueFull, RetireOnDrop, Ticket,
+    CallerId, EndCause, Generation, GenerationRegistry, LogReader, QueueFull, RetireOnDrop, Ticket,
 };
 use crate::telemetry;
 
@@ -49,6 +49,9 @@ pub(crate) async fn start(
     if let Some(replaced) = state.registry.activate(&generation) {
         tracing::info!(replaced = %replaced, "session's previous generation cancelled");
     }
+    if let Some(replicas) = &state.replicas {
+        replicas.activate(&generation).await;
+    }
     let run = GuardedRun::new(accepted, generation.cancel_token());
     let answer = Answer {
         model,
@@ -57,9 +60,14 @@ pub(crate) async fn start(
     };
     if plan.stream {
         let mut encoder = ChunkEncoder::new(&generation.id, &answer.model, answer.created, flavor);
-        generation.log.push(encoder.opening());
+        generation.log.push(&encoder.opening());
         // Attach this connection before the task can finish.
-        let response = sse::event_stream(&generation, 0, state.settings.keep_alive);
+        let response = sse::event_stream(
+            &generation.id,
+            LogReader::new(generation.log.clone(), 0),
+            generation.attach(),
+            state.settings.keep_alive,
+        );
         let driver = drive(
             Arc::clone(&state.registry),
             Arc::clone(&generation),
@@ -87,28 +95,35 @@ async fn drive(
     let mut clock = TokenClock::start();
     wait_for_slot(&mut ticket, &generation).await;
     let log = &generation.log;
+    let max_log_bytes = registry.config().max_log_bytes;
+    let mut cut = false;
     let mut cause = EndCause::Error;
     while let Some(step) = run.next().await {
         match step {
             Step::Text(text) => {
                 clock.tick();
                 if !text.is_empty() {
-                    log.push(encoder.text(&text));
+                    log.push(&encoder.text(&text));
+                }
+                // A log at its cap ends the answer as if `max_tokens` had.
+                if log.bytes() >= max_log_bytes && !cut {
+                    cut = generation.cancel(EndCause::Length);
                 }
             }
             Step::Finished(reason, usage) => {
-                log.push(encoder.finish(reason));
+                let reason = if cut { FinishReason::Length } else { reason };
+                log.push(&encoder.finish(reason));
                 if include_usage {
-                    log.push(encoder.usage(usage));
+                    log.push(&encoder.usage(usage));
                 }
                 cause = end_cause(&generation, reason);
             }
             Step::Failed(err) => {
-                log.push(encoder.error(&ApiError::from(err)));
+                log.push(&encoder.error(&ApiError::from(err)));
             }
         }
     }
-    log.push(encoder.done());
+    log.push(&encoder.done());
     generation.mark_done();
     log_end(&generation, cause, run.usage());
     registry.retire(&generation);

@@ -5,7 +5,6 @@
 
 use std::convert::Infallible;
 use std::fmt::Write as _;
-use std::sync::Arc;
 use std::time::Duration;
 
 use async_stream::stream;
@@ -18,10 +17,15 @@ use serde::Serialize;
 use super::error::ApiError;
 use super::wire::{ChatChunk, ChunkChoice, Delta, TextChoice, TextChunk, UsageBody};
 use crate::backend::{FinishReason, Usage};
-use crate::session::{Generation, GenerationId};
+use crate::session::{GenerationId, LogReader};
 use crate::telemetry;
 
 pub const KEEP_ALIVE: &[u8] = b": keep-alive\n";
+
+/// Sent on a stream's first event: `EventSource` and fetch-event-source
+/// then reconnect after 1 s (not their default 3 s), well within the
+/// reattach grace.
+pub const RETRY: &[u8] = b"retry: 1000\n";
 
 /// Which OpenAI endpoint a generation answers, and so its chunk shape.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -108,13 +112,20 @@ impl ChunkEncoder {
         }
     }
 
-    /// The first event, sent before the model's first token.
+    /// The first event, sent before the model's first token; it carries
+    /// the `retry:` field.
     pub fn opening(&mut self) -> Bytes {
         let delta = Delta {
             role: Some("assistant"),
             content: Some(""),
         };
-        self.chunk(delta, "", None)
+        let event = self.chunk(delta, "", None);
+        // `data: …\nid: …\n` + `retry: 1000\n` + the blank line.
+        let mut out = BytesMut::with_capacity(event.len() + RETRY.len());
+        out.put_slice(&event[..event.len() - 1]);
+        out.put_slice(RETRY);
+        out.put_u8(b'\n');
+        out.freeze()
     }
 
     pub fn text(&mut self, text: &str) -> Bytes {
@@ -158,6 +169,16 @@ impl ChunkEncoder {
         let seq = self.next_seq();
         frame(&self.id, seq, b"[DONE]")
     }
+}
+
+/// The error event and `[DONE]` that end a stream at event number `seq`
+/// when its generation cannot: its owner died, or its log became
+/// unreadable.
+pub fn epilogue(id: &GenerationId, seq: usize, err: &ApiError) -> [Bytes; 2] {
+    [
+        frame(id.as_str(), seq, &err.body()),
+        frame(id.as_str(), seq + 1, b"[DONE]"),
+    ]
 }
 
 /// `data: <data>\nid: <generation>.<seq>\n\n`
@@ -205,14 +226,18 @@ pub fn parse_event_id(id: &str) -> Option<(GenerationId, usize)> {
     valid.then(|| (GenerationId::from(generation), seq))
 }
 
-/// A `text/event-stream` response that reads the generation's log from
-/// event number `from` to its end, with keep-alive comments while idle.
-/// The connection stays attached to the generation while the body lives.
-pub fn event_stream(generation: &Arc<Generation>, from: usize, keep_alive: Duration) -> Response {
-    let attachment = generation.attach();
-    let mut reader = generation.log.reader(from);
+/// A `text/event-stream` response that sends what `reader` reads, to the
+/// log's end, with keep-alive comments while idle. `hold` (the
+/// connection's attachment to its generation) lives as long as the body.
+pub fn event_stream<H: Send + 'static>(
+    id: &GenerationId,
+    mut reader: LogReader,
+    hold: H,
+    keep_alive: Duration,
+) -> Response {
+    let generation = id.clone();
     let body = stream! {
-        let _attachment = attachment;
+        let _hold = hold;
         let mut left_early = DisconnectCounter(true);
         // One timer per connection, pushed back after each write.
         let idle = tokio::time::sleep(keep_alive);
@@ -221,8 +246,24 @@ pub fn event_stream(generation: &Arc<Generation>, from: usize, keep_alive: Durat
             tokio::select! {
                 biased;
                 next = reader.next() => match next {
-                    Some(bytes) => yield Ok::<_, Infallible>(bytes),
-                    None => {
+                    Ok(Some(bytes)) => yield Ok::<_, Infallible>(bytes),
+                    Ok(None) => {
+                        left_early.0 = false;
+                        break;
+                    }
+                    Err(err) => {
+                        // The shared log cannot be read (Redis away for
+                        // longer than a lease): end this stream properly.
+                        tracing::warn!(%err, completion_id = %generation, "stream ended: its log is unreadable");
+                        let [error, done] = epilogue(
+                            &generation,
+                            reader.position(),
+                            &ApiError::SharedStateUnavailable,
+                        );
+                        let mut end = BytesMut::with_capacity(error.len() + done.len());
+                        end.put_slice(&error);
+                        end.put_slice(&done);
+                        yield Ok(end.freeze());
                         left_early.0 = false;
                         break;
                     }
@@ -241,8 +282,8 @@ pub fn event_stream(generation: &Arc<Generation>, from: usize, keep_alive: Durat
     );
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
-    if let Ok(id) = HeaderValue::from_str(generation.id.as_str()) {
-        headers.insert("x-completion-id", id);
+    if let Ok(value) = HeaderValue::from_str(id.as_str()) {
+        headers.insert("x-completion-id", value);
     }
     response
 }
@@ -282,10 +323,16 @@ mod tests {
         let first = e.opening();
         let text = std::str::from_utf8(&first).expect("utf-8");
         assert!(text.starts_with("data: {"));
-        assert!(text.ends_with("}\nid: chatcmpl-abc.0\n\n"));
-        assert_eq!(text.matches('\n').count(), 3);
+        assert!(text.ends_with("}\nid: chatcmpl-abc.0\nretry: 1000\n\n"));
+        assert_eq!(text.matches('\n').count(), 4);
+        let token = e.text("x");
+        assert!(
+            std::str::from_utf8(&token)
+                .expect("utf-8")
+                .ends_with("}\nid: chatcmpl-abc.1\n\n")
+        );
         let done = e.done();
-        assert_eq!(&done[..], b"data: [DONE]\nid: chatcmpl-abc.1\n\n");
+        assert_eq!(&done[..], b"data: [DONE]\nid: chatcmpl-abc.2\n\n");
     }
 
     #[test]

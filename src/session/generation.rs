@@ -4,10 +4,24 @@
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
+use async_trait::async_trait;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::{CallerId, EndCause, EventLog, GenerationId};
+use super::{CallerId, EndCause, GenerationId, MemoryLog};
+
+/// What a retained generation costs beside its log: the record, its ids
+/// and signals, and its entries in the registry's maps. An estimate from
+/// the types' sizes and their heap parts, rounded up.
+pub const RECORD_OVERHEAD: usize = 1024;
+
+/// Readers of this generation on other instances (through Redis). When the
+/// last local reader has been gone for the grace, the generation is only
+/// cancelled if nobody reads it elsewhere either.
+#[async_trait]
+pub trait RemoteReaders: Send + Sync {
+    async fn reading(&self, id: &GenerationId) -> bool;
+}
 
 pub struct Generation {
     pub id: GenerationId,
@@ -16,7 +30,7 @@ pub struct Generation {
     /// Streamed generations keep a log that connections read and resume
     /// from; a plain JSON request has none.
     pub streamed: bool,
-    pub log: EventLog,
+    pub log: Arc<MemoryLog>,
     /// The one signal the backend watches. Set only through [`Self::cancel`]
     /// so that the cause is recorded first.
     cancel: CancellationToken,
@@ -26,6 +40,7 @@ pub struct Generation {
     ended_at: OnceLock<Instant>,
     attached: Mutex<AttachState>,
     reattach_grace: Duration,
+    remote_readers: OnceLock<Arc<dyn RemoteReaders>>,
 }
 
 #[derive(Default)]
@@ -49,14 +64,30 @@ impl Generation {
             owner,
             session,
             streamed,
-            log: EventLog::default(),
+            log: Arc::new(MemoryLog::default()),
             cancel: CancellationToken::new(),
             done: CancellationToken::new(),
             cause: OnceLock::new(),
             ended_at: OnceLock::new(),
             attached: Mutex::new(AttachState::default()),
             reattach_grace,
+            remote_readers: OnceLock::new(),
         })
+    }
+
+    /// Makes the reattach grace ask other instances before cancelling.
+    pub fn watch_remote_readers(&self, readers: Arc<dyn RemoteReaders>) {
+        // Set once, at activation; a second call changes nothing.
+        let _ = self.remote_readers.set(readers);
+    }
+
+    /// Memory this generation holds while retained: what the resume budget
+    /// counts.
+    pub fn held_bytes(&self) -> usize {
+        self.log.held_bytes()
+            + RECORD_OVERHEAD
+            + 2 * self.id.as_str().len()
+            + self.session.as_ref().map_or(0, |s| 2 * s.len())
     }
 
     /// The token handed to the backend.
@@ -134,16 +165,28 @@ impl Generation {
         };
         let generation = Arc::clone(self);
         runtime.spawn(async move {
-            tokio::select! {
-                () = generation.finished() => {}
-                () = tokio::time::sleep(generation.reattach_grace) => {
-                    let still_alone = {
-                        let state = generation.attached.lock().unwrap_or_else(|e| e.into_inner());
-                        state.count == 0 && state.epoch == epoch
-                    };
-                    if still_alone {
-                        generation.cancel(EndCause::ClientGone);
-                    }
+            loop {
+                tokio::select! {
+                    () = generation.finished() => return,
+                    () = tokio::time::sleep(generation.reattach_grace) => {}
+                }
+                let still_alone = {
+                    let state = generation
+                        .attached
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner());
+                    state.count == 0 && state.epoch == epoch
+                };
+                if !still_alone {
+                    return;
+                }
+                let elsewhere = match generation.remote_readers.get() {
+                    Some(remote) => remote.reading(&generation.id).await,
+                    None => false,
+                };
+                if !elsewhere {
+                    generation.cancel(EndCause::ClientGone);
+                    return;
                 }
             }
         });

@@ -1,138 +1,297 @@
-//! `EventLog`: one generation's numbered, already-encoded events. The
-//! generation task appends; every connection reads from any position, so a
-//! resume replays the very bytes first sent.
+//! Event logs: one generation's numbered, already-encoded events, and the
+//! one way every connection reads them, by position.
+//!
+//! A log lives in this process ([`MemoryLog`], written by the generation's
+//! task) or in Redis (`replicas::RedisLog`, mirrored by the instance that
+//! runs the generation). Both are a [`LogSource`]; a [`LogReader`] holds a
+//! source and a position, never a copy, and takes at most [`READ_LIMIT`]
+//! bytes at a time, so a reader that stops reading costs only what is in
+//! flight to it.
 
-use bytes::{Bytes, BytesMut};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::Bytes;
 use tokio::sync::watch;
 
-pub struct EventLog {
-    state: watch::Sender<LogState>,
+/// Most bytes one read hands out (always at least one whole event).
+pub const READ_LIMIT: usize = 32 * 1024;
+
+/// Whole events, concatenated, read from one position.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Batch {
+    pub bytes: Bytes,
+    /// How many events `bytes` holds.
+    pub events: usize,
 }
 
-#[derive(Default)]
-struct LogState {
-    frames: Vec<Bytes>,
-    bytes: usize,
-    closed: bool,
+/// What a read found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Read {
+    Events(Batch),
+    /// The log is complete and the position is past its last event.
+    End,
 }
 
-impl Default for EventLog {
-    fn default() -> Self {
-        Self {
-            state: watch::Sender::new(LogState::default()),
+/// A log that cannot be read now (Redis unreachable), after retries.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct LogError(pub String);
+
+/// Somewhere a generation's events can be read from.
+#[async_trait]
+pub trait LogSource: Send + Sync {
+    /// Events from number `from` on, whole ones up to `limit` bytes (at
+    /// least one). Waits while there is none yet and the log is open.
+    /// Cancel-safe: dropping the future loses nothing.
+    async fn read(&self, from: usize, limit: usize) -> Result<Read, LogError>;
+}
+
+/// One connection's place in a log.
+pub struct LogReader {
+    source: Arc<dyn LogSource>,
+    pos: usize,
+}
+
+impl LogReader {
+    pub fn new(source: Arc<dyn LogSource>, from: usize) -> Self {
+        Self { source, pos: from }
+    }
+
+    /// The number of the next event this reader will get.
+    pub fn position(&self) -> usize {
+        self.pos
+    }
+
+    /// The next events, as one buffer so a fast producer costs one write
+    /// per wake-up rather than one per token; `None` at the end of a
+    /// complete log. Cancel-safe.
+    pub async fn next(&mut self) -> Result<Option<Bytes>, LogError> {
+        match self.source.read(self.pos, READ_LIMIT).await? {
+            Read::Events(batch) => {
+                self.pos += batch.events;
+                Ok(Some(batch.bytes))
+            }
+            Read::End => Ok(None),
         }
     }
 }
 
-impl EventLog {
-    /// Appends one event and wakes the readers; returns the bytes it added.
-    pub fn push(&self, frame: Bytes) -> usize {
-        let added = frame.len();
-        self.state.send_modify(|s| {
-            s.bytes += added;
-            s.frames.push(frame);
-        });
-        added
+/// A log in this process: the generation's task appends, readers walk it.
+/// The events sit in one buffer with their end offsets, so a retained log
+/// costs its bytes plus four per event.
+pub struct MemoryLog {
+    state: watch::Sender<Frames>,
+}
+
+#[derive(Default)]
+struct Frames {
+    data: Vec<u8>,
+    /// End offset of each event in `data`.
+    ends: Vec<u32>,
+    closed: bool,
+}
+
+impl Frames {
+    fn start_of(&self, event: usize) -> usize {
+        match event {
+            0 => 0,
+            n => self.ends[n - 1] as usize,
+        }
     }
 
-    /// Marks the log complete: readers end once they have read everything.
+    /// Events `from..` that fit in `limit` bytes, at least one.
+    fn window(&self, from: usize, limit: usize) -> Batch {
+        let start = self.start_of(from);
+        let fitting = self.ends[from..].partition_point(|&end| end as usize - start <= limit);
+        let events = fitting.max(1);
+        let end = self.ends[from + events - 1] as usize;
+        Batch {
+            bytes: Bytes::copy_from_slice(&self.data[start..end]),
+            events,
+        }
+    }
+
+    /// The same window, one buffer per event.
+    fn split_window(&self, from: usize, limit: usize) -> Vec<Bytes> {
+        let batch = self.window(from, limit);
+        let start = self.start_of(from);
+        (from..from + batch.events)
+            .map(|n| {
+                let a = self.start_of(n) - start;
+                let b = self.ends[n] as usize - start;
+                batch.bytes.slice(a..b)
+            })
+            .collect()
+    }
+}
+
+impl Default for MemoryLog {
+    fn default() -> Self {
+        Self {
+            state: watch::Sender::new(Frames::default()),
+        }
+    }
+}
+
+impl MemoryLog {
+    /// Appends one event and wakes the readers.
+    pub fn push(&self, frame: &[u8]) {
+        self.state.send_modify(|s| {
+            s.data.extend_from_slice(frame);
+            // A log is capped far below 4 GiB (`--max-log-bytes`).
+            s.ends.push(u32::try_from(s.data.len()).unwrap_or(u32::MAX));
+        });
+    }
+
+    /// Marks the log complete (readers end once they have read it all) and
+    /// gives back the spare capacity of its buffers.
     pub fn close(&self) {
-        self.state.send_modify(|s| s.closed = true);
+        self.state.send_modify(|s| {
+            s.closed = true;
+            s.data.shrink_to_fit();
+            s.ends.shrink_to_fit();
+        });
     }
 
     /// Number of events written so far.
     pub fn len(&self) -> usize {
-        self.state.borrow().frames.len()
+        self.state.borrow().ends.len()
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
-    /// Encoded size of all events, the figure the resume budget counts.
+    pub fn is_closed(&self) -> bool {
+        self.state.borrow().closed
+    }
+
+    /// Encoded size of the events.
     pub fn bytes(&self) -> usize {
-        self.state.borrow().bytes
+        self.state.borrow().data.len()
     }
 
-    /// A reader that starts with event number `from` (0 = from the start).
-    pub fn reader(&self, from: usize) -> LogReader {
-        LogReader {
-            rx: self.state.subscribe(),
-            pos: from,
-        }
-    }
-}
-
-pub struct LogReader {
-    rx: watch::Receiver<LogState>,
-    pos: usize,
-}
-
-impl LogReader {
-    /// Everything written after what this reader has seen, as one buffer so
-    /// a fast producer costs one write per wake-up rather than one per token.
-    /// `None` once the log is closed and read to its end. Cancel-safe.
-    pub async fn next(&mut self) -> Option<Bytes> {
+    /// Like [`LogSource::read`], one buffer per event: for a mirror that
+    /// stores events one by one. `None` once the log is complete and read.
+    pub async fn frames_from(&self, from: usize, limit: usize) -> Option<Vec<Bytes>> {
+        let mut rx = self.state.subscribe();
         loop {
             {
-                let state = self.rx.borrow_and_update();
-                if let Some(fresh) = state.frames.get(self.pos..).filter(|f| !f.is_empty()) {
-                    self.pos = state.frames.len();
-                    return Some(concat(fresh));
+                let state = rx.borrow_and_update();
+                if from < state.ends.len() {
+                    return Some(state.split_window(from, limit));
                 }
                 if state.closed {
                     return None;
                 }
             }
-            if self.rx.changed().await.is_err() {
-                return None;
-            }
+            rx.changed().await.ok()?;
         }
+    }
+
+    /// Memory the log's buffers hold, the figure the resume budget counts.
+    pub fn held_bytes(&self) -> usize {
+        let s = self.state.borrow();
+        s.data.capacity() + s.ends.capacity() * std::mem::size_of::<u32>()
     }
 }
 
-fn concat(frames: &[Bytes]) -> Bytes {
-    if let [one] = frames {
-        return one.clone();
+#[async_trait]
+impl LogSource for MemoryLog {
+    async fn read(&self, from: usize, limit: usize) -> Result<Read, LogError> {
+        let mut rx = self.state.subscribe();
+        loop {
+            {
+                let state = rx.borrow_and_update();
+                if from < state.ends.len() {
+                    return Ok(Read::Events(state.window(from, limit)));
+                }
+                if state.closed {
+                    return Ok(Read::End);
+                }
+            }
+            // The sender lives as long as `self`.
+            if rx.changed().await.is_err() {
+                return Ok(Read::End);
+            }
+        }
     }
-    let mut out = BytesMut::with_capacity(frames.iter().map(Bytes::len).sum());
-    for frame in frames {
-        out.extend_from_slice(frame);
-    }
-    out.freeze()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn reader(log: &Arc<MemoryLog>, from: usize) -> LogReader {
+        LogReader::new(Arc::clone(log) as Arc<dyn LogSource>, from)
+    }
+
+    async fn next(reader: &mut LogReader) -> Option<Bytes> {
+        reader.next().await.expect("a memory log never fails")
+    }
+
     #[tokio::test]
     async fn readers_get_everything_after_their_position_then_end() {
-        let log = EventLog::default();
-        log.push(Bytes::from_static(b"a"));
-        log.push(Bytes::from_static(b"b"));
-        let mut from_start = log.reader(0);
-        let mut from_one = log.reader(1);
-        assert_eq!(from_start.next().await.as_deref(), Some(&b"ab"[..]));
-        assert_eq!(from_one.next().await.as_deref(), Some(&b"b"[..]));
+        let log = Arc::new(MemoryLog::default());
+        log.push(b"a");
+        log.push(b"b");
+        let mut from_start = reader(&log, 0);
+        let mut from_one = reader(&log, 1);
+        assert_eq!(next(&mut from_start).await.as_deref(), Some(&b"ab"[..]));
+        assert_eq!(next(&mut from_one).await.as_deref(), Some(&b"b"[..]));
 
-        let waiting = tokio::spawn(async move { from_one.next().await });
+        let waiting = tokio::spawn(async move { next(&mut from_one).await });
         tokio::task::yield_now().await;
-        log.push(Bytes::from_static(b"c"));
+        log.push(b"c");
         assert_eq!(waiting.await.expect("joined").as_deref(), Some(&b"c"[..]));
 
         log.close();
-        assert_eq!(from_start.next().await.as_deref(), Some(&b"c"[..]));
-        assert_eq!(from_start.next().await, None);
-        assert_eq!(log.len(), 3);
-        assert_eq!(log.bytes(), 3);
+        assert_eq!(next(&mut from_start).await.as_deref(), Some(&b"c"[..]));
+        assert_eq!(next(&mut from_start).await, None);
+        assert_eq!(from_start.position(), 3);
+        assert_eq!((log.len(), log.bytes()), (3, 3));
     }
 
     #[tokio::test]
     async fn a_reader_past_the_end_of_a_closed_log_ends_at_once() {
-        let log = EventLog::default();
-        log.push(Bytes::from_static(b"a"));
+        let log = Arc::new(MemoryLog::default());
+        log.push(b"a");
         log.close();
-        assert_eq!(log.reader(5).next().await, None);
+        assert_eq!(next(&mut reader(&log, 5)).await, None);
+    }
+
+    #[tokio::test]
+    async fn one_read_hands_out_whole_events_up_to_the_limit() {
+        let log = MemoryLog::default();
+        for frame in [&b"aaaa"[..], b"bbbb", b"cccc", b"dddddddddd"] {
+            log.push(frame);
+        }
+        let read = |from, limit| {
+            let log = &log;
+            async move {
+                match log.read(from, limit).await.expect("read") {
+                    Read::Events(batch) => (batch.bytes, batch.events),
+                    Read::End => panic!("not at the end"),
+                }
+            }
+        };
+        assert_eq!(read(0, 9).await, (Bytes::from_static(b"aaaabbbb"), 2));
+        assert_eq!(read(1, 8).await, (Bytes::from_static(b"bbbbcccc"), 2));
+        // An event larger than the limit still goes out whole, alone.
+        assert_eq!(read(3, 4).await, (Bytes::from_static(b"dddddddddd"), 1));
+        assert_eq!(read(2, 3).await, (Bytes::from_static(b"cccc"), 1));
+        let frames = log.frames_from(1, 20).await.expect("frames");
+        assert_eq!(frames, [&b"bbbb"[..], b"cccc", b"dddddddddd"]);
+    }
+
+    #[tokio::test]
+    async fn a_closed_log_holds_only_its_bytes() {
+        let log = MemoryLog::default();
+        for _ in 0..100 {
+            log.push(&[b'x'; 33]);
+        }
+        log.close();
+        assert_eq!(log.held_bytes(), 100 * 33 + 100 * 4);
     }
 }

@@ -1,10 +1,12 @@
 //! Generations as things that live apart from connections: who owns them,
-//! which session they belong to, how they end, and their event logs.
+//! which session they belong to, how they end, and their event logs, in
+//! this process or shared with other instances through Redis.
 
 pub mod admission;
 pub mod generation;
 pub mod log;
 pub mod registry;
+pub mod replicas;
 
 use std::fmt;
 
@@ -13,8 +15,9 @@ use rand::distr::Alphanumeric;
 
 pub use admission::{Admission, QueueFull, Ticket};
 pub use generation::{Attachment, Generation};
-pub use log::{EventLog, LogReader};
+pub use log::{LogError, LogReader, LogSource, MemoryLog, READ_LIMIT};
 pub use registry::{GenerationRegistry, RegistryConfig, RetireOnDrop};
+pub use replicas::{RemoteGeneration, ReplicaConfig, Replicas, SharedStateError};
 
 /// Who is asking: one per configured API key, or the one anonymous caller.
 /// Generations, sessions and ids are visible to their owner only.

@@ -2,10 +2,19 @@
 //! and by (caller, session). Starting a generation in a session cancels the
 //! one before it; finished ones stay for the resume TTL within a memory
 //! budget, oldest evicted first.
+//!
+//! Retention is bookkept as generations end, in O(1): they end in time
+//! order and the TTL is one figure, so a FIFO is both the expiry order and
+//! the eviction order. One purge task sleeps until the oldest expires.
+//! The token path never takes the registry's locks.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
+
+use tokio::sync::Notify;
+use tokio::time::Instant;
 
 use super::{CallerId, EndCause, Generation, GenerationId};
 
@@ -15,9 +24,13 @@ pub struct RegistryConfig {
     pub reattach_grace: Duration,
     /// How long a finished generation stays resumable.
     pub resume_ttl: Duration,
-    /// Bytes of event logs kept in all; finished generations beyond it are
-    /// dropped, oldest first. Running generations are never cut.
+    /// Bytes held by retained generations in all (their logs and records);
+    /// finished generations beyond it are dropped, oldest first. Running
+    /// generations are never cut.
     pub resume_budget: usize,
+    /// Largest event log of one generation; a generation that reaches it
+    /// ends with `length`.
+    pub max_log_bytes: usize,
 }
 
 impl Default for RegistryConfig {
@@ -26,6 +39,7 @@ impl Default for RegistryConfig {
             reattach_grace: Duration::from_secs(10),
             resume_ttl: Duration::from_secs(300),
             resume_budget: 64 << 20,
+            max_log_bytes: 16 << 20,
         }
     }
 }
@@ -33,6 +47,13 @@ impl Default for RegistryConfig {
 pub struct GenerationRegistry {
     config: RegistryConfig,
     inner: Mutex<Inner>,
+    retained: Mutex<Retained>,
+    /// Wakes the purge task when the first retained generation arrives,
+    /// and when the registry is dropped.
+    purge: Arc<Notify>,
+    running: AtomicUsize,
+    /// Notified each time `running` drops to zero.
+    idle: Notify,
 }
 
 #[derive(Default)]
@@ -42,16 +63,49 @@ struct Inner {
     sessions: HashMap<(CallerId, String), GenerationId>,
 }
 
+/// Finished generations in the order they ended.
+#[derive(Default)]
+struct Retained {
+    queue: VecDeque<RetainedEntry>,
+    bytes: usize,
+}
+
+struct RetainedEntry {
+    id: GenerationId,
+    expires: Instant,
+    bytes: usize,
+}
+
 impl GenerationRegistry {
+    /// A registry and its purge task (which ends with the registry).
     pub fn new(config: RegistryConfig) -> Arc<Self> {
-        Arc::new(Self {
+        let registry = Arc::new(Self {
             config,
             inner: Mutex::new(Inner::default()),
-        })
+            retained: Mutex::new(Retained::default()),
+            purge: Arc::new(Notify::new()),
+            running: AtomicUsize::new(0),
+            idle: Notify::new(),
+        });
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(purge(
+                Arc::downgrade(&registry),
+                Arc::clone(&registry.purge),
+            ));
+        }
+        registry
+    }
+
+    pub fn config(&self) -> &RegistryConfig {
+        &self.config
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn lock_retained(&self) -> MutexGuard<'_, Retained> {
+        self.retained.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// A new generation, not yet visible: it becomes so with
@@ -74,8 +128,10 @@ impl GenerationRegistry {
     }
 
     /// Makes the generation findable and cancels the one it replaces in its
-    /// session. Returns the replaced generation's id when one was running.
+    /// session. Returns the replaced generation's id when one was running
+    /// here. Every activated generation is [`Self::retire`]d once it ends.
     pub fn activate(&self, generation: &Arc<Generation>) -> Option<GenerationId> {
+        self.running.fetch_add(1, Ordering::AcqRel);
         let previous = {
             let mut inner = self.lock();
             inner
@@ -95,11 +151,13 @@ impl GenerationRegistry {
     /// The caller's generation with this id; another caller's is `None`,
     /// exactly as if it did not exist.
     pub fn get(&self, owner: CallerId, id: &GenerationId) -> Option<Arc<Generation>> {
-        self.lock()
-            .generations
-            .get(id)
-            .filter(|g| g.owner == owner)
-            .cloned()
+        self.get_any(id).filter(|g| g.owner == owner)
+    }
+
+    /// The generation with this id, whoever owns it: for signals that
+    /// arrive from other instances, already checked there.
+    pub fn get_any(&self, id: &GenerationId) -> Option<Arc<Generation>> {
+        self.lock().generations.get(id).cloned()
     }
 
     /// The caller's latest generation in a session.
@@ -109,24 +167,60 @@ impl GenerationRegistry {
         inner.generations.get(id).cloned()
     }
 
-    /// Called once a generation has ended: keeps it for the resume TTL, then
-    /// forgets it, and trims finished logs to the budget.
-    pub fn retire(self: &Arc<Self>, generation: &Arc<Generation>) {
-        self.enforce_budget();
-        let id = generation.id.clone();
-        let registry = Arc::downgrade(self);
-        let ttl = self.config.resume_ttl;
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            self.remove(&id);
-            return;
+    /// Called once an activated generation has ended: keeps it for the
+    /// resume TTL within the budget, evicting the oldest retained first.
+    pub fn retire(&self, generation: &Arc<Generation>) {
+        if self.running.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.idle.notify_waiters();
+        }
+        let entry = RetainedEntry {
+            id: generation.id.clone(),
+            expires: Instant::now() + self.config.resume_ttl,
+            bytes: generation.held_bytes(),
         };
-        // Dropping the registry (a test, or the process) ends the wait too.
-        runtime.spawn(async move {
-            tokio::time::sleep(ttl).await;
-            if let Some(registry) = registry.upgrade() {
-                registry.remove(&id);
+        let mut evicted = Vec::new();
+        let was_empty = {
+            let mut retained = self.lock_retained();
+            let was_empty = retained.queue.is_empty();
+            retained.bytes += entry.bytes;
+            retained.queue.push_back(entry);
+            while retained.bytes > self.config.resume_budget {
+                let Some(oldest) = retained.queue.pop_front() else {
+                    break;
+                };
+                retained.bytes -= oldest.bytes;
+                evicted.push(oldest.id);
             }
-        });
+            was_empty
+        };
+        if !evicted.is_empty() {
+            tracing::debug!(evicted = evicted.len(), "resume budget reached");
+            for id in &evicted {
+                self.remove(id);
+            }
+        }
+        if was_empty {
+            self.purge.notify_one();
+        }
+    }
+
+    /// Forgets what has expired; returns when the next one expires.
+    fn purge_expired(&self, now: Instant) -> Option<Instant> {
+        let mut expired = Vec::new();
+        let next = {
+            let mut retained = self.lock_retained();
+            while retained.queue.front().is_some_and(|e| e.expires <= now) {
+                if let Some(entry) = retained.queue.pop_front() {
+                    retained.bytes -= entry.bytes;
+                    expired.push(entry.id);
+                }
+            }
+            retained.queue.front().map(|e| e.expires)
+        };
+        for id in &expired {
+            self.remove(id);
+        }
+        next
     }
 
     fn remove(&self, id: &GenerationId) {
@@ -142,40 +236,6 @@ impl GenerationRegistry {
         }
     }
 
-    /// Evicts finished generations, oldest end first, until all logs fit the
-    /// budget. Running generations count but are never evicted: if they
-    /// alone exceed the budget it stays exceeded until they finish.
-    fn enforce_budget(&self) {
-        let evict: Vec<GenerationId> = {
-            let inner = self.lock();
-            let mut total: usize = inner.generations.values().map(|g| g.log.bytes()).sum();
-            if total <= self.config.resume_budget {
-                return;
-            }
-            let mut finished: Vec<_> = inner
-                .generations
-                .values()
-                .filter_map(|g| Some((g.ended_at()?, g)))
-                .collect();
-            finished.sort_by_key(|(ended, _)| *ended);
-            finished
-                .into_iter()
-                .take_while(|(_, g)| {
-                    let over = total > self.config.resume_budget;
-                    total = total.saturating_sub(g.log.bytes());
-                    over
-                })
-                .map(|(_, g)| g.id.clone())
-                .collect()
-        };
-        if !evict.is_empty() {
-            tracing::debug!(evicted = evict.len(), "resume budget reached");
-        }
-        for id in &evict {
-            self.remove(id);
-        }
-    }
-
     /// Cancels every running generation; returns how many it stopped.
     pub fn cancel_all(&self, cause: EndCause) -> usize {
         let running: Vec<_> = self
@@ -188,13 +248,29 @@ impl GenerationRegistry {
         running.iter().filter(|g| g.cancel(cause)).count()
     }
 
-    /// Generations not yet ended.
+    /// Generations activated and not yet retired.
     pub fn running(&self) -> usize {
-        self.lock()
-            .generations
-            .values()
-            .filter(|g| !g.is_done())
-            .count()
+        self.running.load(Ordering::Acquire)
+    }
+
+    /// Waits until no generation runs, or until `deadline`; returns whether
+    /// none runs.
+    pub async fn wait_idle(&self, deadline: Instant) -> bool {
+        loop {
+            let idle = self.idle.notified();
+            if self.running() == 0 {
+                return true;
+            }
+            tokio::select! {
+                () = idle => {}
+                () = tokio::time::sleep_until(deadline) => return self.running() == 0,
+            }
+        }
+    }
+
+    /// Bytes the retained generations hold, as the budget counts them.
+    pub fn retained_bytes(&self) -> usize {
+        self.lock_retained().bytes
     }
 
     /// Generations held, running or retained for resume.
@@ -204,6 +280,31 @@ impl GenerationRegistry {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+/// The one purge task: sleeps until the oldest retained generation
+/// expires, or until news arrives; ends once the registry is dropped.
+async fn purge(registry: Weak<GenerationRegistry>, news: Arc<Notify>) {
+    loop {
+        let woken = news.notified();
+        let next = match registry.upgrade() {
+            Some(registry) => registry.purge_expired(Instant::now()),
+            None => return,
+        };
+        match next {
+            Some(at) => tokio::select! {
+                () = tokio::time::sleep_until(at) => {}
+                () = woken => {}
+            },
+            None => woken.await,
+        }
+    }
+}
+
+impl Drop for GenerationRegistry {
+    fn drop(&mut self) {
+        self.purge.notify_one();
     }
 }
 
@@ -227,8 +328,6 @@ impl Drop for RetireOnDrop {
 
 #[cfg(test)]
 mod tests {
-    use bytes::Bytes;
-
     use super::*;
 
     fn registry(config: RegistryConfig) -> Arc<GenerationRegistry> {
@@ -289,36 +388,61 @@ mod tests {
 
     #[tokio::test]
     async fn the_budget_evicts_the_oldest_finished_and_never_a_running_one() {
+        let fill = |g: &Generation| g.log.push(&[b'x'; 10]);
+        let finish = |r: &GenerationRegistry, g: &Arc<Generation>| {
+            g.mark_done();
+            r.retire(g);
+        };
+        // Each finished generation holds the same, so the budget is two.
+        let probe = start(&registry(RegistryConfig::default()), 1, None);
+        fill(&probe);
+        probe.mark_done();
+        let each = probe.held_bytes();
         let r = registry(RegistryConfig {
-            resume_budget: 25,
+            resume_budget: 2 * each + each / 2,
             ..RegistryConfig::default()
         });
-        let fill = |g: &Generation| {
-            g.log.push(Bytes::from(vec![b'x'; 10]));
-        };
+
         let running = start(&r, 1, None);
         fill(&running);
         let old = start(&r, 1, None);
         fill(&old);
-        old.mark_done();
-        r.retire(&old);
-        assert!(r.get(CallerId(1), &old.id).is_some(), "20 bytes fit in 25");
-
+        finish(&r, &old);
         let young = start(&r, 1, None);
         fill(&young);
-        young.mark_done();
-        r.retire(&young);
+        finish(&r, &young);
+        assert!(r.get(CallerId(1), &old.id).is_some(), "two fit");
+        assert_eq!(r.retained_bytes(), 2 * each);
+
+        let last = start(&r, 1, None);
+        fill(&last);
+        finish(&r, &last);
         assert!(r.get(CallerId(1), &old.id).is_none(), "oldest goes first");
         assert!(r.get(CallerId(1), &young.id).is_some());
-        assert!(r.get(CallerId(1), &running.id).is_some());
+        assert!(r.get(CallerId(1), &last.id).is_some());
+        assert_eq!(r.retained_bytes(), 2 * each);
 
-        fill(&running);
-        fill(&running);
-        let last = start(&r, 1, None);
-        last.mark_done();
-        r.retire(&last);
-        assert!(r.get(CallerId(1), &young.id).is_none());
-        assert_eq!(running.log.len(), 3, "a running log is never cut");
+        for _ in 0..1000 {
+            fill(&running);
+        }
+        assert_eq!(running.log.len(), 1001, "a running log is never cut");
         assert!(r.get(CallerId(1), &running.id).is_some());
+        assert_eq!(r.running(), 1);
+    }
+
+    #[tokio::test]
+    async fn waiting_for_idle_ends_when_the_last_generation_retires() {
+        let r = registry(RegistryConfig::default());
+        let g = start(&r, 1, None);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let waiter = {
+            let r = Arc::clone(&r);
+            tokio::spawn(async move { r.wait_idle(deadline).await })
+        };
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished());
+        g.mark_done();
+        r.retire(&g);
+        assert!(waiter.await.expect("joined"));
     }
 }

@@ -417,3 +417,30 @@ async fn malformed_or_forged_event_ids_are_treated_as_unknown() {
         assert_eq!(read_all(fresh).await.text, "new one", "{forged:?}");
     }
 }
+
+#[tokio::test]
+async fn a_resume_after_the_end_sends_done_again_with_its_id() {
+    let server = TestServer::echo().await;
+    let resp = open_stream(&server, "a b c", None).await;
+    let id = resp.headers()["x-completion-id"]
+        .to_str()
+        .expect("ascii")
+        .to_owned();
+    let first = read_all(resp).await;
+    let done_id = first.ids.last().expect("[DONE] has an id").clone();
+    for last in [done_id.clone(), first.ids[first.ids.len() - 2].clone()] {
+        let again = read_all(resume(&server, &id, &last).await).await;
+        assert!(again.done, "resuming after {last} ends with [DONE]");
+        assert_eq!(again.ids.last(), Some(&done_id), "the same [DONE], same id");
+        assert_eq!(again.text, "");
+    }
+    // So does fetch-event-source's re-POST after the end.
+    let repost = post(&server, "/v1/chat/completions", &chat("ignored", true))
+        .header("last-event-id", &done_id)
+        .send()
+        .await
+        .expect("sent");
+    let repost = read_all(repost).await;
+    assert_eq!(repost.ids, [done_id]);
+    assert_eq!(server.state.registry.len(), 1, "no second generation");
+}

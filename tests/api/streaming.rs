@@ -54,14 +54,22 @@ async fn the_bytes_follow_the_framing_rules() {
     assert!(body.ends_with("\n\n"));
     let events: Vec<&str> = body.trim_end_matches('\n').split("\n\n").collect();
     assert_eq!(events.len(), 5, "role, two tokens, finish, [DONE]: {body}");
-    for event in &events {
+    for (n, event) in events.iter().enumerate() {
         let lines: Vec<&str> = event.split('\n').collect();
-        assert_eq!(lines.len(), 2, "a data line then an id line: {event:?}");
+        // The first event also tells EventSource to reconnect after 1 s.
+        let expected = if n == 0 { 3 } else { 2 };
+        assert_eq!(
+            lines.len(),
+            expected,
+            "a data line then an id line: {event:?}"
+        );
         assert!(lines[0].starts_with("data: "), "{event:?}");
         assert!(lines[1].starts_with("id: "), "{event:?}");
     }
+    assert!(events[0].ends_with("\nretry: 1000"), "{:?}", events[0]);
     assert!(events[4].starts_with("data: [DONE]\nid: "));
-    assert!(!body.contains("event:") && !body.contains("retry:"));
+    assert!(!body.contains("event:"));
+    assert_eq!(body.matches("retry:").count(), 1);
 }
 
 #[tokio::test]
