@@ -12,7 +12,7 @@ use crate::common::{Events, chat, client, read_all, transcript};
 
 /// The binary as users run it, on port 0.
 pub(crate) struct Process {
-    child: Child,
+    pub(crate) child: Child,
     pub(crate) base: String,
     log: Arc<Mutex<String>>,
 }
@@ -64,11 +64,11 @@ impl Process {
         format!("{}{path}", self.base)
     }
 
-    fn log(&self) -> String {
+    pub(crate) fn log(&self) -> String {
         self.log.lock().expect("log").clone()
     }
 
-    fn signal(&self, name: &str) {
+    pub(crate) fn signal(&self, name: &str) {
         let pid = self.child.id().expect("running").to_string();
         let status = std::process::Command::new("kill")
             .args(["-s", name, &pid])
@@ -174,7 +174,7 @@ async fn sigterm_lets_streams_finish_within_the_grace_then_cancels_and_exits_zer
 }
 
 /// The value of the sample `name` whose labels include all of `labels`.
-fn sample(metrics: &str, name: &str, labels: &[&str]) -> f64 {
+pub(crate) fn sample(metrics: &str, name: &str, labels: &[&str]) -> f64 {
     metrics
         .lines()
         .filter(|l| !l.starts_with('#'))
