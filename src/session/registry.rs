@@ -10,7 +10,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::Duration;
 
 use tokio::sync::Notify;
@@ -54,7 +54,13 @@ pub struct GenerationRegistry {
     running: AtomicUsize,
     /// Notified each time `running` drops to zero.
     idle: Notify,
+    /// Told which generations the budget evicted, so that copies elsewhere
+    /// (Redis) go too.
+    on_evict: OnceLock<EvictHook>,
 }
+
+/// See [`GenerationRegistry::on_evict`].
+pub type EvictHook = Box<dyn Fn(&[GenerationId]) + Send + Sync>;
 
 #[derive(Default)]
 struct Inner {
@@ -86,6 +92,7 @@ impl GenerationRegistry {
             purge: Arc::new(Notify::new()),
             running: AtomicUsize::new(0),
             idle: Notify::new(),
+            on_evict: OnceLock::new(),
         });
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             runtime.spawn(purge(
@@ -94,6 +101,13 @@ impl GenerationRegistry {
             ));
         }
         registry
+    }
+
+    /// Calls `hook` with the ids of generations the budget evicts (not
+    /// those that expire: their copies expire on their own).
+    pub fn on_evict(&self, hook: EvictHook) {
+        // One hook for the registry's life; a second is ignored.
+        let _ = self.on_evict.set(hook);
     }
 
     pub fn config(&self) -> &RegistryConfig {
@@ -197,6 +211,9 @@ impl GenerationRegistry {
             tracing::debug!(evicted = evicted.len(), "resume budget reached");
             for id in &evicted {
                 self.remove(id);
+            }
+            if let Some(hook) = self.on_evict.get() {
+                hook(&evicted);
             }
         }
         if was_empty {

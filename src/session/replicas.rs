@@ -215,6 +215,12 @@ impl Replicas {
             listening: OnceLock::new(),
             cancel_script: Script::new(CANCEL),
         });
+        let weak = Arc::downgrade(&replicas);
+        replicas.registry.on_evict(Box::new(move |ids| {
+            if let Some(replicas) = weak.upgrade() {
+                replicas.forget(ids.to_vec());
+            }
+        }));
         tokio::spawn(listen(Arc::downgrade(&replicas), received));
         tokio::spawn(renew(Arc::downgrade(&replicas)));
         Ok(replicas)
@@ -486,6 +492,22 @@ impl Replicas {
                 id: id.clone(),
             },
         }
+    }
+
+    /// Deletes what the resume budget evicted here from Redis too, so that
+    /// Redis holds no more than the instances' budgets (and each log no
+    /// more than `--max-log-bytes`, for no longer than the TTL).
+    fn forget(self: &Arc<Self>, ids: Vec<GenerationId>) {
+        let replicas = Arc::clone(self);
+        self.tasks.spawn(async move {
+            let mut pipe = redis::pipe();
+            for id in &ids {
+                pipe.cmd("DEL").arg(meta_key(id)).arg(log_key(id)).ignore();
+            }
+            let mut conn = replicas.conn.clone();
+            // Redis away: the TTL removes them instead.
+            let _ = replicas.call(pipe.query_async::<()>(&mut conn)).await;
+        });
     }
 
     /// Waits until every mirror has written its last event, or `deadline`.

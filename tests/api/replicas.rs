@@ -570,3 +570,28 @@ async fn sigterm_on_the_owner_ends_its_generations_for_readers_on_every_instance
     }
     assert_eq!(owned.ids, follow.ids, "the same events everywhere");
 }
+
+#[tokio::test]
+async fn a_reader_on_another_instance_keeps_a_generation_alive_past_the_owners_grace() {
+    // The owner's only local reader leaves; a reader on the other instance
+    // goes on. The generation (60 tokens at 30 ms, far past the 300 ms
+    // grace) must run to its end rather than be cancelled as abandoned.
+    let cluster = Cluster::start(&["--reattach-grace", "300ms"]).await;
+    let text = words(60);
+    let owned = open(&cluster.a.url("/v1/chat/completions"), &text, None, None).await;
+    let id = completion_id(&owned);
+    let mut owned = Events::of(owned);
+    owned.next_json().await;
+    let follow = client()
+        .get(cluster.b.url(&format!("/v1/chat/completions/{id}/events")))
+        .send()
+        .await
+        .expect("sent");
+    let mut follow = Events::of(follow);
+    follow.next_json().await;
+    drop(owned);
+
+    let after = rest(follow).await;
+    assert_eq!(after.finish_reason.as_deref(), Some("stop"));
+    assert_eq!(after.text, text);
+}
