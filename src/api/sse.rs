@@ -120,11 +120,11 @@ impl ChunkEncoder {
             content: Some(""),
         };
         let event = self.chunk(delta, "", None);
-        // `data: …\nid: …\n` + `retry: 1000\n` + the blank line.
-        let mut out = BytesMut::with_capacity(event.len() + RETRY.len());
-        out.put_slice(&event[..event.len() - 1]);
+        // `retry:` first: a cut after the id line then loses nothing more
+        // than it would on any other event.
+        let mut out = BytesMut::with_capacity(RETRY.len() + event.len());
         out.put_slice(RETRY);
-        out.put_u8(b'\n');
+        out.put_slice(&event);
         out.freeze()
     }
 
@@ -310,6 +310,8 @@ mod tests {
     fn data(frame: &Bytes) -> serde_json::Value {
         let text = std::str::from_utf8(frame).expect("utf-8");
         let json = text
+            .strip_prefix(std::str::from_utf8(RETRY).expect("ascii"))
+            .unwrap_or(text)
             .strip_prefix("data: ")
             .and_then(|t| t.split_once('\n'))
             .expect("data line")
@@ -322,8 +324,8 @@ mod tests {
         let mut e = encoder(Flavor::Chat);
         let first = e.opening();
         let text = std::str::from_utf8(&first).expect("utf-8");
-        assert!(text.starts_with("data: {"));
-        assert!(text.ends_with("}\nid: chatcmpl-abc.0\nretry: 1000\n\n"));
+        assert!(text.starts_with("retry: 1000\ndata: {"));
+        assert!(text.ends_with("}\nid: chatcmpl-abc.0\n\n"));
         assert_eq!(text.matches('\n').count(), 4);
         let token = e.text("x");
         assert!(

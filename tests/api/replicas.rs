@@ -595,3 +595,13 @@ async fn a_reader_on_another_instance_keeps_a_generation_alive_past_the_owners_g
     assert_eq!(after.finish_reason.as_deref(), Some("stop"));
     assert_eq!(after.text, text);
 }
+
+#[test]
+fn the_readme_shows_the_nginx_config_the_tests_run() {
+    let readme = include_str!("../../README.md");
+    let site = include_str!("../../deploy/nginx.conf");
+    assert!(
+        readme.contains(site),
+        "README's nginx block is deploy/nginx.conf"
+    );
+}
