@@ -1,0 +1,329 @@
+//! Replicas against the in-process state, in one run: the binary on the
+//! echo backend, a real `redis-server` on a free port (Debian's package,
+//! scripts/setup-services), figures printed, nothing asserted.
+//! `cargo bench --bench replicas [scenario]`.
+//!
+//! - server CPU per streamed token, 32 streams, with and without `--redis`
+//!   (and Redis's own CPU);
+//! - a resume on another instance: request to first replayed byte;
+//! - cancel-previous across instances: request to the old stream's `[DONE]`;
+//! - Redis memory per retained 500-token generation;
+//! - 1,000 concurrent streams over two instances.
+
+#![allow(clippy::expect_used)] // a harness that cannot measure should stop loudly
+
+mod support;
+
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use support::{Server, chat, client, cpu_seconds_of, quantile, stream_count, words};
+use tokio::process::{Child, Command};
+
+struct Redis {
+    child: Child,
+    port: u16,
+}
+
+impl Redis {
+    async fn start() -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let child = Command::new("redis-server")
+            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(["--port", &port.to_string()])
+            .stdout(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("redis-server (run scripts/setup-services)");
+        while tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_err()
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Self { child, port }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    fn cpu_seconds(&self) -> f64 {
+        cpu_seconds_of(self.child.id().expect("running"))
+    }
+
+    async fn used_memory(&self) -> u64 {
+        let out = Command::new("redis-cli")
+            .args(["-p", &self.port.to_string(), "INFO", "memory"])
+            .output()
+            .await
+            .expect("redis-cli");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .find_map(|l| l.strip_prefix("used_memory:"))
+            .and_then(|v| v.trim().parse().ok())
+            .expect("used_memory")
+    }
+}
+
+/// Streams per second of echo tokens and CPU per token, on `server`.
+async fn cpu_per_token(server: &Server, redis: Option<&Redis>) -> (f64, f64, f64) {
+    let url = format!("{}/v1/chat/completions", server.base);
+    let body = chat(&words(2_000));
+    let run_for = Duration::from_secs(6);
+    let (cpu_before, redis_before) = (server.cpu_seconds(), redis.map_or(0.0, Redis::cpu_seconds));
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..32)
+        .map(|_| {
+            let (url, body) = (url.clone(), body.clone());
+            tokio::spawn(async move {
+                let client = client();
+                let mut tokens = 0;
+                while started.elapsed() < run_for {
+                    tokens += stream_count(&client, &url, &body).await - 3;
+                }
+                tokens
+            })
+        })
+        .collect();
+    let mut tokens = 0;
+    for t in tasks {
+        tokens += t.await.expect("joined");
+    }
+    let wall = started.elapsed().as_secs_f64();
+    let cpu = server.cpu_seconds() - cpu_before;
+    let redis_cpu = redis.map_or(0.0, Redis::cpu_seconds) - redis_before;
+    (
+        tokens as f64 / wall,
+        cpu * 1e6 / tokens as f64,
+        redis_cpu * 1e6 / tokens as f64,
+    )
+}
+
+async fn throughput() {
+    let local = Server::start(&["--max-queue", "1024"]).await;
+    let (rate, cpu, _) = cpu_per_token(&local, None).await;
+    println!("in-process state: 32 streams, {rate:.0} tokens/s, server CPU {cpu:.2} us/token");
+    drop(local);
+    let redis = Redis::start().await;
+    let shared = Server::start(&["--max-queue", "1024", "--redis", &redis.url()]).await;
+    let (rate_r, cpu_r, redis_cpu) = cpu_per_token(&shared, Some(&redis)).await;
+    println!(
+        "with --redis: 32 streams, {rate_r:.0} tokens/s, server CPU {cpu_r:.2} us/token ({:.2}x), redis-server CPU {redis_cpu:.2} us/token",
+        cpu_r / cpu
+    );
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+async fn resume_elsewhere() {
+    let redis = Redis::start().await;
+    let a = Server::start(&["--redis", &redis.url()]).await;
+    let b = Server::start(&["--redis", &redis.url()]).await;
+    let client = client();
+    let resp = client
+        .post(format!("{}/v1/chat/completions", a.base))
+        .json(&chat(&words(100)))
+        .send()
+        .await
+        .expect("sent");
+    let id = resp.headers()["x-completion-id"]
+        .to_str()
+        .expect("id")
+        .to_owned();
+    resp.bytes().await.expect("body");
+    let url = format!("{}/v1/chat/completions/{id}/events", b.base);
+    let mut samples = Vec::new();
+    for i in 0..320 {
+        let started = Instant::now();
+        let resp = client
+            .get(&url)
+            .header("last-event-id", format!("{id}.50"))
+            .send()
+            .await
+            .expect("sent");
+        let mut body = resp.bytes_stream();
+        body.next().await.expect("a replayed event").expect("chunk");
+        if i >= 20 {
+            samples.push(started.elapsed());
+        }
+        while body.next().await.is_some() {}
+    }
+    samples.sort();
+    println!(
+        "resume on another instance: request -> first replayed byte over {} runs: p50 {:.2} ms, p99 {:.2} ms",
+        samples.len(),
+        ms(quantile(&samples, 0.5)),
+        ms(quantile(&samples, 0.99))
+    );
+}
+
+async fn cancel_elsewhere() {
+    let redis = Redis::start().await;
+    let a = Server::start(&["--redis", &redis.url(), "--token-delay", "10s"]).await;
+    let b = Server::start(&["--redis", &redis.url(), "--token-delay", "10s"]).await;
+    let client = client();
+    let mut samples = Vec::new();
+    for i in 0..320 {
+        let session = format!("s{i}");
+        let old = client
+            .post(format!("{}/v1/chat/completions", a.base))
+            .header("x-session-id", &session)
+            .json(&chat("x y z"))
+            .send()
+            .await
+            .expect("sent");
+        let mut old = old.bytes_stream();
+        old.next().await.expect("role").expect("chunk");
+        let started = Instant::now();
+        let next = client
+            .post(format!("{}/v1/chat/completions", b.base))
+            .header("x-session-id", &session)
+            .json(&chat("q"))
+            .send();
+        let wait_done = async {
+            let mut seen = Vec::new();
+            while let Some(chunk) = old.next().await {
+                seen.extend_from_slice(&chunk.expect("chunk"));
+                if seen.windows(12).any(|w| w == b"data: [DONE]") {
+                    return started.elapsed();
+                }
+            }
+            panic!("old stream ended without [DONE]");
+        };
+        let (next, elapsed) = tokio::join!(next, wait_done);
+        drop(next);
+        if i >= 20 {
+            samples.push(elapsed);
+        }
+    }
+    samples.sort();
+    println!(
+        "cancel-previous across instances: request on B -> A's old stream [DONE] over {} runs: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+        samples.len(),
+        ms(quantile(&samples, 0.5)),
+        ms(quantile(&samples, 0.99)),
+        ms(*samples.last().expect("samples"))
+    );
+}
+
+async fn redis_memory() {
+    let redis = Redis::start().await;
+    let server = Server::start(&["--redis", &redis.url(), "--resume-ttl", "10m"]).await;
+    let url = format!("{}/v1/chat/completions", server.base);
+    let client = client();
+    let body = chat(&words(500));
+    stream_count(&client, &url, &body).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = redis.used_memory().await;
+    let n = 400;
+    for _ in 0..n {
+        stream_count(&client, &url, &body).await;
+    }
+    // The mirrors finish a moment after the streams.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let after = redis.used_memory().await;
+    println!(
+        "Redis memory: {n} retained 500-token generations, used_memory +{} KiB = {:.1} KB per generation",
+        (after - before) / 1024,
+        (after - before) as f64 / 1000.0 / n as f64
+    );
+}
+
+async fn many_streams() {
+    let redis = Redis::start().await;
+    let args = [
+        "--redis",
+        &redis.url(),
+        "--token-delay",
+        "100ms",
+        "--max-queue",
+        "100000",
+    ];
+    let a = Server::start(&args).await;
+    let b = Server::start(&args).await;
+    let n = 1_000;
+    let connections: Vec<(reqwest::Client, String)> = (0..n / 100)
+        .map(|i| {
+            let base = if i % 2 == 0 { &a.base } else { &b.base };
+            (
+                reqwest::Client::builder()
+                    .http2_prior_knowledge()
+                    .build()
+                    .expect("client"),
+                format!("{base}/v1/chat/completions"),
+            )
+        })
+        .collect();
+    let body = chat("a b c d e f g h i j k l m n o p q r s t");
+    let cpu_before = a.cpu_seconds() + b.cpu_seconds() + redis.cpu_seconds();
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..n)
+        .map(|i| {
+            let (client, url) = connections[i / 100].clone();
+            let body = body.clone();
+            tokio::spawn(async move {
+                let resp = client.post(&url).json(&body).send().await.expect("sent");
+                let mut stream = resp.bytes_stream();
+                let mut arrivals = Vec::new();
+                let mut done = false;
+                while let Some(chunk) = stream.next().await {
+                    let chunk = chunk.expect("chunk");
+                    let tokens = chunk.windows(11).filter(|w| w == b"\"content\":\"").count();
+                    arrivals.extend(std::iter::repeat_n(Instant::now(), tokens));
+                    done |= chunk.windows(12).any(|w| w == b"data: [DONE]");
+                }
+                let gaps: Vec<Duration> =
+                    arrivals.windows(2).skip(1).map(|w| w[1] - w[0]).collect();
+                (gaps, done)
+            })
+        })
+        .collect();
+    let mut gaps = Vec::new();
+    let mut complete = 0;
+    for task in tasks {
+        let (g, done) = task.await.expect("joined");
+        gaps.extend(g);
+        complete += usize::from(done);
+    }
+    let wall = started.elapsed().as_secs_f64();
+    let cpu = a.cpu_seconds() + b.cpu_seconds() + redis.cpu_seconds() - cpu_before;
+    gaps.sort();
+    println!(
+        "{n} streams over two instances with Redis, 10 tokens/s each: {complete} ended with [DONE]; token gap p50 {:.1} ms, p99 {:.1} ms (ideal 100); CPU of both instances and Redis {:.0}% of one core",
+        ms(quantile(&gaps, 0.5)),
+        ms(quantile(&gaps, 0.99)),
+        cpu / wall * 100.0
+    );
+}
+
+#[tokio::main]
+async fn main() {
+    let _ = tokio_rustls::rustls::crypto::ring::default_provider().install_default();
+    let filter: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
+    let wanted = |name: &str| filter.is_empty() || filter.iter().any(|f| name.contains(f.as_str()));
+    if wanted("throughput") {
+        throughput().await;
+    }
+    if wanted("resume") {
+        resume_elsewhere().await;
+    }
+    if wanted("cancel") {
+        cancel_elsewhere().await;
+    }
+    if wanted("memory") {
+        redis_memory().await;
+    }
+    if wanted("streams") {
+        many_streams().await;
+    }
+}

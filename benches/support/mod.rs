@@ -1,0 +1,119 @@
+//! What the load harnesses share: the binary on a loopback port, its CPU
+//! and memory from `/proc`, and request helpers.
+
+#![allow(dead_code)] // each harness uses its part
+
+use std::process::Stdio;
+
+use futures_util::StreamExt;
+use serde_json::json;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+pub(crate) struct Server {
+    pub(crate) child: Child,
+    pub(crate) base: String,
+}
+
+impl Server {
+    /// The binary on the echo backend.
+    pub(crate) async fn start(args: &[&str]) -> Self {
+        Self::spawn(&[&["--backend", "echo"], args].concat()).await
+    }
+
+    pub(crate) async fn spawn(args: &[&str]) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_sluicegate"))
+            .args(["--port", "0", "--log", "warn,sluicegate=info"])
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn sluicegate");
+        let mut lines = BufReader::new(child.stderr.take().expect("stderr")).lines();
+        let addr = loop {
+            let line = lines
+                .next_line()
+                .await
+                .expect("read")
+                .expect("a listening line");
+            if let Some(addr) = line.split("addr=").nth(1) {
+                break addr.split_whitespace().next().expect("addr").to_owned();
+            }
+        };
+        // Keep draining stderr so the server never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        Self {
+            child,
+            base: format!("http://{addr}"),
+        }
+    }
+
+    pub(crate) fn pid(&self) -> u32 {
+        self.child.id().expect("running")
+    }
+
+    /// utime + stime of the server process, in seconds.
+    pub(crate) fn cpu_seconds(&self) -> f64 {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).expect("stat");
+        let after_name = stat.rsplit_once(')').expect("comm").1;
+        let fields: Vec<&str> = after_name.split_whitespace().collect();
+        let ticks: f64 =
+            fields[11].parse::<f64>().expect("utime") + fields[12].parse::<f64>().expect("stime");
+        ticks / 100.0
+    }
+
+    pub(crate) fn rss_kib(&self) -> u64 {
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.pid())).expect("status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .expect("VmRSS")
+    }
+}
+
+pub(crate) fn client() -> reqwest::Client {
+    reqwest::Client::builder().build().expect("client")
+}
+
+pub(crate) fn words(n: usize) -> String {
+    vec!["tok"; n].join(" ")
+}
+
+pub(crate) fn chat(text: &str) -> serde_json::Value {
+    json!({"model": "echo", "stream": true, "messages": [{"role": "user", "content": text}]})
+}
+
+/// Streams one answer to its end; returns the number of `data:` events.
+pub(crate) async fn stream_count(
+    client: &reqwest::Client,
+    url: &str,
+    body: &serde_json::Value,
+) -> usize {
+    let resp = client.post(url).json(body).send().await.expect("sent");
+    let mut body = resp.bytes_stream();
+    let mut events = 0;
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk.expect("chunk");
+        events += chunk.windows(6).filter(|w| w == b"data: ").count();
+    }
+    events
+}
+
+/// utime + stime of any process, in seconds.
+pub(crate) fn cpu_seconds_of(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+    let after_name = stat.rsplit_once(')').expect("comm").1;
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    let ticks: f64 =
+        fields[11].parse::<f64>().expect("utime") + fields[12].parse::<f64>().expect("stime");
+    ticks / 100.0
+}
+
+/// The `p` quantile of sorted samples.
+pub(crate) fn quantile<T: Copy>(sorted: &[T], p: f64) -> T {
+    sorted[((sorted.len() as f64 * p) as usize).min(sorted.len() - 1)]
+}
