@@ -125,6 +125,15 @@ pub struct Config {
     #[arg(long, env = "SLUICEGATE_MAX_QUEUE", default_value_t = 64)]
     pub max_queue: usize,
 
+    /// Generations of one API key running at once (default: no own limit).
+    #[arg(long, env = "SLUICEGATE_MAX_CONCURRENT_PER_KEY")]
+    pub max_concurrent_per_key: Option<usize>,
+
+    /// Generations of one API key running or waiting before it gets 429
+    /// (default with keys: half of --max-concurrent plus --max-queue).
+    #[arg(long, env = "SLUICEGATE_MAX_QUEUE_PER_KEY")]
+    pub max_queue_per_key: Option<usize>,
+
     /// Origin allowed to call from a browser (CORS); repeatable; `*` for any.
     #[arg(
         long = "cors-origin",
@@ -175,6 +184,11 @@ impl Config {
         }
         if self.max_concurrent == Some(0) {
             return Err("--max-concurrent must be at least 1".into());
+        }
+        if self.max_concurrent_per_key == Some(0) || self.max_queue_per_key == Some(0) {
+            return Err(
+                "--max-concurrent-per-key and --max-queue-per-key must be at least 1".into(),
+            );
         }
         if let Some(bad) = self
             .cors_origins

@@ -30,7 +30,8 @@ use crate::backend::upstream::{UpstreamBackend, UpstreamConfig};
 use crate::config::{BackendKind, Config};
 use crate::session::replicas::caller_hash;
 use crate::session::{
-    Admission, EndCause, GenerationRegistry, RegistryConfig, ReplicaConfig, Replicas,
+    Admission, EndCause, GenerationRegistry, Generations, PerCaller, RegistryConfig, ReplicaConfig,
+    Replicas,
 };
 use crate::telemetry;
 use crate::tls::TlsListener;
@@ -45,6 +46,11 @@ pub struct Settings {
     pub max_concurrent: Option<usize>,
     /// Generations waiting beyond that before 429.
     pub max_queue: usize,
+    /// Generations of one API key running at once; `None`: no own limit.
+    pub max_concurrent_per_key: Option<usize>,
+    /// Generations of one API key admitted (running or waiting); `None`:
+    /// half of `max_concurrent + max_queue` when keys are configured.
+    pub max_queue_per_key: Option<usize>,
     /// Origins allowed by CORS; `*` for any; empty: no CORS headers.
     pub cors_origins: Vec<String>,
 }
@@ -57,6 +63,8 @@ impl Default for Settings {
             shutdown_grace: Duration::from_secs(10),
             max_concurrent: None,
             max_queue: 64,
+            max_concurrent_per_key: None,
+            max_queue_per_key: None,
             cors_origins: Vec::new(),
         }
     }
@@ -67,6 +75,8 @@ pub struct AppState {
     pub backend: Arc<dyn Backend>,
     pub registry: Arc<GenerationRegistry>,
     pub admission: Arc<Admission>,
+    /// Starts and runs generations over the three above.
+    pub generations: Arc<Generations>,
     pub keys: Arc<ApiKeys>,
     pub settings: Arc<Settings>,
     /// The model a request without `model` gets.
@@ -102,11 +112,28 @@ impl AppState {
         let max_running = settings
             .max_concurrent
             .unwrap_or(backend.capabilities().default_concurrency);
+        let keys = ApiKeys::new(keys);
+        // One caller cannot be unfair to itself; with several keys, no key
+        // may hold more than half the places unless told otherwise.
+        let per_caller = PerCaller {
+            running: settings.max_concurrent_per_key,
+            admitted: settings.max_queue_per_key.or_else(|| {
+                (keys.len() > 1).then(|| (max_running + settings.max_queue).div_ceil(2).max(1))
+            }),
+        };
+        let admission = Arc::new(Admission::new(max_running, settings.max_queue, per_caller));
+        let registry = GenerationRegistry::new(registry);
+        let generations = Arc::new(Generations::new(
+            Arc::clone(&registry),
+            Arc::clone(&admission),
+            Arc::clone(&backend),
+        ));
         Self {
-            admission: Arc::new(Admission::new(max_running, settings.max_queue)),
+            admission,
             backend,
-            registry: GenerationRegistry::new(registry),
-            keys: Arc::new(ApiKeys::new(keys)),
+            registry,
+            generations,
+            keys: Arc::new(keys),
             settings: Arc::new(settings),
             default_model: default_model.into(),
             started: SystemTime::now()
@@ -130,12 +157,9 @@ impl AppState {
             .collect();
         let epilogue: crate::session::replicas::Epilogue =
             Arc::new(|id, seq| crate::api::sse::epilogue(id, seq, &ApiError::OwnerGone));
-        self.replicas = Some(Replicas::start(
-            config,
-            callers,
-            Arc::clone(&self.registry),
-            epilogue,
-        )?);
+        let replicas = Replicas::start(config, callers, Arc::clone(&self.registry), epilogue)?;
+        self.generations.share(Arc::clone(&replicas));
+        self.replicas = Some(replicas);
         Ok(self)
     }
 
@@ -177,6 +201,8 @@ impl AppState {
             shutdown_grace: config.shutdown_grace,
             max_concurrent: config.max_concurrent,
             max_queue: config.max_queue,
+            max_concurrent_per_key: config.max_concurrent_per_key,
+            max_queue_per_key: config.max_queue_per_key,
             cors_origins: config.cors_origins.clone(),
         };
         let state = Self::new(backend, registry, config.api_keys.clone(), settings).await;

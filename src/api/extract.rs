@@ -76,6 +76,16 @@ impl ApiKeys {
         Self(keys.into_iter().filter(|k| !k.is_empty()).collect())
     }
 
+    /// Whether no key is configured (everyone is one anonymous caller).
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// How many keys, so how many callers, there are.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
     /// The caller a presented key belongs to. With no keys configured
     /// everyone is the one anonymous caller.
     pub fn identify(&self, presented: Option<&str>) -> Result<CallerId, ApiError> {

@@ -16,8 +16,8 @@ use serde::Serialize;
 
 use super::error::ApiError;
 use super::wire::{ChatChunk, ChunkChoice, Delta, TextChoice, TextChunk, UsageBody};
-use crate::backend::{FinishReason, Usage};
-use crate::session::{GenerationId, LogReader};
+use crate::backend::{BackendError, FinishReason, Usage};
+use crate::session::{EventEncoder, GenerationId, LogReader};
 use crate::telemetry;
 
 pub const KEEP_ALIVE: &[u8] = b": keep-alive\n";
@@ -179,6 +179,39 @@ pub fn epilogue(id: &GenerationId, seq: usize, err: &ApiError) -> [Bytes; 2] {
         frame(id.as_str(), seq, &err.body()),
         frame(id.as_str(), seq + 1, b"[DONE]"),
     ]
+}
+
+/// A stream's encoder as a generation's task drives it.
+pub struct StreamEncoder {
+    pub chunks: ChunkEncoder,
+    /// `stream_options.include_usage`.
+    pub include_usage: bool,
+}
+
+impl EventEncoder for StreamEncoder {
+    fn opening(&mut self) -> Bytes {
+        self.chunks.opening()
+    }
+
+    fn text(&mut self, text: &str) -> Bytes {
+        self.chunks.text(text)
+    }
+
+    fn finish(&mut self, reason: FinishReason) -> Bytes {
+        self.chunks.finish(reason)
+    }
+
+    fn usage(&mut self, usage: Usage) -> Option<Bytes> {
+        self.include_usage.then(|| self.chunks.usage(usage))
+    }
+
+    fn error(&mut self, err: BackendError) -> Bytes {
+        self.chunks.error(&ApiError::from(err))
+    }
+
+    fn done(&mut self) -> Bytes {
+        self.chunks.done()
+    }
 }
 
 /// `data: <data>\nid: <generation>.<seq>\n\n`

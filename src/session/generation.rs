@@ -1,6 +1,7 @@
 //! One generation: its cancellation signal, its event log, and the count of
 //! connections attached to it that decides when an abandoned one stops.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -9,6 +10,11 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::{CallerId, EndCause, GenerationId, MemoryLog};
+
+/// The reattach grace of a generation abandoned before its first token: a
+/// retry (every stream says `retry: 1000`) comes well within it, and a
+/// client that sent a burst and left holds no place for the whole grace.
+pub const EARLY_GRACE: Duration = Duration::from_secs(2);
 
 /// What a retained generation costs beside its log: the record, its ids
 /// and signals, and its entries in the registry's maps. An estimate from
@@ -41,6 +47,8 @@ pub struct Generation {
     attached: Mutex<AttachState>,
     reattach_grace: Duration,
     remote_readers: OnceLock<Arc<dyn RemoteReaders>>,
+    /// Visible in the registry and not yet retired.
+    active: AtomicBool,
 }
 
 #[derive(Default)]
@@ -72,7 +80,19 @@ impl Generation {
             attached: Mutex::new(AttachState::default()),
             reattach_grace,
             remote_readers: OnceLock::new(),
+            active: AtomicBool::new(false),
         })
+    }
+
+    /// Marks it visible; see [`super::GenerationRegistry::activate`].
+    pub(super) fn set_active(&self) {
+        self.active.store(true, Ordering::Release);
+    }
+
+    /// Ends its visibility as a running generation; true only the first
+    /// time, and only if it was active.
+    pub(super) fn take_active(&self) -> bool {
+        self.active.swap(false, Ordering::AcqRel)
     }
 
     /// Makes the reattach grace ask other instances before cancelling.
@@ -157,6 +177,12 @@ impl Generation {
             self.cancel(EndCause::ClientGone);
             return;
         }
+        // Nothing but the opening event yet: queued or still prefilling.
+        let grace = if self.log.len() <= 1 {
+            self.reattach_grace.min(EARLY_GRACE)
+        } else {
+            self.reattach_grace
+        };
         // Detaching happens when hyper drops a response body, always on the
         // runtime; without one there is nothing to wait on, so stop now.
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
@@ -168,7 +194,7 @@ impl Generation {
             loop {
                 tokio::select! {
                     () = generation.finished() => return,
-                    () = tokio::time::sleep(generation.reattach_grace) => {}
+                    () = tokio::time::sleep(grace) => {}
                 }
                 let still_alone = {
                     let state = generation

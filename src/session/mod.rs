@@ -7,17 +7,19 @@ pub mod generation;
 pub mod log;
 pub mod registry;
 pub mod replicas;
+pub mod run;
 
 use std::fmt;
 
 use rand::RngExt;
 use rand::distr::Alphanumeric;
 
-pub use admission::{Admission, QueueFull, Ticket};
+pub use admission::{Admission, PerCaller, QueueFull, Ticket};
 pub use generation::{Attachment, Generation};
 pub use log::{LogError, LogReader, LogSource, MemoryLog, READ_LIMIT};
 pub use registry::{GenerationRegistry, RegistryConfig, RetireOnDrop};
 pub use replicas::{RemoteGeneration, ReplicaConfig, Replicas, SharedStateError};
+pub use run::{Collected, EventEncoder, Generations, Start, StartError};
 
 /// Who is asking: one per configured API key, or the one anonymous caller.
 /// Generations, sessions and ids are visible to their owner only.

@@ -145,6 +145,7 @@ impl GenerationRegistry {
     /// session. Returns the replaced generation's id when one was running
     /// here. Every activated generation is [`Self::retire`]d once it ends.
     pub fn activate(&self, generation: &Arc<Generation>) -> Option<GenerationId> {
+        generation.set_active();
         self.running.fetch_add(1, Ordering::AcqRel);
         let previous = {
             let mut inner = self.lock();
@@ -183,7 +184,11 @@ impl GenerationRegistry {
 
     /// Called once an activated generation has ended: keeps it for the
     /// resume TTL within the budget, evicting the oldest retained first.
+    /// A generation never activated, or already retired, is left alone.
     pub fn retire(&self, generation: &Arc<Generation>) {
+        if !generation.take_active() {
+            return;
+        }
         if self.running.fetch_sub(1, Ordering::AcqRel) == 1 {
             self.idle.notify_waiters();
         }

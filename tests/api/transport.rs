@@ -230,3 +230,54 @@ async fn a_disconnected_queued_request_with_no_grace_frees_its_place() {
         "a b c d e"
     );
 }
+
+#[tokio::test]
+async fn one_key_cannot_lock_the_others_out_of_the_queue() {
+    // 1 running + 16 waiting = 17 places; with two keys, one key may hold
+    // half of them (rounded up): 9.
+    let server = limited(1, 16)
+        .keys(&["key-a", "key-b"])
+        .delay(Duration::from_secs(1))
+        .start()
+        .await;
+    let send = |key: &'static str| {
+        client()
+            .post(server.url("/v1/chat/completions"))
+            .bearer_auth(key)
+            .json(&chat("x y", true))
+            .send()
+    };
+    let mut held = Vec::new();
+    let mut refused = 0;
+    for _ in 0..20 {
+        let resp = send("key-a").await.expect("sent");
+        match resp.status().as_u16() {
+            200 => held.push(resp),
+            429 => refused += 1,
+            other => panic!("status {other}"),
+        }
+    }
+    assert_eq!((held.len(), refused), (9, 11));
+    let other = send("key-b").await.expect("sent");
+    assert_eq!(other.status(), 200, "another key still gets a place");
+}
+
+#[tokio::test]
+async fn a_stream_abandoned_before_its_first_token_frees_its_place_soon() {
+    // The grace is a minute, but nothing was produced yet: the place comes
+    // back after the short early grace, not the whole minute.
+    let server = limited(1, 1)
+        .delay(Duration::from_secs(1))
+        .grace(Duration::from_secs(60))
+        .start()
+        .await;
+    let running = open_stream(&server, "a b c d e f g h", None).await;
+    let mut queued = Events::of(open_stream(&server, "q", None).await);
+    queued.next_json().await;
+    drop(queued);
+    crate::common::eventually(Duration::from_secs(6), || {
+        server.state.admission.waiting() == 0
+    })
+    .await;
+    drop(running);
+}

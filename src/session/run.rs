@@ -1,0 +1,360 @@
+//! A generation's life: admission, the run slot, the backend call, the
+//! event log, the end and the metrics. The API layer only says how events
+//! are encoded ([`EventEncoder`]) and turns the outcome into a response.
+//!
+//! A backend is called only once its generation holds a run slot. When a
+//! slot is free at once (the usual case), the call happens before the
+//! response, so a refusal (unknown model, prompt too long, an upstream's
+//! 4xx) is a real status. A queued stream gets its 200 and opening event
+//! first; a refusal then arrives as its error event.
+
+use std::sync::{Arc, OnceLock};
+use std::time::Instant;
+
+use bytes::Bytes;
+use tracing::Instrument;
+
+use super::{
+    Admission, Attachment, CallerId, EndCause, Generation, GenerationId, GenerationRegistry,
+    QueueFull, Replicas, RetireOnDrop, Ticket,
+};
+use crate::backend::{
+    Accepted, Backend, BackendError, FinishReason, GenerateRequest, GuardedRun, Step, Usage,
+};
+use crate::telemetry;
+
+/// Turns a generation's steps into the bytes of its log.
+pub trait EventEncoder: Send + 'static {
+    /// The first event, before the model's first token.
+    fn opening(&mut self) -> Bytes;
+    fn text(&mut self, text: &str) -> Bytes;
+    /// The last event with a finish reason.
+    fn finish(&mut self, reason: FinishReason) -> Bytes;
+    /// An event after the finish that reports usage, if asked for.
+    fn usage(&mut self, usage: Usage) -> Option<Bytes>;
+    /// A failure after the response began.
+    fn error(&mut self, err: BackendError) -> Bytes;
+    /// The very last event.
+    fn done(&mut self) -> Bytes;
+}
+
+/// What starting a generation needs.
+pub struct Start {
+    pub caller: CallerId,
+    pub session: Option<String>,
+    /// `chatcmpl-` or `cmpl-`.
+    pub id_prefix: &'static str,
+    pub request: GenerateRequest,
+}
+
+/// Why a generation did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("the queue is full")]
+    QueueFull,
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+}
+
+/// A JSON generation's outcome.
+pub struct Collected {
+    pub generation: Arc<Generation>,
+    pub text: String,
+    pub reason: FinishReason,
+    pub usage: Usage,
+}
+
+/// Starts and runs generations: the registry, admission, the backend, and
+/// the replicas when there are.
+pub struct Generations {
+    pub registry: Arc<GenerationRegistry>,
+    pub admission: Arc<Admission>,
+    pub backend: Arc<dyn Backend>,
+    replicas: OnceLock<Arc<Replicas>>,
+}
+
+impl Generations {
+    pub fn new(
+        registry: Arc<GenerationRegistry>,
+        admission: Arc<Admission>,
+        backend: Arc<dyn Backend>,
+    ) -> Self {
+        Self {
+            registry,
+            admission,
+            backend,
+            replicas: OnceLock::new(),
+        }
+    }
+
+    /// Shares the generations started from now on with other instances.
+    pub fn share(&self, replicas: Arc<Replicas>) {
+        // Set once at startup; a second call changes nothing.
+        let _ = self.replicas.set(replicas);
+    }
+
+    pub fn replicas(&self) -> Option<&Arc<Replicas>> {
+        self.replicas.get()
+    }
+
+    fn admit(
+        &self,
+        start: &Start,
+        streamed: bool,
+    ) -> Result<(Ticket, Arc<Generation>), StartError> {
+        let ticket = self.admission.admit(start.caller).map_err(|QueueFull| {
+            telemetry::queue_full();
+            StartError::QueueFull
+        })?;
+        let generation = self.registry.create(
+            start.id_prefix,
+            start.caller,
+            start.session.clone(),
+            streamed,
+        );
+        tracing::Span::current().record("completion_id", generation.id.as_str());
+        Ok((ticket, generation))
+    }
+
+    /// Makes a generation visible here and to the other instances, and
+    /// cancels its session's previous one wherever it runs.
+    async fn activate(&self, generation: &Arc<Generation>) {
+        if let Some(replaced) = self.registry.activate(generation) {
+            tracing::info!(replaced = %replaced, "session's previous generation cancelled");
+        }
+        if let Some(replicas) = self.replicas() {
+            replicas.activate(generation).await;
+        }
+    }
+
+    /// Starts a streamed generation: its log begins with the encoder's
+    /// opening event and a task writes the rest. Returns it with the
+    /// caller's connection already attached.
+    pub async fn stream<E: EventEncoder>(
+        self: &Arc<Self>,
+        start: Start,
+        encoder: impl FnOnce(&GenerationId) -> E,
+    ) -> Result<(Arc<Generation>, Attachment), StartError> {
+        let (mut ticket, generation) = self.admit(&start, true)?;
+        let mut encoder = encoder(&generation.id);
+        let request = start.request;
+        let accepted = if ticket.try_run() {
+            Some(
+                self.backend
+                    .generate(request.clone(), generation.cancel_token())
+                    .await?,
+            )
+        } else {
+            None
+        };
+        self.activate(&generation).await;
+        generation.log.push(&encoder.opening());
+        // Attach this connection before the task can finish.
+        let attachment = generation.attach();
+        let driver = drive(
+            Arc::clone(self),
+            Arc::clone(&generation),
+            ticket,
+            Opening { accepted, request },
+            encoder,
+        );
+        tokio::spawn(driver.instrument(tracing::Span::current()));
+        Ok((generation, attachment))
+    }
+
+    /// Runs a JSON generation to its end. If the caller leaves, the future
+    /// is dropped and the generation is cancelled and retired.
+    pub async fn collect(self: &Arc<Self>, start: Start) -> Result<Collected, StartError> {
+        let (mut ticket, generation) = self.admit(&start, false)?;
+        let _retire = RetireOnDrop {
+            registry: Arc::clone(&self.registry),
+            generation: Arc::clone(&generation),
+        };
+        let mut clock = TokenClock::start();
+        let cancel = generation.cancel_token();
+        let accepted = if ticket.try_run() {
+            let accepted = self
+                .backend
+                .generate(start.request, generation.cancel_token())
+                .await?;
+            self.activate(&generation).await;
+            accepted
+        } else {
+            // Visible while queued, so that its session's next request or
+            // the cancel endpoint can stop it.
+            self.activate(&generation).await;
+            tokio::select! {
+                biased;
+                () = cancel.cancelled() => {}
+                () = ticket.run() => {}
+            }
+            if cancel.is_cancelled() {
+                never_started()
+            } else {
+                self.backend
+                    .generate(start.request, generation.cancel_token())
+                    .await?
+            }
+        };
+        let mut run = GuardedRun::new(accepted, generation.cancel_token());
+        let mut text = String::new();
+        let mut outcome = Err(BackendError::Internal("no end".into()));
+        while let Some(step) = run.next().await {
+            match step {
+                Step::Text(piece) => {
+                    clock.tick();
+                    text.push_str(&piece);
+                }
+                Step::Finished(reason, usage) => outcome = Ok((reason, usage)),
+                Step::Failed(err) => outcome = Err(err),
+            }
+        }
+        generation.mark_done();
+        drop(ticket);
+        match outcome {
+            Ok((reason, usage)) => {
+                log_end(&generation, end_cause(&generation, reason), usage);
+                Ok(Collected {
+                    generation,
+                    text,
+                    reason,
+                    usage,
+                })
+            }
+            Err(err) => {
+                log_end(&generation, EndCause::Error, run.usage());
+                Err(err.into())
+            }
+        }
+    }
+}
+
+/// The run of a generation cancelled before its backend was called: it
+/// ends at once as `cancelled`.
+fn never_started() -> Accepted {
+    Accepted {
+        prompt_tokens: None,
+        tokens: Box::pin(futures_util::stream::pending()),
+    }
+}
+
+/// How a streamed generation begins: already accepted by its backend, or
+/// still to be called once it holds a slot.
+struct Opening {
+    accepted: Option<Accepted>,
+    request: GenerateRequest,
+}
+
+/// Writes a streamed generation's events into its log, to `[DONE]`.
+async fn drive(
+    generations: Arc<Generations>,
+    generation: Arc<Generation>,
+    mut ticket: Ticket,
+    opening: Opening,
+    mut encoder: impl EventEncoder,
+) {
+    let mut clock = TokenClock::start();
+    let log = &generation.log;
+    let cancel = generation.cancel_token();
+    let accepted = match opening.accepted {
+        Some(accepted) => Ok(accepted),
+        None => {
+            tokio::select! {
+                biased;
+                () = cancel.cancelled() => {}
+                () = ticket.run() => {}
+            }
+            if cancel.is_cancelled() {
+                Ok(never_started())
+            } else {
+                generations
+                    .backend
+                    .generate(opening.request, generation.cancel_token())
+                    .await
+            }
+        }
+    };
+    let max_log_bytes = generations.registry.config().max_log_bytes;
+    let mut cause = EndCause::Error;
+    let mut usage = Usage::default();
+    match accepted {
+        Err(err) => log.push(&encoder.error(err)),
+        Ok(accepted) => {
+            let mut run = GuardedRun::new(accepted, generation.cancel_token());
+            let mut cut = false;
+            while let Some(step) = run.next().await {
+                match step {
+                    Step::Text(text) => {
+                        clock.tick();
+                        if !text.is_empty() {
+                            log.push(&encoder.text(&text));
+                        }
+                        // A log at its cap ends the answer as `max_tokens` would.
+                        if log.bytes() >= max_log_bytes && !cut {
+                            cut = generation.cancel(EndCause::Length);
+                        }
+                    }
+                    Step::Finished(reason, counted) => {
+                        let reason = if cut { FinishReason::Length } else { reason };
+                        log.push(&encoder.finish(reason));
+                        if let Some(event) = encoder.usage(counted) {
+                            log.push(&event);
+                        }
+                        cause = end_cause(&generation, reason);
+                    }
+                    Step::Failed(err) => log.push(&encoder.error(err)),
+                }
+            }
+            usage = run.usage();
+        }
+    }
+    log.push(&encoder.done());
+    generation.mark_done();
+    drop(ticket);
+    log_end(&generation, cause, usage);
+    generations.registry.retire(&generation);
+}
+
+fn end_cause(generation: &Generation, reason: FinishReason) -> EndCause {
+    match reason {
+        FinishReason::Stop => EndCause::Finished,
+        FinishReason::Length => EndCause::Length,
+        FinishReason::Cancelled => generation.cancel_cause().unwrap_or(EndCause::ClientGone),
+    }
+}
+
+/// Time to first token and between tokens, for the metrics.
+struct TokenClock {
+    started: Instant,
+    last: Option<Instant>,
+    inter_token: metrics::Histogram,
+}
+
+impl TokenClock {
+    fn start() -> Self {
+        Self {
+            started: Instant::now(),
+            last: None,
+            inter_token: telemetry::inter_token(),
+        }
+    }
+
+    fn tick(&mut self) {
+        let now = Instant::now();
+        match self.last.replace(now) {
+            None => telemetry::time_to_first_token(now - self.started),
+            Some(last) => self.inter_token.record(now - last),
+        }
+    }
+}
+
+fn log_end(generation: &Generation, cause: EndCause, usage: Usage) {
+    telemetry::generation_ended(cause, usage.completion_tokens);
+    tracing::info!(
+        completion_id = %generation.id,
+        cause = cause.as_str(),
+        prompt_tokens = usage.prompt_tokens,
+        completion_tokens = usage.completion_tokens,
+        "generation ended"
+    );
+}
