@@ -404,6 +404,64 @@ async fn scale() {
     }
 }
 
+/// Tokens/s and server CPU per token with `streams` in flight, each
+/// answer `words` long, for `run_for`, over 8 HTTP/2 connections.
+async fn short_answers(
+    server: &Server,
+    streams: usize,
+    words_each: usize,
+    run_for: Duration,
+) -> (f64, f64) {
+    let url = format!("{}/v1/chat/completions", server.base);
+    let body = chat(&words(words_each));
+    let connections: Vec<reqwest::Client> = (0..8)
+        .map(|_| {
+            reqwest::Client::builder()
+                .http2_prior_knowledge()
+                .build()
+                .expect("client")
+        })
+        .collect();
+    let cpu_before = server.cpu_seconds();
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..streams)
+        .map(|i| {
+            let client = connections[i % connections.len()].clone();
+            let (url, body) = (url.clone(), body.clone());
+            tokio::spawn(async move {
+                let mut tokens = 0;
+                while started.elapsed() < run_for {
+                    tokens += stream_count(&client, &url, &body).await - 3;
+                }
+                tokens
+            })
+        })
+        .collect();
+    let mut tokens = 0;
+    for t in tasks {
+        tokens += t.await.expect("joined");
+    }
+    let wall = started.elapsed().as_secs_f64();
+    let cpu = server.cpu_seconds() - cpu_before;
+    (tokens as f64 / wall, cpu * 1e6 / tokens as f64)
+}
+
+/// The core at 1 and 2 runtime worker threads: 100-token answers with 256
+/// in flight (many generations start and finish, so retention and the
+/// registry are on the path), against long streams.
+async fn workers() {
+    for threads in ["1", "2"] {
+        let server = Server::start(&["--worker-threads", threads, "--max-queue", "4096"]).await;
+        let run_for = Duration::from_secs(6);
+        let (short_rate, short_cpu) = short_answers(&server, 256, 100, run_for).await;
+        let (long_rate, long_cpu) = short_answers(&server, 32, 5_000, run_for).await;
+        println!(
+            "workers {threads}: 100-token answers, 256 in flight: {short_rate:.0} tokens/s, CPU {short_cpu:.2} us/token; 5,000-token streams, 32 in flight: {long_rate:.0} tokens/s, CPU {long_cpu:.2} us/token (short/long {:.2}x)",
+            short_cpu / long_cpu
+        );
+    }
+}
+
 #[tokio::main]
 async fn main() {
     // reqwest is built without a bundled TLS provider.
@@ -433,5 +491,8 @@ async fn main() {
     }
     if wanted("scale") {
         scale().await;
+    }
+    if wanted("workers") {
+        workers().await;
     }
 }

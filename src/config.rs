@@ -154,6 +154,10 @@ pub struct Config {
     #[arg(long, env = "SLUICEGATE_TLS_KEY", requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
 
+    /// Threads that serve requests (default: one per core).
+    #[arg(long, env = "SLUICEGATE_WORKER_THREADS")]
+    pub worker_threads: Option<usize>,
+
     /// Log filter (tracing `EnvFilter` syntax).
     #[arg(long, env = "SLUICEGATE_LOG", default_value = "info")]
     pub log: String,
@@ -184,6 +188,9 @@ impl Config {
         }
         if self.max_concurrent == Some(0) {
             return Err("--max-concurrent must be at least 1".into());
+        }
+        if self.worker_threads == Some(0) {
+            return Err("--worker-threads must be at least 1".into());
         }
         if self.max_concurrent_per_key == Some(0) || self.max_queue_per_key == Some(0) {
             return Err(

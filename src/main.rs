@@ -6,15 +6,25 @@ use clap::Parser;
 use sluicegate::config::Config;
 use sluicegate::server::{self, AppState};
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     let config = Config::parse();
     if let Err(message) = config.validate() {
         eprintln!("sluicegate: {message}");
         return ExitCode::from(2);
     }
     sluicegate::telemetry::init(&config.log);
-    match serve(config).await {
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if let Some(workers) = config.worker_threads {
+        runtime.worker_threads(workers);
+    }
+    let runtime = match runtime.enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("sluicegate: cannot start the runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(serve(config)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("sluicegate: {err:#}");
