@@ -79,8 +79,6 @@ pub struct AppState {
     pub generations: Arc<Generations>,
     pub keys: Arc<ApiKeys>,
     pub settings: Arc<Settings>,
-    /// The model a request without `model` gets.
-    pub default_model: Arc<str>,
     /// Unix time the server started, the `created` of its models.
     pub started: u64,
     /// Cancelled when shutdown begins: new generations get 503.
@@ -100,15 +98,6 @@ impl AppState {
         keys: Vec<String>,
         settings: Settings,
     ) -> Self {
-        // An upstream may be down at startup; that must not stop the server.
-        let default_model = match backend.models().await {
-            Ok(models) => models.first().map(|m| m.id.clone()),
-            Err(err) => {
-                tracing::warn!(%err, "no model list at startup");
-                None
-            }
-        }
-        .unwrap_or_else(|| "default".to_owned());
         let max_running = settings
             .max_concurrent
             .unwrap_or(backend.capabilities().default_concurrency);
@@ -135,7 +124,6 @@ impl AppState {
             generations,
             keys: Arc::new(keys),
             settings: Arc::new(settings),
-            default_model: default_model.into(),
             started: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),
@@ -220,6 +208,14 @@ impl AppState {
             }
             None => Ok(state),
         }
+    }
+
+    /// The model a request without `model` gets: the backend's, picked
+    /// when asked (an upstream may have been down at startup).
+    pub fn default_model(&self) -> String {
+        self.backend
+            .default_model()
+            .unwrap_or_else(|| "default".to_owned())
     }
 
     pub fn is_shutting_down(&self) -> bool {

@@ -50,7 +50,7 @@ async fn handle(
     let plan = params::plan(
         body,
         flavor,
-        &state.default_model,
+        &state.default_model(),
         state.backend.capabilities(),
     )?;
     run::start(&state, caller, session, flavor, plan).await

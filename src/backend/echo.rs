@@ -77,6 +77,10 @@ impl Backend for EchoBackend {
         }
     }
 
+    fn default_model(&self) -> Option<String> {
+        Some(self.model.clone())
+    }
+
     async fn models(&self) -> Result<Vec<ModelCard>, BackendError> {
         Ok(vec![ModelCard {
             id: self.model.clone(),

@@ -102,6 +102,10 @@ impl Backend for LocalBackend {
         }
     }
 
+    fn default_model(&self) -> Option<String> {
+        Some(self.name.clone())
+    }
+
     async fn models(&self) -> Result<Vec<ModelCard>, BackendError> {
         Ok(vec![ModelCard {
             id: self.name.clone(),

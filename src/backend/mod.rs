@@ -27,6 +27,10 @@ pub trait Backend: Send + Sync + 'static {
     /// The models this backend serves, as clients name them.
     async fn models(&self) -> Result<Vec<ModelCard>, BackendError>;
 
+    /// The model a request without `model` gets, decided when it is asked
+    /// (an upstream's list changes); `None` while nothing is known.
+    fn default_model(&self) -> Option<String>;
+
     /// Starts a generation. Resolves once the backend has accepted the
     /// request, so errors such as an unknown model or a prompt too long for
     /// the context can still become an HTTP status. Work that costs compute

@@ -374,3 +374,67 @@ async fn cancel_and_session_replacement_close_the_upstream_connection() {
     .await;
     assert_eq!(read_all(second).await.text, "fine");
 }
+
+#[tokio::test]
+async fn an_upstream_down_at_start_serves_the_default_model_once_it_is_up() {
+    // Nothing listens on the upstream's port yet.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let relay = relay_to(
+        vec![format!("http://127.0.0.1:{port}")],
+        Duration::from_secs(5),
+    )
+    .start()
+    .await;
+    let no_model =
+        json!({"stream": false, "messages": [{"role": "user", "content": "hello there"}]});
+    let ask = || post_to(&relay, "/v1/chat/completions", &no_model).send();
+    assert_ne!(ask().await.expect("sent").status(), 200, "no upstream yet");
+
+    // The upstream comes up: an echo sluicegate on that port.
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+        .await
+        .expect("bind");
+    let upstream = sluicegate::server::AppState::new(
+        Arc::new(sluicegate::backend::echo::EchoBackend::new(
+            "echo-up",
+            Duration::ZERO,
+        )),
+        sluicegate::session::RegistryConfig::default(),
+        Vec::new(),
+        sluicegate::server::Settings::default(),
+    )
+    .await;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(sluicegate::server::run(listener, None, upstream, async {
+        let _ = stopped.await;
+    }));
+
+    // Without a `model`, the request gets the upstream's, picked now and
+    // not at startup; the background refresh finds it within its backoff.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let answer: Value = loop {
+        let resp = ask().await.expect("sent");
+        if resp.status() == 200 {
+            break resp.json().await.expect("json");
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never served");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(answer["model"], "echo-up");
+    assert_eq!(answer["choices"][0]["message"]["content"], "hello there");
+
+    // The upstream goes away again: the list it gave is kept.
+    drop(stop);
+    let models: Value = client()
+        .get(relay.url("/v1/models"))
+        .send()
+        .await
+        .expect("sent")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(models["data"][0]["id"], "echo-up", "{models}");
+}

@@ -27,6 +27,8 @@ use super::{
 
 /// How long the model list is reused before asking the upstreams again.
 const MODELS_TTL: Duration = Duration::from_secs(30);
+/// Longest wait for one upstream's model list.
+const LIST_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often a down upstream is probed.
 const PROBE_EVERY: Duration = Duration::from_secs(2);
 
@@ -47,10 +49,16 @@ struct Inner {
     client: reqwest::Client,
     api_key: Option<String>,
     first_byte_timeout: Duration,
-    models: Mutex<Option<ModelList>>,
+    /// The last list any upstream gave, kept when a refresh finds none:
+    /// read without waiting on the upstreams.
+    models: std::sync::RwLock<Option<ModelList>>,
+    /// One refresh at a time; requests that find the list stale wait for
+    /// it only when there is no list at all.
+    refreshing: Mutex<()>,
 }
 
 /// Every (upstream index, model) pair, and when it was asked.
+#[derive(Clone)]
 struct ModelList {
     fetched: Instant,
     models: Vec<(usize, ModelCard)>,
@@ -112,10 +120,29 @@ impl UpstreamBackend {
             client,
             api_key: config.api_key,
             first_byte_timeout: config.first_byte_timeout,
-            models: Mutex::new(None),
+            models: std::sync::RwLock::new(None),
+            refreshing: Mutex::new(()),
         });
         tokio::spawn(probe_loop(Arc::downgrade(&inner)));
+        tokio::spawn(refresh_loop(Arc::downgrade(&inner)));
         Ok(Self { inner })
+    }
+}
+
+/// Keeps the model list fresh in the background: every `MODELS_TTL`, and
+/// after a failure again after 1 s, 2 s, 4 s… up to `MODELS_TTL`.
+async fn refresh_loop(inner: std::sync::Weak<Inner>) {
+    let mut wait = Duration::ZERO;
+    loop {
+        tokio::time::sleep(wait).await;
+        let Some(inner) = inner.upgrade() else {
+            return;
+        };
+        wait = if inner.refresh().await {
+            MODELS_TTL
+        } else {
+            (wait * 2).clamp(Duration::from_secs(1), MODELS_TTL)
+        };
     }
 }
 
@@ -145,15 +172,21 @@ impl Inner {
     }
 
     async fn list_models(&self, index: usize) -> Result<Vec<ModelCard>, String> {
-        let upstream = &self.upstreams[index];
-        let resp = tokio::time::timeout(
-            self.first_byte_timeout,
-            self.request(reqwest::Method::GET, format!("{}/models", upstream.base))
-                .send(),
+        tokio::time::timeout(
+            LIST_TIMEOUT.min(self.first_byte_timeout),
+            self.ask_models(index),
         )
         .await
         .map_err(|_| "timed out".to_owned())?
-        .map_err(|e| e.to_string())?;
+    }
+
+    async fn ask_models(&self, index: usize) -> Result<Vec<ModelCard>, String> {
+        let upstream = &self.upstreams[index];
+        let resp = self
+            .request(reqwest::Method::GET, format!("{}/models", upstream.base))
+            .send()
+            .await
+            .map_err(|e| e.to_string())?;
         if !resp.status().is_success() {
             return Err(format!("status {}", resp.status()));
         }
@@ -178,15 +211,25 @@ impl Inner {
             .unwrap_or_default())
     }
 
-    /// Every model of every reachable upstream, cached for a while.
-    async fn models(&self) -> Vec<(usize, ModelCard)> {
-        let mut cached = self.models.lock().await;
-        if let Some(list) = cached.as_ref().filter(|l| l.fetched.elapsed() < MODELS_TTL) {
-            return list.models.clone();
-        }
+    fn cached(&self) -> Option<ModelList> {
+        self.models
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Asks every upstream at once (each bounded by `LIST_TIMEOUT`) and
+    /// keeps what they answer; returns whether any did. A refresh that
+    /// finds none keeps the last list.
+    async fn refresh(&self) -> bool {
+        let _one = self.refreshing.lock().await;
+        let asked = futures_util::future::join_all(
+            (0..self.upstreams.len()).map(|i| async move { (i, self.list_models(i).await) }),
+        )
+        .await;
         let mut all = Vec::new();
-        for i in 0..self.upstreams.len() {
-            match self.list_models(i).await {
+        for (i, answer) in asked {
+            match answer {
                 Ok(models) => all.extend(models.into_iter().map(|m| (i, m))),
                 Err(err) => {
                     tracing::warn!(upstream = %self.upstreams[i].base, %err, "listing models failed");
@@ -194,13 +237,28 @@ impl Inner {
                 }
             }
         }
-        if !all.is_empty() {
-            *cached = Some(ModelList {
-                fetched: Instant::now(),
-                models: all.clone(),
-            });
+        if all.is_empty() {
+            return false;
         }
-        all
+        *self.models.write().unwrap_or_else(|e| e.into_inner()) = Some(ModelList {
+            fetched: Instant::now(),
+            models: all,
+        });
+        true
+    }
+
+    /// Every model of every reachable upstream: the cached list, refreshed
+    /// first only when there is none yet (or it is stale and no refresh
+    /// is under way).
+    async fn models(&self) -> Vec<(usize, ModelCard)> {
+        match self.cached() {
+            Some(list) if list.fetched.elapsed() < MODELS_TTL => list.models,
+            Some(stale) if self.refreshing.try_lock().is_err() => stale.models,
+            _ => {
+                self.refresh().await;
+                self.cached().map(|l| l.models).unwrap_or_default()
+            }
+        }
     }
 
     /// The least busy upstream among `serving` not yet `tried`, preferring
@@ -282,6 +340,13 @@ impl Backend for UpstreamBackend {
             // The upstreams queue and batch; this only bounds what is open.
             default_concurrency: 256,
         }
+    }
+
+    fn default_model(&self) -> Option<String> {
+        // The first model of the first upstream that listed one.
+        self.inner
+            .cached()
+            .and_then(|list| list.models.first().map(|(_, card)| card.id.clone()))
     }
 
     async fn models(&self) -> Result<Vec<ModelCard>, BackendError> {
