@@ -10,7 +10,6 @@ use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
 use axum::http::{HeaderName, HeaderValue, Method, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::serve::{Listener, ListenerExt as _};
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 use tokio_rustls::rustls::ServerConfig;
@@ -30,7 +29,7 @@ use crate::backend::upstream::{UpstreamBackend, UpstreamConfig};
 use crate::config::{BackendKind, Config};
 use crate::session::{Admission, EndCause, GenerationRegistry, RegistryConfig};
 use crate::telemetry;
-use crate::tls::TlsListener;
+use crate::transport::{self, Connections, Limits};
 
 /// Settings the request path reads.
 #[derive(Debug, Clone)]
@@ -44,6 +43,14 @@ pub struct Settings {
     pub max_queue: usize,
     /// Origins allowed by CORS; `*` for any; empty: no CORS headers.
     pub cors_origins: Vec<String>,
+    /// A request head must be complete this long after it may begin.
+    pub header_read_timeout: Duration,
+    /// A request body must have arrived in full this long after its head.
+    pub body_read_timeout: Duration,
+    /// A connection with no request in flight is closed after this long.
+    pub idle_timeout: Duration,
+    /// Open connections at most; `None`: from the descriptor limit.
+    pub max_connections: Option<usize>,
 }
 
 impl Default for Settings {
@@ -55,6 +62,10 @@ impl Default for Settings {
             max_concurrent: None,
             max_queue: 64,
             cors_origins: Vec::new(),
+            header_read_timeout: Duration::from_secs(10),
+            body_read_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(60),
+            max_connections: None,
         }
     }
 }
@@ -149,6 +160,10 @@ impl AppState {
             max_concurrent: config.max_concurrent,
             max_queue: config.max_queue,
             cors_origins: config.cors_origins.clone(),
+            header_read_timeout: config.header_read_timeout,
+            body_read_timeout: config.body_read_timeout,
+            idle_timeout: config.idle_timeout,
+            max_connections: config.max_connections,
         };
         Ok(Self::new(backend, registry, config.api_keys.clone(), settings).await)
     }
@@ -263,74 +278,40 @@ async fn json_payload_too_large(State(state): State<AppState>, response: Respons
 }
 
 /// Serves HTTP/1.1 and h2c on `listener`, or HTTPS with `tls`, until
-/// `shutdown` resolves; then stops accepting, lets running generations
-/// finish for the shutdown grace, ends the rest as `cancelled`, and returns
-/// once connections have closed.
+/// `shutdown` resolves; then stops accepting, answers new generations on
+/// open connections with 503 while running ones finish for the shutdown
+/// grace, ends the rest as `cancelled`, closes every connection and
+/// returns.
 pub async fn run(
     listener: TcpListener,
     tls: Option<Arc<ServerConfig>>,
     state: AppState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    match tls {
-        Some(tls) => {
-            let listener = TlsListener::new(listener, tls, state.shutdown.clone())?;
-            serve(listener, state, shutdown).await
-        }
-        None => {
-            // Each token is a small write that must leave at once: without
-            // NODELAY, Nagle holds it for the client's delayed ACK (~40 ms).
-            let listener = listener.tap_io(|tcp| {
-                if let Err(err) = tcp.set_nodelay(true) {
-                    tracing::debug!(%err, "cannot set TCP_NODELAY");
-                }
-            });
-            serve(listener, state, shutdown).await
-        }
-    }
-}
+    let settings = &state.settings;
+    let max_connections = settings
+        .max_connections
+        .unwrap_or_else(transport::default_max_connections);
+    tracing::debug!(max_connections, "connection limit");
+    let limits = Limits {
+        header_read_timeout: settings.header_read_timeout,
+        idle_timeout: settings.idle_timeout,
+        max_connections,
+    };
+    let connections = Connections::new(app(state.clone()), tls, limits, state.shutdown.clone());
+    connections.accept(listener, shutdown).await;
 
-async fn serve<L>(
-    listener: L,
-    state: AppState,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()>
-where
-    L: Listener,
-    L::Addr: std::fmt::Debug,
-{
-    let draining = state.shutdown.clone();
-    let registry = Arc::clone(&state.registry);
-    let grace = state.settings.shutdown_grace;
-    let signal = {
-        let draining = draining.clone();
-        async move {
-            shutdown.await;
-            tracing::info!(running = registry.running(), "shutting down");
-            draining.cancel();
-            tokio::spawn(async move {
-                let deadline = tokio::time::Instant::now() + grace;
-                while registry.running() > 0 && tokio::time::Instant::now() < deadline {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-                let stopped = registry.cancel_all(EndCause::Shutdown);
-                if stopped > 0 {
-                    tracing::info!(stopped, "shutdown grace over; generations cancelled");
-                }
-            });
-        }
-    };
-    let serve = axum::serve(listener, app(state)).with_graceful_shutdown(signal);
-    // A client that stops reading could hold its connection open forever.
-    let give_up = async {
-        draining.cancelled().await;
-        tokio::time::sleep(grace + Duration::from_secs(5)).await;
-    };
-    tokio::select! {
-        result = serve => result,
-        () = give_up => {
-            tracing::warn!("connections still open after the shutdown grace; exiting");
-            Ok(())
-        }
+    let registry = &state.registry;
+    tracing::info!(running = registry.running(), "shutting down");
+    state.shutdown.cancel();
+    let deadline = tokio::time::Instant::now() + settings.shutdown_grace;
+    while registry.running() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    let stopped = registry.cancel_all(EndCause::Shutdown);
+    if stopped > 0 {
+        tracing::info!(stopped, "shutdown grace over; generations cancelled");
+    }
+    connections.close_all().await;
+    Ok(())
 }

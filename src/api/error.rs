@@ -29,6 +29,8 @@ pub enum ApiError {
     MethodNotAllowed(String),
     #[error("The request body is larger than the limit of {0} bytes.")]
     PayloadTooLarge(usize),
+    #[error("The request body did not arrive within {} s.", .0.as_secs_f64())]
+    BodyTimeout(std::time::Duration),
     #[error("The request body must be JSON: send `Content-Type: application/json`.")]
     UnsupportedMediaType,
     #[error("Too many generations are waiting; retry after {retry_after} s.")]
@@ -80,6 +82,11 @@ impl ApiError {
                 S::PAYLOAD_TOO_LARGE,
                 "invalid_request_error",
                 Some("request_too_large"),
+            ),
+            Self::BodyTimeout(_) => (
+                S::REQUEST_TIMEOUT,
+                "invalid_request_error",
+                Some("body_timeout"),
             ),
             Self::UnsupportedMediaType => (
                 S::UNSUPPORTED_MEDIA_TYPE,

@@ -1,6 +1,6 @@
 //! Extractors whose failures are `ApiError`s: the JSON body (with the
-//! failing field named as `param`), the caller behind the API key, and the
-//! `X-Session-Id` header.
+//! failing field named as `param`, read under the body-read timeout), the
+//! caller behind the API key, and the `X-Session-Id` header.
 
 use axum::body::Bytes;
 use axum::extract::{FromRequest, FromRequestParts, Request};
@@ -23,13 +23,18 @@ impl<T: DeserializeOwned> FromRequest<AppState> for OpenAiJson<T> {
         if !is_json(req.headers()) {
             return Err(ApiError::UnsupportedMediaType);
         }
-        let bytes = Bytes::from_request(req, state).await.map_err(|e| {
-            if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                ApiError::PayloadTooLarge(state.settings.max_body)
-            } else {
-                ApiError::invalid(format!("Could not read the request body: {e}"), None)
-            }
-        })?;
+        // A client that stops sending mid-body must not hold the request.
+        let limit = state.settings.body_read_timeout;
+        let bytes = tokio::time::timeout(limit, Bytes::from_request(req, state))
+            .await
+            .map_err(|_| ApiError::BodyTimeout(limit))?
+            .map_err(|e| {
+                if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                    ApiError::PayloadTooLarge(state.settings.max_body)
+                } else {
+                    ApiError::invalid(format!("Could not read the request body: {e}"), None)
+                }
+            })?;
         parse(&bytes).map(OpenAiJson)
     }
 }

@@ -12,7 +12,7 @@ use crate::common::{Events, chat, client, read_all, transcript};
 
 /// The binary as users run it, on port 0.
 pub(crate) struct Process {
-    child: Child,
+    pub(crate) child: Child,
     pub(crate) base: String,
     log: Arc<Mutex<String>>,
 }
@@ -21,7 +21,22 @@ impl Process {
     /// Starts the binary with `args` and `env`, port 0, and waits for its
     /// "listening" line.
     pub(crate) async fn start(args: &[&str], env: &[(&str, &str)]) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_sluicegate"))
+        Self::start_under(&[], args, env).await
+    }
+
+    /// As `start`, run by `wrapper` (a command that runs the rest of its
+    /// arguments, such as `prlimit --nofile=256:256 --`).
+    pub(crate) async fn start_under(wrapper: &[&str], args: &[&str], env: &[(&str, &str)]) -> Self {
+        let binary = env!("CARGO_BIN_EXE_sluicegate");
+        let mut command = match wrapper.split_first() {
+            Some((program, rest)) => {
+                let mut command = Command::new(program);
+                command.args(rest).arg(binary);
+                command
+            }
+            None => Command::new(binary),
+        };
+        let mut child = command
             .args(["--port", "0"])
             .args(args)
             .envs(env.iter().copied())
@@ -64,11 +79,11 @@ impl Process {
         format!("{}{path}", self.base)
     }
 
-    fn log(&self) -> String {
+    pub(crate) fn log(&self) -> String {
         self.log.lock().expect("log").clone()
     }
 
-    fn signal(&self, name: &str) {
+    pub(crate) fn signal(&self, name: &str) {
         let pid = self.child.id().expect("running").to_string();
         let status = std::process::Command::new("kill")
             .args(["-s", name, &pid])

@@ -1,0 +1,336 @@
+//! Hostile and careless traffic: silent and trickling connections, bodies
+//! that stop, a descriptor limit under siege, and SIGTERM with stragglers.
+
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use crate::common::{Events, TestServer, chat, client, open_stream};
+use crate::process::Process;
+
+fn timeouts(header: Duration, body: Duration, idle: Duration) -> crate::common::Options {
+    let mut options = TestServer::options();
+    options.settings.header_read_timeout = header;
+    options.settings.body_read_timeout = body;
+    options.settings.idle_timeout = idle;
+    options
+}
+
+fn addr(base: &str) -> String {
+    base.trim_start_matches("http://").to_owned()
+}
+
+/// Reads until the server closes the connection (or resets it); returns
+/// what it sent. Fails if it is still open after `limit`.
+async fn read_until_closed(socket: &mut TcpStream, limit: Duration) -> Vec<u8> {
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + limit;
+    let mut buf = [0u8; 4096];
+    loop {
+        match tokio::time::timeout_at(deadline, socket.read(&mut buf)).await {
+            Err(_) => panic!("connection still open after {limit:?}; read {seen:?}"),
+            Ok(Ok(0) | Err(_)) => return seen,
+            Ok(Ok(n)) => seen.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
+/// Reads one response with `Content-Length` from a kept-alive connection.
+async fn read_response(socket: &mut TcpStream) -> (String, String) {
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = tokio::time::timeout(Duration::from_secs(10), socket.read(&mut buf))
+            .await
+            .expect("an answer in time")
+            .expect("read");
+        assert!(n > 0, "closed before a whole answer: {seen:?}");
+        seen.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&seen).into_owned();
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let length = head
+                .lines()
+                .find_map(|l| {
+                    let (name, value) = l.split_once(':')?;
+                    name.eq_ignore_ascii_case("content-length")
+                        .then(|| value.trim().parse::<usize>().ok())?
+                })
+                .unwrap_or(0);
+            if body.len() >= length {
+                return (head.to_owned(), body.to_owned());
+            }
+        }
+    }
+}
+
+fn json_error(body: &str) -> Value {
+    let value: Value = serde_json::from_str(body).unwrap_or_else(|_| panic!("JSON: {body:?}"));
+    for field in ["message", "type", "param", "code"] {
+        assert!(value["error"].get(field).is_some(), "{field} in {value}");
+    }
+    value
+}
+
+// Item 1: timeouts and the connection cap.
+
+#[tokio::test]
+async fn a_silent_connection_is_closed_after_the_header_read_timeout() {
+    let server = timeouts(
+        Duration::from_millis(300),
+        Duration::from_secs(30),
+        Duration::from_secs(60),
+    )
+    .start()
+    .await;
+    let mut silent = TcpStream::connect(addr(&server.base))
+        .await
+        .expect("connect");
+    let said = read_until_closed(&mut silent, Duration::from_secs(10)).await;
+    assert!(said.is_empty(), "{said:?}");
+}
+
+#[tokio::test]
+async fn a_request_head_sent_a_line_at_a_time_is_cut_off() {
+    let server = timeouts(
+        Duration::from_millis(500),
+        Duration::from_secs(30),
+        Duration::from_secs(60),
+    )
+    .start()
+    .await;
+    let socket = TcpStream::connect(addr(&server.base))
+        .await
+        .expect("connect");
+    let (mut reader, mut writer) = socket.into_split();
+    let trickle = tokio::spawn(async move {
+        let _ = writer
+            .write_all(b"GET /health HTTP/1.1\r\nhost: 127.0.0.1\r\n")
+            .await;
+        // Each line well inside any per-read timeout; together far beyond
+        // the head's.
+        for i in 0..200 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            if writer
+                .write_all(format!("x-{i}: y\r\n").as_bytes())
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+    });
+    let mut buf = [0u8; 1024];
+    let read = tokio::time::timeout(Duration::from_secs(8), reader.read(&mut buf))
+        .await
+        .expect("closed while the head was still trickling in");
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    trickle.abort();
+}
+
+#[tokio::test]
+async fn a_body_that_stops_partway_gets_a_json_408() {
+    let server = timeouts(
+        Duration::from_secs(10),
+        Duration::from_millis(300),
+        Duration::from_secs(60),
+    )
+    .start()
+    .await;
+    let mut socket = TcpStream::connect(addr(&server.base))
+        .await
+        .expect("connect");
+    socket
+        .write_all(
+            b"POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{\"messages\":",
+        )
+        .await
+        .expect("written");
+    let (head, body) = read_response(&mut socket).await;
+    assert!(head.starts_with("HTTP/1.1 408"), "{head}");
+    assert_eq!(json_error(&body)["error"]["code"], "body_timeout");
+}
+
+#[tokio::test]
+async fn an_idle_connection_outlives_the_header_timeout_and_closes_after_the_idle_timeout() {
+    let server = timeouts(
+        Duration::from_millis(100),
+        Duration::from_secs(30),
+        Duration::from_secs(2),
+    )
+    .start()
+    .await;
+    let mut socket = TcpStream::connect(addr(&server.base))
+        .await
+        .expect("connect");
+    let health = b"GET /health HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n";
+    socket.write_all(health).await.expect("written");
+    let (head, _) = read_response(&mut socket).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    // Five header timeouts of silence between requests are no head timeout.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    socket.write_all(health).await.expect("written");
+    let (head, _) = read_response(&mut socket).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let said = read_until_closed(&mut socket, Duration::from_secs(15)).await;
+    assert!(said.is_empty(), "{said:?}");
+}
+
+#[tokio::test]
+async fn at_the_connection_cap_silent_connections_make_room() {
+    let mut options = timeouts(
+        Duration::from_secs(60),
+        Duration::from_secs(30),
+        Duration::from_secs(60),
+    );
+    options.settings.max_connections = Some(8);
+    let server = options.delay(Duration::from_millis(300)).start().await;
+    // A stream that is running must survive the siege.
+    let running = open_stream(&server, "one two three four", None).await;
+    let mut silent = Vec::new();
+    for _ in 0..30 {
+        silent.push(
+            TcpStream::connect(addr(&server.base))
+                .await
+                .expect("connect"),
+        );
+    }
+    let health = client()
+        .get(server.url("/health"))
+        .timeout(Duration::from_secs(10))
+        .send()
+        .await
+        .expect("served despite the silent crowd");
+    assert_eq!(health.status(), 200);
+    let t = crate::common::read_all(running).await;
+    assert_eq!(t.text, "one two three four");
+}
+
+#[tokio::test]
+async fn silent_sockets_beyond_the_descriptor_limit_lock_nobody_out() {
+    let server = Process::start_under(
+        &["prlimit", "--nofile=256:256", "--"],
+        &["--backend", "echo"],
+        &[],
+    )
+    .await;
+    let target = addr(&server.base);
+    let mut silent = Vec::new();
+    for _ in 0..300 {
+        silent.push(TcpStream::connect(&target).await.expect("connect"));
+    }
+    let health = client()
+        .get(server.url("/health"))
+        .timeout(Duration::from_secs(10))
+        .send()
+        .await
+        .expect("served within curl -m10");
+    assert_eq!(health.status(), 200);
+    let log = server.log();
+    assert!(
+        log.matches("accept failed").count() <= 1,
+        "accept errors back off quietly: {log}"
+    );
+}
+
+// Item 6: SIGTERM.
+
+#[tokio::test]
+async fn sigterm_with_a_half_sent_request_exits_soon_after_the_grace() {
+    let mut server = Process::start(
+        &[
+            "--backend",
+            "echo",
+            "--token-delay",
+            "200ms",
+            "--shutdown-grace",
+            "1s",
+        ],
+        &[],
+    )
+    .await;
+    let long = client()
+        .post(server.url("/v1/chat/completions"))
+        .json(&chat(&vec!["w"; 100].join(" "), true))
+        .send()
+        .await
+        .expect("sent");
+    let mut long = Events::of(long);
+    long.next_json().await;
+    let mut half = TcpStream::connect(addr(&server.base))
+        .await
+        .expect("connect");
+    half.write_all(b"POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-le")
+        .await
+        .expect("written");
+
+    let signalled = Instant::now();
+    server.signal("TERM");
+    let status = tokio::time::timeout(Duration::from_secs(20), server.child.wait())
+        .await
+        .expect("exits")
+        .expect("status");
+    let took = signalled.elapsed();
+    assert!(status.success(), "{status:?}");
+    // The grace (1 s), then at most a second for connections to close; the
+    // old drain waited the grace and 5 s more.
+    assert!(took < Duration::from_millis(4_500), "exited after {took:?}");
+    let t = crate::common::transcript(&long.rest().await);
+    assert_eq!(t.finish_reason.as_deref(), Some("cancelled"));
+}
+
+#[tokio::test]
+async fn a_request_on_an_idle_connection_during_the_drain_gets_a_503() {
+    let mut server = Process::start(
+        &[
+            "--backend",
+            "echo",
+            "--token-delay",
+            "200ms",
+            "--shutdown-grace",
+            "30s",
+        ],
+        &[],
+    )
+    .await;
+    let long = client()
+        .post(server.url("/v1/chat/completions"))
+        .json(&chat(&vec!["w"; 100].join(" "), true))
+        .send()
+        .await
+        .expect("sent");
+    let mut long = Events::of(long);
+    long.next_json().await;
+    let mut idle = TcpStream::connect(addr(&server.base))
+        .await
+        .expect("connect");
+    idle.write_all(b"GET /health HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n")
+        .await
+        .expect("written");
+    let (head, _) = read_response(&mut idle).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+
+    server.signal("TERM");
+    let started = Instant::now();
+    while !server.log().contains("shutting down") {
+        assert!(started.elapsed() < Duration::from_secs(10), "no drain");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let body = chat("late", false).to_string();
+    let request = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    idle.write_all(request.as_bytes()).await.expect("written");
+    let (head, body) = read_response(&mut idle).await;
+    assert!(head.starts_with("HTTP/1.1 503"), "{head}");
+    assert!(
+        head.to_ascii_lowercase().contains("connection: close"),
+        "{head}"
+    );
+    assert_eq!(json_error(&body)["error"]["code"], "shutting_down");
+    drop(long);
+    let _ = server.child.kill().await;
+}
