@@ -136,6 +136,16 @@ pub struct Config {
     #[arg(long, env = "SLUICEGATE_MAX_CONNECTIONS")]
     pub max_connections: Option<usize>,
 
+    /// Host name clients may send in `Host` when no `--api-key` is set
+    /// (besides IP addresses, `localhost` and `--host`); repeatable; `*`
+    /// for any. Guards a keyless server against DNS rebinding.
+    #[arg(
+        long = "allowed-host",
+        env = "SLUICEGATE_ALLOWED_HOST",
+        value_delimiter = ','
+    )]
+    pub allowed_hosts: Vec<String>,
+
     /// PEM certificate chain: serve HTTPS (ALPN h2 and http/1.1).
     #[arg(long, env = "SLUICEGATE_TLS_CERT", requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,
@@ -239,6 +249,7 @@ mod tests {
         assert_eq!(c.body_read_timeout, Duration::from_secs(30));
         assert_eq!(c.idle_timeout, Duration::from_secs(60));
         assert_eq!(c.max_connections, None);
+        assert!(c.allowed_hosts.is_empty());
     }
 
     #[test]

@@ -51,6 +51,9 @@ pub struct Settings {
     pub idle_timeout: Duration,
     /// Open connections at most; `None`: from the descriptor limit.
     pub max_connections: Option<usize>,
+    /// Names accepted in `Host` when no API key is set, besides IP
+    /// addresses and `localhost`; `*` for any.
+    pub allowed_hosts: Vec<String>,
 }
 
 impl Default for Settings {
@@ -66,6 +69,7 @@ impl Default for Settings {
             body_read_timeout: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(60),
             max_connections: None,
+            allowed_hosts: Vec::new(),
         }
     }
 }
@@ -164,6 +168,10 @@ impl AppState {
             body_read_timeout: config.body_read_timeout,
             idle_timeout: config.idle_timeout,
             max_connections: config.max_connections,
+            // The name the server listens on is its own.
+            allowed_hosts: std::iter::once(config.host.clone())
+                .chain(config.allowed_hosts.iter().cloned())
+                .collect(),
         };
         Ok(Self::new(backend, registry, config.api_keys.clone(), settings).await)
     }
@@ -184,9 +192,16 @@ pub fn app(state: AppState) -> Router {
             state.clone(),
             json_payload_too_large,
         ))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            api::head::check,
+        ))
         .layer(PropagateRequestIdLayer::x_request_id())
         .layer(TraceLayer::new_for_http().make_span_with(request_span))
-        .layer(SetRequestIdLayer::x_request_id(RandomRequestId));
+        .layer(SetRequestIdLayer::x_request_id(RandomRequestId))
+        .layer(axum::middleware::map_request(
+            api::head::drop_unfit_request_id,
+        ));
     match cors {
         Some(cors) => router.layer(cors),
         None => router,

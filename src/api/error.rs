@@ -31,6 +31,14 @@ pub enum ApiError {
     PayloadTooLarge(usize),
     #[error("The request body did not arrive within {} s.", .0.as_secs_f64())]
     BodyTimeout(std::time::Duration),
+    #[error("The request URI is longer than the limit of {0} bytes.")]
+    UriTooLong(usize),
+    #[error("The request headers are larger than the limit of {0} bytes.")]
+    HeadersTooLarge(usize),
+    #[error(
+        "Host `{0}` is not allowed: a server without an API key answers only requests addressed to its own name; see `--allowed-host`."
+    )]
+    HostNotAllowed(String),
     #[error("The request body must be JSON: send `Content-Type: application/json`.")]
     UnsupportedMediaType,
     #[error("Too many generations are waiting; retry after {retry_after} s.")]
@@ -88,6 +96,17 @@ impl ApiError {
                 "invalid_request_error",
                 Some("body_timeout"),
             ),
+            Self::UriTooLong(_) => (
+                S::URI_TOO_LONG,
+                "invalid_request_error",
+                Some("uri_too_long"),
+            ),
+            Self::HeadersTooLarge(_) => (
+                S::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                "invalid_request_error",
+                Some("headers_too_large"),
+            ),
+            Self::HostNotAllowed(_) => (S::FORBIDDEN, "permission_error", Some("host_not_allowed")),
             Self::UnsupportedMediaType => (
                 S::UNSUPPORTED_MEDIA_TYPE,
                 "invalid_request_error",

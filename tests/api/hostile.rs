@@ -1,14 +1,15 @@
 //! Hostile and careless traffic: silent and trickling connections, bodies
-//! that stop, a descriptor limit under siege, and SIGTERM with stragglers.
+//! that stop, a descriptor limit under siege, SIGTERM with stragglers,
+//! malformed ids and heads, and spoofed identity headers.
 
 use std::time::Duration;
 
-use serde_json::Value;
+use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use crate::common::{Events, TestServer, chat, client, open_stream};
+use crate::common::{Events, TestServer, chat, client, open_stream, post as post_to};
 use crate::process::Process;
 
 fn timeouts(header: Duration, body: Duration, idle: Duration) -> crate::common::Options {
@@ -333,4 +334,153 @@ async fn a_request_on_an_idle_connection_during_the_drain_gets_a_503() {
     assert_eq!(json_error(&body)["error"]["code"], "shutting_down");
     drop(long);
     let _ = server.child.kill().await;
+}
+
+// Item 5: errors in OpenAI's shape.
+
+#[tokio::test]
+async fn a_non_utf8_id_and_a_repeated_query_parameter_get_json_400s() {
+    let server = TestServer::echo().await;
+    for (method, path) in [
+        (reqwest::Method::POST, "/v1/chat/completions/%ff/cancel"),
+        (reqwest::Method::GET, "/v1/chat/completions/%ff/events"),
+        (
+            reqwest::Method::GET,
+            "/v1/chat/completions/abc/events?last_event_id=a&last_event_id=b",
+        ),
+        (
+            reqwest::Method::GET,
+            "/v1/sessions/s/stream?last_event_id=a&last_event_id=b",
+        ),
+    ] {
+        let resp = client()
+            .request(method, server.url(path))
+            .send()
+            .await
+            .expect("sent");
+        assert_eq!(resp.status(), 400, "{path}");
+        assert_eq!(resp.headers()["content-type"], "application/json", "{path}");
+        let body = json_error(&resp.text().await.expect("body"));
+        assert_eq!(body["error"]["type"], "invalid_request_error");
+    }
+}
+
+#[tokio::test]
+async fn a_long_uri_and_large_headers_get_json_not_an_empty_refusal() {
+    let server = TestServer::echo().await;
+    let long = format!("/v1/models/{}", "m".repeat(10 * 1024));
+    let resp = client().get(server.url(&long)).send().await.expect("sent");
+    assert_eq!(resp.status(), 414);
+    assert_eq!(
+        json_error(&resp.text().await.expect("body"))["error"]["code"],
+        "uri_too_long"
+    );
+
+    let resp = client()
+        .get(server.url("/health"))
+        .header("x-filler", "f".repeat(20 * 1024))
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(resp.status(), 431);
+    assert_eq!(
+        json_error(&resp.text().await.expect("body"))["error"]["code"],
+        "headers_too_large"
+    );
+}
+
+#[tokio::test]
+async fn an_empty_legacy_prompt_says_it_is_empty() {
+    let server = crate::model::server().await;
+    let resp = post_to(&server, "/v1/completions", &json!({"prompt": ""}))
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(resp.status(), 400);
+    let body = json_error(&resp.text().await.expect("body"));
+    let message = body["error"]["message"].as_str().expect("message");
+    assert!(message.contains("empty"), "{message}");
+    assert_ne!(body["error"]["code"], "context_length_exceeded");
+}
+
+// Item 8: identity headers.
+
+#[tokio::test]
+async fn an_unfit_request_id_is_replaced_and_a_fit_one_kept() {
+    let server = TestServer::echo().await;
+    let huge = "r".repeat(10 * 1024);
+    let raw = reqwest::header::HeaderValue::from_bytes(b"caf\xe9-id").expect("obs-text");
+    for sent in [
+        reqwest::header::HeaderValue::from_str(&huge).expect("ascii"),
+        raw,
+    ] {
+        let resp = client()
+            .get(server.url("/health"))
+            .header("x-request-id", sent.clone())
+            .send()
+            .await
+            .expect("sent");
+        assert_eq!(resp.status(), 200);
+        let echoed = &resp.headers()["x-request-id"];
+        assert_ne!(echoed, &sent);
+        assert!(echoed.len() <= 64 && echoed.to_str().is_ok(), "{echoed:?}");
+    }
+    let resp = client()
+        .get(server.url("/health"))
+        .header("x-request-id", "trace-42.a:b_c")
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(resp.headers()["x-request-id"], "trace-42.a:b_c");
+}
+
+/// `GET /health` on a fresh connection with `Host: host`; the status line
+/// and body.
+async fn health_for_host(base: &str, host: &str) -> (String, String) {
+    let mut socket = TcpStream::connect(addr(base)).await.expect("connect");
+    socket
+        .write_all(format!("GET /v1/models HTTP/1.1\r\nhost: {host}\r\n\r\n").as_bytes())
+        .await
+        .expect("written");
+    let (head, body) = read_response(&mut socket).await;
+    (head.lines().next().unwrap_or_default().to_owned(), body)
+}
+
+#[tokio::test]
+async fn without_a_key_only_its_own_host_names_are_served() {
+    let mut options = TestServer::options();
+    options.settings.allowed_hosts = vec!["chat.internal".into()];
+    let open = options.start().await;
+    let port = addr(&open.base)
+        .rsplit_once(':')
+        .expect("port")
+        .1
+        .to_owned();
+    for host in [
+        format!("127.0.0.1:{port}"),
+        format!("localhost:{port}"),
+        format!("[::1]:{port}"),
+        "chat.internal".to_owned(),
+    ] {
+        let (status, _) = health_for_host(&open.base, &host).await;
+        assert!(status.starts_with("HTTP/1.1 200"), "{host}: {status}");
+    }
+    // A page on another site whose name now resolves to this machine.
+    let (status, body) = health_for_host(&open.base, &format!("attacker.example:{port}")).await;
+    assert!(status.starts_with("HTTP/1.1 403"), "{status}");
+    assert_eq!(json_error(&body)["error"]["code"], "host_not_allowed");
+
+    // With a key, the key is the guard: any name is served to its holder.
+    let keyed = TestServer::options().keys(&["k"]).start().await;
+    let mut socket = TcpStream::connect(addr(&keyed.base))
+        .await
+        .expect("connect");
+    socket
+        .write_all(
+            b"GET /v1/models HTTP/1.1\r\nhost: proxy.example\r\nauthorization: Bearer k\r\n\r\n",
+        )
+        .await
+        .expect("written");
+    let (head, _) = read_response(&mut socket).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
 }
