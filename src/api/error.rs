@@ -49,6 +49,10 @@ pub enum ApiError {
     BackendUnavailable,
     #[error("Internal error.")]
     Internal,
+    /// An upstream's own account of a failure after its answer had begun,
+    /// credentials removed.
+    #[error("The upstream failed: {0}")]
+    UpstreamFailed(String),
     /// An upstream's 4xx, passed on with its status.
     #[error("{message}")]
     Upstream {
@@ -126,6 +130,7 @@ impl ApiError {
                 Some("backend_unavailable"),
             ),
             Self::Internal => (S::INTERNAL_SERVER_ERROR, "server_error", None),
+            Self::UpstreamFailed(_) => (S::BAD_GATEWAY, "server_error", Some("upstream_error")),
             Self::Upstream { status, .. } => {
                 let kind = match status.as_u16() {
                     401 | 403 => "authentication_error",
@@ -176,6 +181,10 @@ impl From<BackendError> for ApiError {
             BackendError::Internal(detail) => {
                 tracing::error!(%detail, "backend failure");
                 Self::Internal
+            }
+            BackendError::UpstreamReported(message) => {
+                tracing::warn!(%message, "the upstream reported a failure");
+                Self::UpstreamFailed(message)
             }
             BackendError::Upstream {
                 status,

@@ -1,15 +1,21 @@
 //! Hostile and careless traffic: silent and trickling connections, bodies
 //! that stop, a descriptor limit under siege, SIGTERM with stragglers,
-//! malformed ids and heads, and spoofed identity headers.
+//! malformed ids and heads, spoofed identity headers, and an upstream
+//! whose error must reach the client in its own words.
 
+use std::sync::Arc;
 use std::time::Duration;
 
+use axum::Json;
+use axum::response::IntoResponse;
+use axum::routing::{get, post};
 use serde_json::{Value, json};
+use sluicegate::backend::upstream::{UpstreamBackend, UpstreamConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use crate::common::{Events, TestServer, chat, client, open_stream, post as post_to};
+use crate::common::{Events, TestServer, chat, client, eventually, open_stream, post as post_to};
 use crate::process::Process;
 
 fn timeouts(header: Duration, body: Duration, idle: Duration) -> crate::common::Options {
@@ -483,4 +489,85 @@ async fn without_a_key_only_its_own_host_names_are_served() {
         .expect("written");
     let (head, _) = read_response(&mut socket).await;
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+}
+
+// Item 9: an upstream's own error message.
+
+/// An OpenAI-style upstream that streams one token, then an error object
+/// that names a credential.
+async fn failing_upstream() -> String {
+    let app = axum::Router::new()
+        .route(
+            "/v1/models",
+            get(|| async {
+                Json(json!({"object": "list", "data": [{"id": "echo", "object": "model"}]}))
+            }),
+        )
+        .route(
+            "/v1/chat/completions",
+            post(|| async {
+                let token = json!({"choices": [{"index": 0, "delta": {"role": "assistant", "content": "partial"}}]});
+                let error = json!({"error": {
+                    "message": "CUDA out of memory on worker 3 (auth sk-live-0123456789abcdef, Bearer upstream-secret)",
+                    "type": "server_error",
+                }});
+                (
+                    [(axum::http::header::CONTENT_TYPE, "text/event-stream")],
+                    format!("data: {token}\n\ndata: {error}\n\n"),
+                )
+                    .into_response()
+            }),
+        );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let base = format!("http://{}", listener.local_addr().expect("addr"));
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    base
+}
+
+#[tokio::test]
+async fn an_upstream_error_mid_stream_reaches_the_client_without_credentials() {
+    let upstream = failing_upstream().await;
+    let backend = UpstreamBackend::new(UpstreamConfig {
+        urls: vec![upstream],
+        api_key: Some("upstream-secret".into()),
+        connect_timeout: Duration::from_secs(2),
+        first_byte_timeout: Duration::from_secs(5),
+    })
+    .expect("backend");
+    let server = TestServer::options()
+        .backend(Arc::new(backend))
+        .start()
+        .await;
+    let events = Events::of(open_stream(&server, "hi", None).await)
+        .rest()
+        .await;
+    assert_eq!(events.last().expect("events").data, "[DONE]");
+    let error: Value = serde_json::from_str(&events[events.len() - 2].data).expect("JSON");
+    let message = error["error"]["message"].as_str().expect("message");
+    assert!(
+        message.contains("CUDA out of memory on worker 3"),
+        "{message}"
+    );
+    assert!(!message.contains("0123456789abcdef"), "{message}");
+    assert!(!message.contains("upstream-secret"), "{message}");
+
+    let resp = post_to(&server, "/v1/chat/completions", &chat("hi", false))
+        .send()
+        .await
+        .expect("sent");
+    let status = resp.status();
+    let body = json_error(&resp.text().await.expect("body"));
+    assert_eq!(status, 502);
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("CUDA out of memory")),
+        "{body}"
+    );
+    eventually(Duration::from_secs(5), || {
+        server.state.registry.running() == 0
+    })
+    .await;
 }
