@@ -11,29 +11,25 @@
 //! must be complete within the header-read timeout. Request bodies have
 //! their own deadline where they are read (`api::extract`).
 
-use std::convert::Infallible;
 use std::future::Future;
 use std::io;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::Router;
-use axum::body::{Body, Bytes, HttpBody};
-use axum::http::{HeaderValue, Request, Response, Version, header};
-use hyper::body::{Frame, Incoming, SizeHint};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::rustls::ServerConfig;
 use tokio_util::sync::CancellationToken;
-use tower::ServiceExt as _;
+
+mod activity;
+
+use activity::{Activity, Counted, Watch, Watched};
 
 /// How long a connection told to close may take to finish its response
 /// before it is dropped.
@@ -243,24 +239,16 @@ impl Connections {
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let activity = Arc::new(Activity::new());
-        let io = TokioIo::new(Watched {
-            io,
-            activity: Arc::clone(&activity),
-        });
-        let service = Counted {
-            router: self.router.clone(),
-            activity: Arc::clone(&activity),
-            draining: self.draining.clone(),
-        };
+        let io = TokioIo::new(Watched::new(io, Arc::clone(&activity)));
+        let service = Counted::new(
+            self.router.clone(),
+            Arc::clone(&activity),
+            self.draining.clone(),
+        );
         let conn = self.builder.serve_connection(io, service);
         tokio::pin!(conn);
-        let mut watch = Watch {
-            busy: false,
-            begun: 0,
-            since: accepted,
-            deadline: accepted + self.limits.header_read_timeout,
-        };
-        let timer = tokio::time::sleep_until(watch.deadline);
+        let mut watch = Watch::new(accepted, self.limits.header_read_timeout);
+        let timer = tokio::time::sleep_until(watch.deadline());
         tokio::pin!(timer);
         let mut closing = false;
         loop {
@@ -271,19 +259,19 @@ impl Connections {
                     }
                     return;
                 }
-                () = activity.wake.notified() => {
+                () = activity.changed() => {
                     if let Some(deadline) = watch.update(&activity, self.limits)
                         && !closing
                     {
                         timer.as_mut().reset(deadline);
                     }
                 }
-                () = &mut timer, if closing || !watch.busy => {
+                () = &mut timer, if closing || !watch.busy() => {
                     if closing {
                         tracing::debug!("connection did not close in time; dropped");
                         return;
                     }
-                    tracing::debug!(busy = watch.busy, "connection timed out");
+                    tracing::debug!(busy = watch.busy(), "connection timed out");
                     closing = true;
                     conn.as_mut().graceful_shutdown();
                     timer.as_mut().reset(Instant::now() + CLOSE_MARGIN);
@@ -317,224 +305,4 @@ fn is_per_connection(err: &io::Error) -> bool {
             | io::ErrorKind::ConnectionRefused
             | io::ErrorKind::Interrupted
     )
-}
-
-/// What the connection's reader and service tell its task.
-struct Activity {
-    /// Requests whose response has not been fully sent.
-    in_flight: AtomicUsize,
-    /// Requests begun, so that one that came and went between two looks is
-    /// not missed.
-    begun: AtomicUsize,
-    /// Set while the connection waits for the first byte of a request;
-    /// the reader clears it and wakes the task.
-    awaiting_bytes: AtomicBool,
-    /// The connection has carried an HTTP/2 request: its frames between
-    /// requests (pings, window updates) are no request head.
-    http2: AtomicBool,
-    wake: Notify,
-}
-
-impl Activity {
-    fn new() -> Self {
-        Self {
-            in_flight: AtomicUsize::new(0),
-            begun: AtomicUsize::new(0),
-            awaiting_bytes: AtomicBool::new(true),
-            http2: AtomicBool::new(false),
-            wake: Notify::new(),
-        }
-    }
-}
-
-/// The connection task's view of its timers.
-struct Watch {
-    busy: bool,
-    /// `Activity::begun` at the last look.
-    begun: usize,
-    /// When the connection last became idle (or was accepted).
-    since: Instant,
-    /// When an idle or half-sent connection is closed.
-    deadline: Instant,
-}
-
-impl Watch {
-    /// Follows a change of `activity`; returns the new deadline, if any.
-    fn update(&mut self, activity: &Activity, limits: Limits) -> Option<Instant> {
-        let now = Instant::now();
-        // `begun` first: a request counted there is already in flight.
-        let begun = activity.begun.load(Ordering::Acquire);
-        let served = std::mem::replace(&mut self.begun, begun) != begun;
-        if activity.in_flight.load(Ordering::Acquire) > 0 {
-            self.busy = true;
-            return None;
-        }
-        if self.busy || served {
-            self.busy = false;
-            self.since = now;
-            self.deadline = now + limits.idle_timeout;
-            return Some(self.deadline);
-        }
-        let head_begun = !activity.awaiting_bytes.load(Ordering::Acquire)
-            && !activity.http2.load(Ordering::Acquire);
-        let head_deadline = now + limits.header_read_timeout;
-        if head_begun && head_deadline < self.deadline {
-            self.deadline = head_deadline;
-            return Some(head_deadline);
-        }
-        None
-    }
-
-    /// Idle, has sent nothing since, and for long enough to be shed.
-    fn silent(&self, activity: &Activity) -> bool {
-        !self.busy
-            && activity.awaiting_bytes.load(Ordering::Acquire)
-            && self.since.elapsed() >= SHED_AFTER
-    }
-}
-
-/// The socket, telling `Activity` when a request's first byte arrives.
-struct Watched<I> {
-    io: I,
-    activity: Arc<Activity>,
-}
-
-impl<I: AsyncRead + Unpin> AsyncRead for Watched<I> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let before = buf.filled().len();
-        let polled = Pin::new(&mut self.io).poll_read(cx, buf);
-        if buf.filled().len() > before
-            && self.activity.awaiting_bytes.load(Ordering::Relaxed)
-            && self.activity.awaiting_bytes.swap(false, Ordering::AcqRel)
-        {
-            self.activity.wake.notify_one();
-        }
-        polled
-    }
-}
-
-impl<I: AsyncWrite + Unpin> AsyncWrite for Watched<I> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
-    }
-}
-
-/// The router, counting each request as in flight until its response body
-/// has been sent (or dropped).
-#[derive(Clone)]
-struct Counted {
-    router: Router,
-    activity: Arc<Activity>,
-    draining: CancellationToken,
-}
-
-type Answer = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
-
-impl hyper::service::Service<Request<Incoming>> for Counted {
-    type Response = Response<Body>;
-    type Error = Infallible;
-    type Future = Answer;
-
-    fn call(&self, req: Request<Incoming>) -> Answer {
-        let guard = InFlight::begin(&self.activity);
-        let http1 = req.version() < Version::HTTP_2;
-        if !http1 {
-            self.activity.http2.store(true, Ordering::Release);
-        }
-        let router = self.router.clone();
-        let draining = self.draining.clone();
-        Box::pin(async move {
-            let mut response = router.oneshot(req).await?;
-            if http1 && draining.is_cancelled() {
-                // Shutting down: the client should take its next request
-                // elsewhere.
-                response
-                    .headers_mut()
-                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
-            }
-            Ok(response.map(|body| {
-                Body::new(Tracked {
-                    body,
-                    _guard: guard,
-                })
-            }))
-        })
-    }
-}
-
-/// One request in flight on its connection.
-struct InFlight(Arc<Activity>);
-
-impl InFlight {
-    fn begin(activity: &Arc<Activity>) -> Self {
-        activity.in_flight.fetch_add(1, Ordering::AcqRel);
-        activity.begun.fetch_add(1, Ordering::AcqRel);
-        activity.wake.notify_one();
-        Self(Arc::clone(activity))
-    }
-}
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        // Armed before the count drops, so a byte of the next request that
-        // arrives at once is noticed.
-        self.0.awaiting_bytes.store(true, Ordering::Release);
-        if self.0.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.0.wake.notify_one();
-        }
-    }
-}
-
-/// A response body that holds its request's `InFlight`.
-struct Tracked {
-    body: Body,
-    _guard: InFlight,
-}
-
-impl HttpBody for Tracked {
-    type Data = Bytes;
-    type Error = axum::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
-        Pin::new(&mut self.body).poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
-    }
 }
