@@ -218,6 +218,11 @@ impl IntoResponse for ApiError {
             Self::QueueFull { retry_after } => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from(retry_after));
             }
+            // The rest of the body may never come: over HTTP/1.1 the
+            // connection cannot be reused. (HTTP/2 drops the header.)
+            Self::BodyTimeout(_) => {
+                headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
             Self::Upstream {
                 retry_after: Some(value),
                 ..

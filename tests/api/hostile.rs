@@ -158,6 +158,9 @@ async fn a_body_that_stops_partway_gets_a_json_408() {
     let (head, body) = read_response(&mut socket).await;
     assert!(head.starts_with("HTTP/1.1 408"), "{head}");
     assert_eq!(json_error(&body)["error"]["code"], "body_timeout");
+    // The rest of the body never comes: the connection is not kept.
+    let said = read_until_closed(&mut socket, Duration::from_secs(10)).await;
+    assert!(said.is_empty(), "{said:?}");
 }
 
 #[tokio::test]
