@@ -317,8 +317,10 @@ pub async fn run(
     connections.accept(listener, shutdown).await;
 
     let registry = &state.registry;
-    tracing::info!(running = registry.running(), "shutting down");
+    // Refuse first, then say so: once the line is logged, new generations
+    // get 503.
     state.shutdown.cancel();
+    tracing::info!(running = registry.running(), "shutting down");
     let deadline = tokio::time::Instant::now() + settings.shutdown_grace;
     while registry.running() > 0 && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
