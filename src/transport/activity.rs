@@ -289,3 +289,74 @@ impl HttpBody for Tracked {
         self.body.size_hint()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMITS: Limits = Limits {
+        header_read_timeout: Duration::from_secs(10),
+        idle_timeout: Duration::from_secs(60),
+        max_connections: 1,
+    };
+
+    fn first_byte(activity: &Activity) {
+        activity.awaiting_bytes.store(false, Ordering::Release);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn deadlines_follow_the_connection() {
+        let activity = Arc::new(Activity::new());
+        let accepted = Instant::now();
+        let mut watch = Watch::new(accepted, LIMITS.header_read_timeout);
+        assert_eq!(watch.deadline(), accepted + LIMITS.header_read_timeout);
+
+        // The first head is due from the connection, not from its first byte.
+        tokio::time::advance(Duration::from_secs(3)).await;
+        first_byte(&activity);
+        assert_eq!(watch.update(&activity, LIMITS), None);
+
+        // Busy: no deadline. Done: idle from then.
+        let request = InFlight::begin(&activity);
+        assert_eq!(watch.update(&activity, LIMITS), None);
+        assert!(watch.busy());
+        tokio::time::advance(Duration::from_secs(100)).await;
+        drop(request);
+        let done = Instant::now();
+        assert_eq!(
+            watch.update(&activity, LIMITS),
+            Some(done + LIMITS.idle_timeout)
+        );
+
+        // The next request's first byte brings the head deadline forward.
+        tokio::time::advance(Duration::from_secs(20)).await;
+        first_byte(&activity);
+        let head = Instant::now() + LIMITS.header_read_timeout;
+        assert_eq!(watch.update(&activity, LIMITS), Some(head));
+
+        // A request that came and went between two looks is not missed.
+        drop(InFlight::begin(&activity));
+        tokio::time::advance(Duration::from_secs(1)).await;
+        let idle = Instant::now() + LIMITS.idle_timeout;
+        assert_eq!(watch.update(&activity, LIMITS), Some(idle));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn http2_frames_between_requests_are_no_head_and_silence_is_shed() {
+        let activity = Arc::new(Activity::new());
+        let mut watch = Watch::new(Instant::now(), LIMITS.header_read_timeout);
+        assert!(!watch.silent(&activity), "not silent for long enough yet");
+        tokio::time::advance(SHED_AFTER).await;
+        assert!(watch.silent(&activity));
+
+        first_byte(&activity);
+        activity.http2.store(true, Ordering::Release);
+        drop(InFlight::begin(&activity));
+        let idle = Instant::now() + LIMITS.idle_timeout;
+        assert_eq!(watch.update(&activity, LIMITS), Some(idle));
+        first_byte(&activity);
+        assert_eq!(watch.update(&activity, LIMITS), None, "a ping is no head");
+        tokio::time::advance(SHED_AFTER).await;
+        assert!(!watch.silent(&activity), "it has sent something");
+    }
+}
