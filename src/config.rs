@@ -146,6 +146,35 @@ pub struct Config {
     #[arg(long, env = "SLUICEGATE_SHUTDOWN_GRACE", value_parser = duration, default_value = "10s")]
     pub shutdown_grace: Duration,
 
+    /// Time a client has to send a complete request head, from the moment
+    /// it connects or sends the first byte of its next request.
+    #[arg(long, env = "SLUICEGATE_HEADER_READ_TIMEOUT", value_parser = duration, default_value = "10s")]
+    pub header_read_timeout: Duration,
+
+    /// Time a client has to send a whole request body.
+    #[arg(long, env = "SLUICEGATE_BODY_READ_TIMEOUT", value_parser = duration, default_value = "30s")]
+    pub body_read_timeout: Duration,
+
+    /// How long a connection with no request in flight stays open.
+    #[arg(long, env = "SLUICEGATE_IDLE_TIMEOUT", value_parser = duration, default_value = "60s")]
+    pub idle_timeout: Duration,
+
+    /// Open client connections at most (default: from the descriptor
+    /// limit, at most 10000). Beyond it the server stops accepting and
+    /// closes connections that have sent nothing.
+    #[arg(long, env = "SLUICEGATE_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+
+    /// Host name clients may send in `Host` when no `--api-key` is set
+    /// (besides IP addresses, `localhost` and `--host`); repeatable; `*`
+    /// for any. Guards a keyless server against DNS rebinding.
+    #[arg(
+        long = "allowed-host",
+        env = "SLUICEGATE_ALLOWED_HOST",
+        value_delimiter = ','
+    )]
+    pub allowed_hosts: Vec<String>,
+
     /// PEM certificate chain: serve HTTPS (ALPN h2 and http/1.1).
     #[arg(long, env = "SLUICEGATE_TLS_CERT", requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,
@@ -218,6 +247,18 @@ impl Config {
         if self.max_log_bytes < 4096 {
             return Err("--max-log-bytes must be at least 4096".into());
         }
+        for (flag, value) in [
+            ("--header-read-timeout", self.header_read_timeout),
+            ("--body-read-timeout", self.body_read_timeout),
+            ("--idle-timeout", self.idle_timeout),
+        ] {
+            if value.is_zero() {
+                return Err(format!("{flag} must be longer than 0s"));
+            }
+        }
+        if self.max_connections == Some(0) {
+            return Err("--max-connections must be at least 1".into());
+        }
         if self.max_body == 0 {
             return Err("--max-body must be at least 1 byte".into());
         }
@@ -259,6 +300,11 @@ mod tests {
         assert_eq!(c.reattach_grace, Duration::from_secs(10));
         assert_eq!(c.resume_ttl, Duration::from_secs(300));
         assert_eq!(c.max_body, 1_048_576);
+        assert_eq!(c.header_read_timeout, Duration::from_secs(10));
+        assert_eq!(c.body_read_timeout, Duration::from_secs(30));
+        assert_eq!(c.idle_timeout, Duration::from_secs(60));
+        assert_eq!(c.max_connections, None);
+        assert!(c.allowed_hosts.is_empty());
     }
 
     #[test]

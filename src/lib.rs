@@ -16,7 +16,10 @@
 //!   backend, relaying to OpenAI-compatible servers).
 //! - [`model`]: the GGUF llama decoder on candle, its tokenizer, chat
 //!   template and sampler. Knows nothing of HTTP or of the server.
-//! - [`tls`]: rustls config and a handshake-in-its-own-task listener.
+//! - [`transport`]: the accept loop and each connection's task: HTTP/1.1
+//!   and h2c on one port, the connection cap, header-read and idle
+//!   timeouts, closing connections after the drain.
+//! - [`tls`]: the rustls config.
 //! - [`telemetry`]: tracing setup and every metric name.
 //!
 //! Dependencies point one way: `api` -> `session`, `backend`;
@@ -30,3 +33,4 @@ pub mod server;
 pub mod session;
 pub mod telemetry;
 pub mod tls;
+pub mod transport;

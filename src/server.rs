@@ -10,7 +10,6 @@ use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
 use axum::http::{HeaderName, HeaderValue, Method, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::serve::{Listener, ListenerExt as _};
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 use tokio_rustls::rustls::ServerConfig;
@@ -34,7 +33,7 @@ use crate::session::{
     Replicas,
 };
 use crate::telemetry;
-use crate::tls::TlsListener;
+use crate::transport::{self, Connections, Limits};
 
 /// Settings the request path reads.
 #[derive(Debug, Clone)]
@@ -53,6 +52,17 @@ pub struct Settings {
     pub max_queue_per_key: Option<usize>,
     /// Origins allowed by CORS; `*` for any; empty: no CORS headers.
     pub cors_origins: Vec<String>,
+    /// A request head must be complete this long after it may begin.
+    pub header_read_timeout: Duration,
+    /// A request body must have arrived in full this long after its head.
+    pub body_read_timeout: Duration,
+    /// A connection with no request in flight is closed after this long.
+    pub idle_timeout: Duration,
+    /// Open connections at most; `None`: from the descriptor limit.
+    pub max_connections: Option<usize>,
+    /// Names accepted in `Host` when no API key is set, besides IP
+    /// addresses and `localhost`; `*` for any.
+    pub allowed_hosts: Vec<String>,
 }
 
 impl Default for Settings {
@@ -66,6 +76,11 @@ impl Default for Settings {
             max_concurrent_per_key: None,
             max_queue_per_key: None,
             cors_origins: Vec::new(),
+            header_read_timeout: Duration::from_secs(10),
+            body_read_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(60),
+            max_connections: None,
+            allowed_hosts: Vec::new(),
         }
     }
 }
@@ -192,6 +207,14 @@ impl AppState {
             max_concurrent_per_key: config.max_concurrent_per_key,
             max_queue_per_key: config.max_queue_per_key,
             cors_origins: config.cors_origins.clone(),
+            header_read_timeout: config.header_read_timeout,
+            body_read_timeout: config.body_read_timeout,
+            idle_timeout: config.idle_timeout,
+            max_connections: config.max_connections,
+            // The name the server listens on is its own.
+            allowed_hosts: std::iter::once(config.host.clone())
+                .chain(config.allowed_hosts.iter().cloned())
+                .collect(),
         };
         let state = Self::new(backend, registry, config.api_keys.clone(), settings).await;
         match &config.redis {
@@ -234,9 +257,16 @@ pub fn app(state: AppState) -> Router {
             state.clone(),
             json_payload_too_large,
         ))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            api::head::check,
+        ))
         .layer(PropagateRequestIdLayer::x_request_id())
         .layer(TraceLayer::new_for_http().make_span_with(request_span))
-        .layer(SetRequestIdLayer::x_request_id(RandomRequestId));
+        .layer(SetRequestIdLayer::x_request_id(RandomRequestId))
+        .layer(axum::middleware::map_request(
+            api::head::drop_unfit_request_id,
+        ));
     match cors {
         Some(cors) => router.layer(cors),
         None => router,
@@ -328,82 +358,47 @@ async fn json_payload_too_large(State(state): State<AppState>, response: Respons
 }
 
 /// Serves HTTP/1.1 and h2c on `listener`, or HTTPS with `tls`, until
-/// `shutdown` resolves; then stops accepting, lets running generations
-/// finish for the shutdown grace, ends the rest as `cancelled`, and returns
-/// once connections have closed.
+/// `shutdown` resolves; then stops accepting, answers new generations on
+/// open connections with 503 while running ones finish for the shutdown
+/// grace, ends the rest as `cancelled`, closes every connection and
+/// returns.
 pub async fn run(
     listener: TcpListener,
     tls: Option<Arc<ServerConfig>>,
     state: AppState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let replicas = state.replicas.clone();
-    let grace = state.settings.shutdown_grace;
-    let served = match tls {
-        Some(tls) => {
-            let listener = TlsListener::new(listener, tls, state.shutdown.clone())?;
-            serve(listener, state, shutdown).await
-        }
-        None => {
-            // Each token is a small write that must leave at once: without
-            // NODELAY, Nagle holds it for the client's delayed ACK (~40 ms).
-            let listener = listener.tap_io(|tcp| {
-                if let Err(err) = tcp.set_nodelay(true) {
-                    tracing::debug!(%err, "cannot set TCP_NODELAY");
-                }
-            });
-            serve(listener, state, shutdown).await
-        }
+    let settings = &state.settings;
+    let max_connections = settings
+        .max_connections
+        .unwrap_or_else(transport::default_max_connections);
+    tracing::debug!(max_connections, "connection limit");
+    let limits = Limits {
+        header_read_timeout: settings.header_read_timeout,
+        idle_timeout: settings.idle_timeout,
+        max_connections,
     };
+    let connections = Connections::new(app(state.clone()), tls, limits, state.shutdown.clone());
+    connections.accept(listener, shutdown).await;
+
+    let registry = &state.registry;
+    // Refuse first, then say so: once the line is logged, new generations
+    // get 503.
+    state.shutdown.cancel();
+    tracing::info!(running = registry.running(), "shutting down");
+    registry
+        .wait_idle(tokio::time::Instant::now() + settings.shutdown_grace)
+        .await;
+    let stopped = registry.cancel_all(EndCause::Shutdown);
+    if stopped > 0 {
+        tracing::info!(stopped, "shutdown grace over; generations cancelled");
+    }
+    connections.close_all().await;
     // Readers on other instances get the ends of what ran here.
-    if let Some(replicas) = replicas {
+    if let Some(replicas) = &state.replicas {
         replicas
-            .flush(tokio::time::Instant::now() + grace.max(Duration::from_secs(2)))
+            .flush(tokio::time::Instant::now() + Duration::from_secs(2))
             .await;
     }
-    served
-}
-
-async fn serve<L>(
-    listener: L,
-    state: AppState,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()>
-where
-    L: Listener,
-    L::Addr: std::fmt::Debug,
-{
-    let draining = state.shutdown.clone();
-    let registry = Arc::clone(&state.registry);
-    let grace = state.settings.shutdown_grace;
-    let signal = {
-        let draining = draining.clone();
-        async move {
-            shutdown.await;
-            tracing::info!(running = registry.running(), "shutting down");
-            draining.cancel();
-            tokio::spawn(async move {
-                registry
-                    .wait_idle(tokio::time::Instant::now() + grace)
-                    .await;
-                let stopped = registry.cancel_all(EndCause::Shutdown);
-                if stopped > 0 {
-                    tracing::info!(stopped, "shutdown grace over; generations cancelled");
-                }
-            });
-        }
-    };
-    let serve = axum::serve(listener, app(state)).with_graceful_shutdown(signal);
-    // A client that stops reading could hold its connection open forever.
-    let give_up = async {
-        draining.cancelled().await;
-        tokio::time::sleep(grace + Duration::from_secs(5)).await;
-    };
-    tokio::select! {
-        result = serve => result,
-        () = give_up => {
-            tracing::warn!("connections still open after the shutdown grace; exiting");
-            Ok(())
-        }
-    }
+    Ok(())
 }

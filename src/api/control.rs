@@ -6,13 +6,13 @@
 use std::sync::Arc;
 
 use axum::Json;
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 
 use super::error::ApiError;
-use super::extract::Caller;
+use super::extract::{Caller, OpenAiPath as Path, OpenAiQuery as Query};
 use super::sse;
 use super::wire::CancelResult;
 use crate::server::AppState;

@@ -29,6 +29,16 @@ pub enum ApiError {
     MethodNotAllowed(String),
     #[error("The request body is larger than the limit of {0} bytes.")]
     PayloadTooLarge(usize),
+    #[error("The request body did not arrive within {} s.", .0.as_secs_f64())]
+    BodyTimeout(std::time::Duration),
+    #[error("The request URI is longer than the limit of {0} bytes.")]
+    UriTooLong(usize),
+    #[error("The request headers are larger than the limit of {0} bytes.")]
+    HeadersTooLarge(usize),
+    #[error(
+        "Host `{0}` is not allowed: a server without an API key answers only requests addressed to its own name; see `--allowed-host`."
+    )]
+    HostNotAllowed(String),
     #[error("The request body must be JSON: send `Content-Type: application/json`.")]
     UnsupportedMediaType,
     #[error("Too many generations are waiting; retry after {retry_after} s.")]
@@ -45,6 +55,10 @@ pub enum ApiError {
     OwnerGone,
     #[error("Internal error.")]
     Internal,
+    /// An upstream's own account of a failure after its answer had begun,
+    /// credentials removed.
+    #[error("The upstream failed: {0}")]
+    UpstreamFailed(String),
     /// An upstream's 4xx, passed on with its status.
     #[error("{message}")]
     Upstream {
@@ -87,6 +101,22 @@ impl ApiError {
                 "invalid_request_error",
                 Some("request_too_large"),
             ),
+            Self::BodyTimeout(_) => (
+                S::REQUEST_TIMEOUT,
+                "invalid_request_error",
+                Some("body_timeout"),
+            ),
+            Self::UriTooLong(_) => (
+                S::URI_TOO_LONG,
+                "invalid_request_error",
+                Some("uri_too_long"),
+            ),
+            Self::HeadersTooLarge(_) => (
+                S::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                "invalid_request_error",
+                Some("headers_too_large"),
+            ),
+            Self::HostNotAllowed(_) => (S::FORBIDDEN, "permission_error", Some("host_not_allowed")),
             Self::UnsupportedMediaType => (
                 S::UNSUPPORTED_MEDIA_TYPE,
                 "invalid_request_error",
@@ -116,6 +146,7 @@ impl ApiError {
                 Some("instance_gone"),
             ),
             Self::Internal => (S::INTERNAL_SERVER_ERROR, "server_error", None),
+            Self::UpstreamFailed(_) => (S::BAD_GATEWAY, "server_error", Some("upstream_error")),
             Self::Upstream { status, .. } => {
                 let kind = match status.as_u16() {
                     401 | 403 => "authentication_error",
@@ -174,6 +205,10 @@ impl From<BackendError> for ApiError {
                 tracing::error!(%detail, "backend failure");
                 Self::Internal
             }
+            BackendError::UpstreamReported(message) => {
+                tracing::warn!(%message, "the upstream reported a failure");
+                Self::UpstreamFailed(message)
+            }
             BackendError::Upstream {
                 status,
                 message,
@@ -205,6 +240,11 @@ impl IntoResponse for ApiError {
         match self {
             Self::QueueFull { retry_after } => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from(retry_after));
+            }
+            // The rest of the body may never come: over HTTP/1.1 the
+            // connection cannot be reused. (HTTP/2 drops the header.)
+            Self::BodyTimeout(_) => {
+                headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
             }
             Self::Upstream {
                 retry_after: Some(value),

@@ -1,9 +1,10 @@
 //! Extractors whose failures are `ApiError`s: the JSON body (with the
-//! failing field named as `param`), the caller behind the API key, and the
+//! failing field named as `param`, read under the body-read timeout), path
+//! and query parameters, the caller behind the API key, and the
 //! `X-Session-Id` header.
 
 use axum::body::Bytes;
-use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::extract::{FromRequest, FromRequestParts, Path, Query, Request};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode, header};
 use serde::de::DeserializeOwned;
@@ -23,14 +24,63 @@ impl<T: DeserializeOwned> FromRequest<AppState> for OpenAiJson<T> {
         if !is_json(req.headers()) {
             return Err(ApiError::UnsupportedMediaType);
         }
-        let bytes = Bytes::from_request(req, state).await.map_err(|e| {
-            if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                ApiError::PayloadTooLarge(state.settings.max_body)
-            } else {
-                ApiError::invalid(format!("Could not read the request body: {e}"), None)
-            }
-        })?;
+        // A client that stops sending mid-body must not hold the request.
+        let limit = state.settings.body_read_timeout;
+        let bytes = tokio::time::timeout(limit, Bytes::from_request(req, state))
+            .await
+            .map_err(|_| ApiError::BodyTimeout(limit))?
+            .map_err(|e| {
+                if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                    ApiError::PayloadTooLarge(state.settings.max_body)
+                } else {
+                    ApiError::invalid(format!("Could not read the request body: {e}"), None)
+                }
+            })?;
         parse(&bytes).map(OpenAiJson)
+    }
+}
+
+/// `Path<T>` whose rejection (an id that is not UTF-8, say) is an
+/// OpenAI-shaped `ApiError`.
+pub(crate) struct OpenAiPath<T>(pub T);
+
+impl<T, S> FromRequestParts<S> for OpenAiPath<T>
+where
+    T: DeserializeOwned + Send,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        match Path::<T>::from_request_parts(parts, state).await {
+            Ok(Path(value)) => Ok(Self(value)),
+            Err(e) => Err(ApiError::invalid(
+                format!("Invalid path: {}", e.body_text()),
+                None,
+            )),
+        }
+    }
+}
+
+/// `Query<T>` whose rejection (a repeated parameter, say) is an
+/// OpenAI-shaped `ApiError`.
+pub(crate) struct OpenAiQuery<T>(pub T);
+
+impl<T, S> FromRequestParts<S> for OpenAiQuery<T>
+where
+    T: DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        match Query::<T>::from_request_parts(parts, state).await {
+            Ok(Query(value)) => Ok(Self(value)),
+            Err(e) => Err(ApiError::invalid(
+                format!("Invalid query string: {}", e.body_text()),
+                None,
+            )),
+        }
     }
 }
 
@@ -84,6 +134,11 @@ impl ApiKeys {
     /// How many keys, so how many callers, there are.
     pub fn len(&self) -> usize {
         self.0.len()
+    }
+
+    /// No keys configured: everyone is the anonymous caller.
+    pub fn is_open(&self) -> bool {
+        self.0.is_empty()
     }
 
     /// The caller a presented key belongs to. With no keys configured

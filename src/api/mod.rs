@@ -5,6 +5,7 @@ mod chat;
 mod control;
 pub mod error;
 mod extract;
+pub mod head;
 mod models;
 mod page;
 pub mod params;

@@ -127,8 +127,13 @@ impl Backend for LocalBackend {
             .map_err(|e| BackendError::Internal(e.to_string()))?;
         let context = u32::try_from(self.model.weights.config.context_length).unwrap_or(u32::MAX);
         let prompt_tokens = u32::try_from(prompt.len()).unwrap_or(u32::MAX);
+        if prompt.is_empty() {
+            return Err(BackendError::InvalidRequest(
+                "The prompt is empty: send at least one character of text.".into(),
+            ));
+        }
         // The prompt must leave room for at least one generated token.
-        if prompt.is_empty() || prompt_tokens >= context {
+        if prompt_tokens >= context {
             return Err(BackendError::ContextLength {
                 prompt: prompt_tokens,
                 limit: context,

@@ -167,6 +167,10 @@ pub enum BackendError {
     Unavailable(String),
     #[error("backend failure: {0}")]
     Internal(String),
+    /// An upstream reported a failure in its own words after its answer
+    /// had begun; credentials are already removed.
+    #[error("{0}")]
+    UpstreamReported(String),
     /// An upstream server refused the request (4xx): the client gets the
     /// same status.
     #[error("{message}")]

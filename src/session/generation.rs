@@ -252,6 +252,9 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn the_last_detach_cancels_after_the_grace_unless_someone_returns() {
         let g = generation(Duration::from_secs(10));
+        // Past its first token: the whole grace applies.
+        g.log.push(b"opening");
+        g.log.push(b"token");
         let first = g.attach();
         let second = g.attach();
         drop(first);
@@ -272,6 +275,17 @@ mod tests {
         assert!(!g.cancel_token().is_cancelled());
         tokio::time::sleep(Duration::from_millis(2)).await;
         assert!(g.cancel_token().is_cancelled());
+        assert_eq!(g.cancel_cause(), Some(EndCause::ClientGone));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn before_the_first_token_the_grace_is_short() {
+        let g = generation(Duration::from_secs(60));
+        g.log.push(b"opening");
+        drop(g.attach());
+        tokio::time::sleep(EARLY_GRACE - Duration::from_millis(1)).await;
+        assert!(!g.cancel_token().is_cancelled());
+        tokio::time::sleep(Duration::from_millis(2)).await;
         assert_eq!(g.cancel_cause(), Some(EndCause::ClientGone));
     }
 

@@ -193,7 +193,7 @@ async fn raw_exchange(addr: &str, request: Vec<u8>) -> String {
 
 fn http_post(body: &[u8]) -> Vec<u8> {
     let mut request = format!(
-        "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
         body.len()
     )
     .into_bytes();

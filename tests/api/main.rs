@@ -7,6 +7,7 @@ mod cancel;
 mod clients;
 mod common;
 mod errors;
+mod hostile;
 mod model;
 mod process;
 mod replicas;

@@ -21,7 +21,22 @@ impl Process {
     /// Starts the binary with `args` and `env`, port 0, and waits for its
     /// "listening" line.
     pub(crate) async fn start(args: &[&str], env: &[(&str, &str)]) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_sluicegate"))
+        Self::start_under(&[], args, env).await
+    }
+
+    /// As `start`, run by `wrapper` (a command that runs the rest of its
+    /// arguments, such as `prlimit --nofile=256:256 --`).
+    pub(crate) async fn start_under(wrapper: &[&str], args: &[&str], env: &[(&str, &str)]) -> Self {
+        let binary = env!("CARGO_BIN_EXE_sluicegate");
+        let mut command = match wrapper.split_first() {
+            Some((program, rest)) => {
+                let mut command = Command::new(program);
+                command.args(rest).arg(binary);
+                command
+            }
+            None => Command::new(binary),
+        };
+        let mut child = command
             .args(["--port", "0"])
             .args(args)
             .envs(env.iter().copied())

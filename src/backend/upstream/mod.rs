@@ -16,9 +16,10 @@ use tokio::sync::Mutex;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+mod redact;
 mod wire;
 
-use wire::{Relay, RelayStep, upstream_body};
+use wire::{Relay, RelayError, RelayStep, upstream_body};
 
 use super::{
     Accepted, Backend, BackendError, Capabilities, FinishReason, GenerateRequest, ModelCard,
@@ -395,9 +396,14 @@ impl Backend for UpstreamBackend {
         let tokens = stream! {
             let mut opened = Some(first);
             let mut usage = Usage::default();
+            // What the last upstream to fail said, for when none is left.
+            let mut reported = None;
             loop {
                 let Some((resp, _outstanding)) = opened.take() else {
-                    yield Err(BackendError::Unavailable("every upstream failed".into()));
+                    yield Err(match reported {
+                        Some(message) => BackendError::UpstreamReported(message),
+                        None => BackendError::Unavailable("every upstream failed".into()),
+                    });
                     return;
                 };
                 let mut relay = Relay::new(resp, chat, inner.first_byte_timeout);
@@ -427,14 +433,26 @@ impl Backend for UpstreamBackend {
                         Err(why) => break why,
                     }
                 };
+                let why = match failure {
+                    RelayError::Reported(message) => {
+                        let message = redact::redact(&message, inner.api_key.as_deref());
+                        let why = format!("the upstream reported: {message}");
+                        reported = Some(message);
+                        why
+                    }
+                    RelayError::Broken(why) => why,
+                };
                 if relayed {
-                    yield Err(BackendError::Unavailable(format!("the upstream failed mid-answer: {failure}")));
+                    yield Err(match reported.take() {
+                        Some(message) => BackendError::UpstreamReported(message),
+                        None => BackendError::Unavailable(format!("the upstream failed mid-answer: {why}")),
+                    });
                     return;
                 }
                 // Nothing reached the client yet: another upstream may still
                 // answer in full.
                 if let Some(&last) = tried.last() {
-                    inner.mark_down(last, &failure);
+                    inner.mark_down(last, &why);
                 }
                 while let Some(index) = inner.pick(&serving, &tried) {
                     tried.push(index);

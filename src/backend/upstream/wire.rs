@@ -59,6 +59,15 @@ pub(super) fn upstream_body(req: &GenerateRequest) -> (&'static str, Value, bool
     (path, body, chat)
 }
 
+/// Why an upstream's stream ended without finishing.
+pub(super) enum RelayError {
+    /// The upstream said what went wrong, in an error event or an `error`
+    /// object; the message is its own, credentials not yet removed.
+    Reported(String),
+    /// The stream broke: silence, a cut connection, something unreadable.
+    Broken(String),
+}
+
 pub(super) enum RelayStep {
     Text(String),
     Usage(Usage),
@@ -92,26 +101,28 @@ impl Relay {
         }
     }
 
-    pub(super) async fn next(&mut self) -> Result<RelayStep, String> {
+    pub(super) async fn next(&mut self) -> Result<RelayStep, RelayError> {
         loop {
             if let Some(step) = self.pending.pop_front() {
                 return Ok(step);
             }
             let event = match tokio::time::timeout(self.timeout, self.events.next()).await {
-                Err(_) => return Err("the upstream went silent".into()),
+                Err(_) => return Err(RelayError::Broken("the upstream went silent".into())),
                 Ok(None) => {
                     return match self.finish.take() {
                         // Ended without [DONE] but after the answer was
                         // complete: take it as the end.
                         Some(reason) => Ok(RelayStep::Finished(reason)),
-                        None => Err("the upstream closed the stream before the end".into()),
+                        None => Err(RelayError::Broken(
+                            "the upstream closed the stream before the end".into(),
+                        )),
                     };
                 }
-                Ok(Some(Err(err))) => return Err(err),
+                Ok(Some(Err(err))) => return Err(RelayError::Broken(err)),
                 Ok(Some(Ok(event))) => event,
             };
             if event.event == "error" {
-                return Err(format!("the upstream sent an error event: {}", event.data));
+                return Err(RelayError::Reported(error_message(event.data.trim())));
             }
             let data = event.data.trim();
             if data.is_empty() {
@@ -122,13 +133,14 @@ impl Relay {
                     self.finish.take().unwrap_or(FinishReason::Stop),
                 ));
             }
-            let chunk: Value = serde_json::from_str(data)
-                .map_err(|e| format!("the upstream sent something other than JSON: {e}"))?;
+            let chunk: Value = serde_json::from_str(data).map_err(|e| {
+                RelayError::Broken(format!("the upstream sent something other than JSON: {e}"))
+            })?;
             if let Some(error) = chunk.get("error") {
-                let message = error["message"]
-                    .as_str()
-                    .map_or_else(|| error.to_string(), str::to_owned);
-                return Err(format!("the upstream reported: {message}"));
+                return Err(RelayError::Reported(match error["message"].as_str() {
+                    Some(message) => message.to_owned(),
+                    None => error.to_string(),
+                }));
             }
             self.decode(&chunk);
         }
@@ -156,6 +168,16 @@ impl Relay {
             self.finish = Some(map_finish(reason));
         }
     }
+}
+
+/// The message of an error event's data: its `error.message` or `message`
+/// when it is JSON, else the text itself.
+fn error_message(data: &str) -> String {
+    let json: Option<Value> = serde_json::from_str(data).ok();
+    json.as_ref()
+        .and_then(|v| v["error"]["message"].as_str().or(v["message"].as_str()))
+        .unwrap_or(data)
+        .to_owned()
 }
 
 /// Splits a body chunk after each `\n\n`, so the SSE parser gets about one
