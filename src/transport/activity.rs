@@ -38,6 +38,10 @@ pub(super) struct Activity {
     /// The connection has carried an HTTP/2 request: its frames between
     /// requests (pings, window updates) are no request head.
     http2: AtomicBool,
+    /// An event stream's body was handed to hyper whole on this
+    /// connection: if the connection then breaks, its client may not have
+    /// read the end.
+    pub(super) stream_handed_over: AtomicBool,
     wake: Notify,
 }
 
@@ -47,6 +51,7 @@ impl Activity {
             in_flight: AtomicUsize::new(0),
             begun: AtomicUsize::new(0),
             awaiting_bytes: AtomicBool::new(true),
+            stream_handed_over: AtomicBool::new(false),
             http2: AtomicBool::new(false),
             wake: Notify::new(),
         }
@@ -231,9 +236,14 @@ impl hyper::service::Service<Request<Incoming>> for Counted {
                     .headers_mut()
                     .insert(header::CONNECTION, HeaderValue::from_static("close"));
             }
+            let stream = response
+                .headers()
+                .get(header::CONTENT_TYPE)
+                .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
             Ok(response.map(|body| {
                 Body::new(Tracked {
                     body,
+                    stream,
                     _guard: guard,
                 })
             }))
@@ -267,6 +277,8 @@ impl Drop for InFlight {
 /// A response body that holds its request's `InFlight`.
 struct Tracked {
     body: Body,
+    /// An event stream: its end is noted on the connection.
+    stream: bool,
     _guard: InFlight,
 }
 
@@ -278,7 +290,14 @@ impl HttpBody for Tracked {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
-        Pin::new(&mut self.body).poll_frame(cx)
+        let polled = Pin::new(&mut self.body).poll_frame(cx);
+        if self.stream && matches!(polled, Poll::Ready(None)) {
+            self._guard
+                .0
+                .stream_handed_over
+                .store(true, Ordering::Release);
+        }
+        polled
     }
 
     fn is_end_stream(&self) -> bool {

@@ -466,3 +466,49 @@ async fn a_missing_or_corrupt_model_is_a_clear_startup_error() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test]
+async fn every_client_that_drops_a_stream_midway_is_counted() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let server = Process::start(&["--backend", "echo"], &[]).await;
+    let addr = server.base.trim_start_matches("http://").to_owned();
+    let body = serde_json::to_string(&chat(&vec!["word"; 100].join(" "), true)).expect("json");
+    let drops = 20;
+    for _ in 0..drops {
+        let mut tcp = tokio::net::TcpStream::connect(&addr)
+            .await
+            .expect("connect");
+        let request = format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        tcp.write_all(request.as_bytes()).await.expect("sent");
+        // The headers and the first events, then away, the rest unread.
+        let mut some = [0u8; 512];
+        let read = tcp.read(&mut some).await.expect("read");
+        assert!(read > 0);
+        drop(tcp);
+    }
+    let metrics_url = server.url("/metrics");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = client()
+            .get(&metrics_url)
+            .send()
+            .await
+            .expect("sent")
+            .text()
+            .await
+            .expect("text");
+        let counted = sample(&text, "sluicegate_disconnects_total", &[]);
+        if counted >= f64::from(drops) {
+            assert!(counted <= f64::from(drops), "counted twice: {counted}");
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{counted} of {drops} drops counted"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
