@@ -4,13 +4,18 @@
 //! # Layout
 //!
 //! - [`config`]: flags and `SLUICEGATE_*` variables into a `Config`.
-//! - [`server`]: `AppState`, the router and its layers, `run` with drain.
+//! - [`state`]: `AppState`, what every request reads; [`auth`]: API keys
+//!   to callers; [`types`]: plain data that `backend` and `model` share.
+//! - [`server`]: the router and its layers, the state a `Config` builds,
+//!   `run` with drain.
 //! - [`api`]: the HTTP surface. Handlers extract, call and map; `api::sse`
-//!   frames events, `api::run` starts generations and writes their logs;
+//!   frames events, `api::run` encodes what `session` runs;
 //!   `api::page` serves the chat page from `web/`.
-//! - [`session`]: generations apart from connections: the registry that
-//!   cancels a session's previous generation, the per-generation event log
-//!   that every connection (and every resume) reads.
+//! - [`session`]: generations apart from connections: admission and the
+//!   run slot, the registry that cancels a session's previous generation,
+//!   the per-generation event log that every connection (and every
+//!   resume) reads by position, and the replicas that share all of it
+//!   through Redis.
 //! - [`backend`]: the `Backend` trait and its implementations: `echo`,
 //!   `local` (a decode thread over [`model`]) and `upstream` (the `openai`
 //!   backend, relaying to OpenAI-compatible servers).
@@ -22,15 +27,19 @@
 //! - [`tls`]: the rustls config.
 //! - [`telemetry`]: tracing setup and every metric name.
 //!
-//! Dependencies point one way: `api` -> `session`, `backend`;
-//! `backend::local` -> `model`.
+//! Dependencies point one way: `server` -> `api` -> `state` -> `session`
+//! -> `backend` -> `model` -> `types`; `auth` and `telemetry` are leaves
+//! that many import.
 
 pub mod api;
+pub mod auth;
 pub mod backend;
 pub mod config;
 pub mod model;
 pub mod server;
 pub mod session;
+pub mod state;
 pub mod telemetry;
 pub mod tls;
 pub mod transport;
+pub mod types;

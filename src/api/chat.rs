@@ -12,7 +12,7 @@ use super::params;
 use super::run;
 use super::sse::Flavor;
 use super::wire::CompletionRequest;
-use crate::server::AppState;
+use crate::state::AppState;
 
 pub(crate) async fn chat_completions(
     State(state): State<AppState>,

@@ -15,8 +15,8 @@ use super::error::ApiError;
 use super::extract::{Caller, OpenAiPath as Path, OpenAiQuery as Query};
 use super::sse;
 use super::wire::CancelResult;
-use crate::server::AppState;
 use crate::session::{CallerId, EndCause, Generation, GenerationId, LogReader, RemoteGeneration};
+use crate::state::AppState;
 use crate::telemetry;
 
 /// A caller's generation, here or on another instance.

@@ -8,11 +8,11 @@ use axum::extract::{FromRequest, FromRequestParts, Path, Query, Request};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode, header};
 use serde::de::DeserializeOwned;
-use subtle::ConstantTimeEq;
 
 use super::error::ApiError;
-use crate::server::AppState;
+use crate::auth::KeyError;
 use crate::session::CallerId;
+use crate::state::AppState;
 
 /// `Json<T>` whose every rejection is an OpenAI-shaped `ApiError`.
 pub(crate) struct OpenAiJson<T>(pub T);
@@ -117,54 +117,6 @@ pub(crate) fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     Ok(value)
 }
 
-/// The configured API keys. Comparison is constant-time and the keys are
-/// never logged: a caller is known by its position (`key-2`).
-pub struct ApiKeys(Vec<String>);
-
-impl ApiKeys {
-    pub fn new(keys: Vec<String>) -> Self {
-        Self(keys.into_iter().filter(|k| !k.is_empty()).collect())
-    }
-
-    /// Whether no key is configured (everyone is one anonymous caller).
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-
-    /// How many keys, so how many callers, there are.
-    pub fn len(&self) -> usize {
-        self.0.len()
-    }
-
-    /// No keys configured: everyone is the anonymous caller.
-    pub fn is_open(&self) -> bool {
-        self.0.is_empty()
-    }
-
-    /// The caller a presented key belongs to. With no keys configured
-    /// everyone is the one anonymous caller.
-    pub fn identify(&self, presented: Option<&str>) -> Result<CallerId, ApiError> {
-        if self.0.is_empty() {
-            return Ok(CallerId::ANONYMOUS);
-        }
-        let presented = presented.ok_or(ApiError::Unauthorized(
-            "Missing API key: send `Authorization: Bearer <key>`.",
-        ))?;
-        // Look at every key whatever matched, so timing tells nothing.
-        let mut found = 0u32;
-        for (index, key) in (1u32..).zip(&self.0) {
-            let same: bool = key.as_bytes().ct_eq(presented.as_bytes()).into();
-            if same {
-                found = index;
-            }
-        }
-        match found {
-            0 => Err(ApiError::Unauthorized("Incorrect API key provided.")),
-            n => Ok(CallerId(n)),
-        }
-    }
-}
-
 /// The authenticated caller of a request.
 pub(crate) struct Caller(pub CallerId);
 
@@ -180,7 +132,12 @@ impl FromRequestParts<AppState> for Caller {
                 let (scheme, token) = v.trim().split_once(' ')?;
                 scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
             });
-        let caller = state.keys.identify(presented)?;
+        let caller = state.keys.identify(presented).map_err(|e| {
+            ApiError::Unauthorized(match e {
+                KeyError::Missing => "Missing API key: send `Authorization: Bearer <key>`.",
+                KeyError::Wrong => "Incorrect API key provided.",
+            })
+        })?;
         tracing::Span::current().record("caller", tracing::field::display(caller));
         Ok(Self(caller))
     }
@@ -247,16 +204,5 @@ mod tests {
             "]".repeat(10_000)
         );
         assert!(parse::<CompletionRequest>(deep.as_bytes()).is_err());
-    }
-
-    #[test]
-    fn keys_identify_callers_by_position() {
-        let keys = ApiKeys::new(vec!["alpha".into(), "beta".into()]);
-        assert_eq!(keys.identify(Some("beta")).ok(), Some(CallerId(2)));
-        assert!(keys.identify(Some("gamma")).is_err());
-        assert!(keys.identify(Some("bet")).is_err());
-        assert!(keys.identify(None).is_err());
-        let open = ApiKeys::new(Vec::new());
-        assert_eq!(open.identify(None).ok(), Some(CallerId::ANONYMOUS));
     }
 }

@@ -11,7 +11,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
 use super::error::ApiError;
-use crate::server::AppState;
+use crate::state::AppState;
 
 /// Longest path and query served. Longer ones up to hyper's buffer get a
 /// JSON 414; beyond it hyper answers 431 itself.
@@ -31,7 +31,7 @@ pub async fn check(State(state): State<AppState>, req: Request, next: Next) -> R
     if header_bytes(req.headers()) > MAX_HEADER_BYTES {
         return ApiError::HeadersTooLarge(MAX_HEADER_BYTES).into_response();
     }
-    if state.keys.is_open()
+    if state.keys.is_empty()
         && let Some(host) = request_host(&req)
         && !host_allowed(&host, &state.settings.allowed_hosts)
     {

@@ -18,9 +18,8 @@ use axum::http::{Method, Uri};
 use axum::routing::{get, post};
 
 pub use error::ApiError;
-pub use extract::ApiKeys;
 
-use crate::server::AppState;
+use crate::state::AppState;
 
 pub fn routes() -> Router<AppState> {
     Router::new()

@@ -10,7 +10,7 @@ use super::error::ApiError;
 use super::extract::Caller;
 use super::wire::{ModelList, ModelObject};
 use crate::backend::ModelCard;
-use crate::server::AppState;
+use crate::state::AppState;
 use crate::telemetry;
 
 pub(crate) async fn list(

@@ -11,8 +11,8 @@ use super::error::ApiError;
 use super::params::Plan;
 use super::sse::{self, ChunkEncoder, Flavor, StreamEncoder};
 use super::wire::{AssistantMessage, ChatChoice, ChatCompletion, TextChoice, TextCompletion};
-use crate::server::AppState;
 use crate::session::{CallerId, Collected, LogReader, Start, StartError};
+use crate::state::AppState;
 
 impl From<StartError> for ApiError {
     fn from(err: StartError) -> Self {

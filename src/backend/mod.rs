@@ -11,6 +11,8 @@ pub mod upstream;
 
 pub use guard::{GuardedRun, Step};
 
+pub use crate::types::{ChatMessage, Sampling};
+
 use async_trait::async_trait;
 use futures_util::stream::BoxStream;
 use tokio_util::sync::CancellationToken;
@@ -115,24 +117,6 @@ impl Default for Prompt {
     fn default() -> Self {
         Self::Chat(Vec::new())
     }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ChatMessage {
-    pub role: String,
-    pub content: String,
-}
-
-/// Sampling settings, each `None` when the client left it to the backend.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct Sampling {
-    pub temperature: Option<f32>,
-    pub top_p: Option<f32>,
-    pub top_k: Option<u32>,
-    pub seed: Option<u64>,
-    pub presence_penalty: Option<f32>,
-    pub frequency_penalty: Option<f32>,
-    pub repetition_penalty: Option<f32>,
 }
 
 /// Optional features, so that the API layer can refuse what a backend lacks

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 
-use crate::backend::Sampling;
+use crate::types::Sampling;
 
 /// Below this a temperature means greedy.
 const GREEDY: f32 = 1e-5;

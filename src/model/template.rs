@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use minijinja::syntax::SyntaxConfig;
 use minijinja::{Environment, Error, ErrorKind, Value, context};
 
-use crate::backend::ChatMessage;
+use crate::types::ChatMessage;
 
 /// Templates shipped in `prompts/`, by name, for models without one.
 pub const BUILT_IN: &[(&str, &str)] = &[("chatml", include_str!("../../prompts/chatml.jinja"))];

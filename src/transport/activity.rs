@@ -42,16 +42,37 @@ pub(super) struct Activity {
     /// connection: if the connection then breaks, its client may not have
     /// read the end.
     pub(super) stream_handed_over: AtomicBool,
+    /// A read or write failed because the client broke the connection
+    /// off (hyper takes a reset on an idle connection for a close).
+    pub(super) broken: AtomicBool,
     wake: Notify,
 }
 
 impl Activity {
+    fn note_error(&self, err: &io::Error) {
+        if matches!(
+            err.kind(),
+            io::ErrorKind::ConnectionReset
+                | io::ErrorKind::BrokenPipe
+                | io::ErrorKind::ConnectionAborted
+        ) {
+            self.broken.store(true, Ordering::Release);
+        }
+    }
+
+    /// Whether the connection ended with a client that left before it had
+    /// read an event stream the server had handed over whole.
+    pub(super) fn dropped_a_stream(&self) -> bool {
+        self.broken.load(Ordering::Acquire) && self.stream_handed_over.load(Ordering::Acquire)
+    }
+
     pub(super) fn new() -> Self {
         Self {
             in_flight: AtomicUsize::new(0),
             begun: AtomicUsize::new(0),
             awaiting_bytes: AtomicBool::new(true),
             stream_handed_over: AtomicBool::new(false),
+            broken: AtomicBool::new(false),
             http2: AtomicBool::new(false),
             wake: Notify::new(),
         }
@@ -148,6 +169,9 @@ impl<I: AsyncRead + Unpin> AsyncRead for Watched<I> {
     ) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
         let polled = Pin::new(&mut self.io).poll_read(cx, buf);
+        if let Poll::Ready(Err(err)) = &polled {
+            self.activity.note_error(err);
+        }
         if buf.filled().len() > before
             && self.activity.awaiting_bytes.load(Ordering::Relaxed)
             && self.activity.awaiting_bytes.swap(false, Ordering::AcqRel)
@@ -164,7 +188,11 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Watched<I> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
+        let polled = Pin::new(&mut self.io).poll_write(cx, buf);
+        if let Poll::Ready(Err(err)) = &polled {
+            self.activity.note_error(err);
+        }
+        polled
     }
 
     fn poll_write_vectored(
@@ -172,7 +200,11 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Watched<I> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+        let polled = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        if let Poll::Ready(Err(err)) = &polled {
+            self.activity.note_error(err);
+        }
+        polled
     }
 
     fn is_write_vectored(&self) -> bool {

@@ -256,17 +256,13 @@ impl Connections {
                 served = conn.as_mut() => {
                     if let Err(err) = served {
                         tracing::debug!(%err, "connection ended with an error");
-                        // The stream's last bytes were hyper's, not yet
-                        // the client's: a broken connection means its
-                        // client left before reading them. (A stream cut
-                        // before its end counts where its body is dropped.)
-                        if broken(&*err)
-                            && activity
-                                .stream_handed_over
-                                .load(std::sync::atomic::Ordering::Acquire)
-                        {
-                            crate::telemetry::disconnected();
-                        }
+                    }
+                    // The stream's last bytes were hyper's, not yet the
+                    // client's: a connection the client broke off means it
+                    // left before reading them. (A stream cut before its
+                    // end counts where its body is dropped.)
+                    if activity.dropped_a_stream() {
+                        crate::telemetry::disconnected();
                     }
                     return;
                 }
@@ -305,25 +301,6 @@ impl Connections {
             }
         }
     }
-}
-
-/// A connection the client broke off (reset, broken pipe), as opposed to
-/// a protocol error or a clean close.
-fn broken(err: &(dyn std::error::Error + 'static)) -> bool {
-    let mut cause = Some(err);
-    while let Some(e) = cause {
-        if let Some(io) = e.downcast_ref::<io::Error>() {
-            return matches!(
-                io.kind(),
-                io::ErrorKind::ConnectionReset
-                    | io::ErrorKind::BrokenPipe
-                    | io::ErrorKind::ConnectionAborted
-                    | io::ErrorKind::UnexpectedEof
-            );
-        }
-        cause = e.source();
-    }
-    false
 }
 
 /// `accept` errors that concern one connection, not the listener.
