@@ -97,12 +97,25 @@ pub struct Replicas {
     /// Set once the subscriber listens on this instance's control channel.
     listening: OnceLock<()>,
     cancel_script: Script,
+    append_script: Script,
 }
 
 struct Followed {
     wake: watch::Sender<u64>,
     readers: usize,
 }
+
+/// Appends the events `ARGV[3..]` to the log `KEYS[1]` as numbers
+/// `ARGV[2]`, `ARGV[2]` + 1, … (entry `0-(n+1)` for event `n`), then
+/// announces the new length on channel `ARGV[1]`. An id already taken
+/// fails the first `XADD` and so the whole batch.
+const APPEND: &str = r"
+local first = tonumber(ARGV[2])
+for i = 3, #ARGV do
+  redis.call('XADD', KEYS[1], '0-' .. (first + i - 2), 'f', ARGV[i])
+end
+redis.call('PUBLISH', ARGV[1], first + #ARGV - 2)
+";
 
 const CANCEL: &str = r"
 local m = redis.call('HMGET', KEYS[1], 'caller', 'inst', 'state')
@@ -214,6 +227,7 @@ impl Replicas {
             tasks: TaskTracker::new(),
             listening: OnceLock::new(),
             cancel_script: Script::new(CANCEL),
+            append_script: Script::new(APPEND),
         });
         let weak = Arc::downgrade(&replicas);
         replicas.registry.on_evict(Box::new(move |ids| {
@@ -930,20 +944,14 @@ async fn mirror(replicas: &Replicas, generation: &Generation) {
         let Some(frames) = generation.log.frames_from(written, 64 * 1024).await else {
             return;
         };
-        let mut pipe = redis::pipe();
-        for (n, frame) in frames.iter().enumerate() {
-            pipe.cmd("XADD")
-                .arg(&key)
-                .arg(entry_id(written + n))
-                .arg("f")
-                .arg(frame.as_ref())
-                .ignore();
+        // One command per batch, whatever its length: the script appends
+        // the events under their explicit ids and announces them.
+        let mut append = replicas.append_script.key(&key);
+        append.arg(&channel).arg(written);
+        for frame in &frames {
+            append.arg(frame.as_ref());
         }
-        pipe.cmd("PUBLISH")
-            .arg(&channel)
-            .arg(written + frames.len())
-            .ignore();
-        match replicas.call(pipe.query_async::<()>(&mut conn)).await {
+        match replicas.call(append.invoke_async::<()>(&mut conn)).await {
             Ok(()) => {
                 written += frames.len();
                 backoff = Duration::from_millis(50);
