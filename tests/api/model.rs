@@ -28,7 +28,7 @@ fn shared() -> Arc<LocalBackend> {
     Arc::clone(SHARED.get_or_init(|| Arc::new(load_backend())))
 }
 
-async fn server() -> TestServer {
+pub(crate) async fn server() -> TestServer {
     TestServer::options().backend(shared()).start().await
 }
 

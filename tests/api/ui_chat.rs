@@ -8,7 +8,9 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use sluicegate::session::{CallerId, EndCause, GenerationId};
 
+use crate::clients::run_at;
 use crate::common::{Events, TestServer, client, eventually, read_all};
+use crate::process::Process;
 
 fn words(n: usize, tag: &str) -> String {
     (0..n)
@@ -405,4 +407,38 @@ async fn refusals_before_the_stream_are_openai_json() {
         assert_eq!(error["error"]["param"].as_str(), param, "{body}: {error}");
         assert!(error["error"]["message"].is_string());
     }
+}
+
+// ---- the `ai` package's own client code against the binary ----
+
+#[tokio::test]
+async fn the_ai_transport_sends_resumes_a_cut_and_gets_204_when_idle() {
+    let server = Process::start(&["--backend", "echo", "--token-delay", "40ms"], &[]).await;
+    let out = run_at(&server.base, "node", "node/use_chat_transport.mjs", &[]).await;
+    assert!(out.contains("ai-transport: ok"), "{out}");
+}
+
+#[tokio::test]
+async fn stop_from_the_ai_transport_ends_the_generation() {
+    let server = Process::start(
+        &[
+            "--backend",
+            "echo",
+            "--token-delay",
+            "40ms",
+            "--reattach-grace",
+            "0s",
+        ],
+        &[],
+    )
+    .await;
+    let out = run_at(&server.base, "node", "node/use_chat_stop.mjs", &[]).await;
+    assert!(out.contains("ai-stop: ok"), "{out}");
+}
+
+#[tokio::test]
+async fn the_real_model_answers_through_the_ai_transport() {
+    let server = crate::model::server().await;
+    let out = run_at(&server.base, "node", "node/use_chat_model.mjs", &[]).await;
+    assert!(out.contains("ai-model: ok"), "{out}");
 }
