@@ -3,6 +3,7 @@
 //! through the OpenAI routes. The `ai` package itself drives these routes
 //! in `clients.rs`'s useChat tests.
 
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde_json::{Value, json};
@@ -441,4 +442,33 @@ async fn the_real_model_answers_through_the_ai_transport() {
     let server = crate::model::server().await;
     let out = run_at(&server.base, "node", "node/use_chat_model.mjs", &[]).await;
     assert!(out.contains("ai-model: ok"), "{out}");
+}
+
+#[tokio::test]
+async fn chromium_runs_a_use_chat_page_that_chats_stops_and_resumes() {
+    let echo = [
+        "--backend",
+        "echo",
+        "--token-delay",
+        "60ms",
+        "--cors-origin",
+        "*",
+    ];
+    let stopping = Process::start(&[&echo[..], &["--reattach-grace", "0s"]].concat(), &[]).await;
+    // A grace longer than the test: a reload is waited for.
+    let waiting = Process::start(&[&echo[..], &["--reattach-grace", "60s"]].concat(), &[]).await;
+    let shots = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/client-tests");
+    std::fs::create_dir_all(&shots).expect("screenshot dir");
+    let out = run_at(
+        &stopping.base,
+        "node",
+        "browser/use_chat_page.mjs",
+        &[
+            ("SCREENSHOT_DIR", shots.clone()),
+            ("SLUICEGATE_WAITING_URL", PathBuf::from(&waiting.base)),
+        ],
+    )
+    .await;
+    assert!(out.contains("chromium-use-chat: ok"), "{out}");
+    assert!(shots.join("use-chat/use-chat.png").is_file());
 }
