@@ -21,7 +21,7 @@ fn words(n: usize, tag: &str) -> String {
 }
 
 /// A `DefaultChatTransport` body: chat `id`, UI messages, the extras.
-fn ui_body(chat: &str, text: &str) -> Value {
+pub(crate) fn ui_body(chat: &str, text: &str) -> Value {
     json!({
         "id": chat,
         "trigger": "submit-message",
@@ -57,10 +57,10 @@ fn completion_id(resp: &reqwest::Response) -> String {
 }
 
 /// UI parts as an SSE client reads them; `[DONE]` as the string.
-struct Parts(Events);
+pub(crate) struct Parts(Events);
 
 impl Parts {
-    fn of(resp: reqwest::Response) -> Self {
+    pub(crate) fn of(resp: reqwest::Response) -> Self {
         Self(Events::of(resp))
     }
 
@@ -88,7 +88,7 @@ impl Parts {
         }
     }
 
-    async fn rest(mut self) -> Vec<Value> {
+    pub(crate) async fn rest(mut self) -> Vec<Value> {
         let mut all = Vec::new();
         while let Some(part) = self.next().await {
             all.push(part);
@@ -100,13 +100,13 @@ impl Parts {
 /// What a whole UI message stream said, checked the way the `ai`
 /// package's `processUIMessageStream` would check it.
 #[derive(Debug)]
-struct Message {
-    id: String,
-    text: String,
-    finish: Option<String>,
+pub(crate) struct Message {
+    pub(crate) id: String,
+    pub(crate) text: String,
+    pub(crate) finish: Option<String>,
 }
 
-fn assemble(parts: &[Value]) -> Message {
+pub(crate) fn assemble(parts: &[Value]) -> Message {
     assert_eq!(parts[0]["type"], "start", "{parts:?}");
     assert_eq!(parts[1]["type"], "start-step", "{parts:?}");
     assert_eq!(parts.last(), Some(&json!("[DONE]")), "{parts:?}");
