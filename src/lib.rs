@@ -7,7 +7,9 @@
 //! - [`server`]: `AppState`, the router and its layers, `run` with drain.
 //! - [`api`]: the HTTP surface. Handlers extract, call and map; `api::sse`
 //!   frames events, `api::run` starts generations and writes their logs;
-//!   `api::page` serves the chat page from `web/`.
+//!   `api::page` serves the chat page from `web/`; `api::ui` answers the
+//!   Vercel AI SDK's `useChat` by transcoding the same logs into its UI
+//!   message stream.
 //! - [`session`]: generations apart from connections: the registry that
 //!   cancels a session's previous generation, the per-generation event log
 //!   that every connection (and every resume) reads.
