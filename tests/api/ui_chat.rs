@@ -414,7 +414,19 @@ async fn refusals_before_the_stream_are_openai_json() {
 
 #[tokio::test]
 async fn the_ai_transport_sends_resumes_a_cut_and_gets_204_when_idle() {
-    let server = Process::start(&["--backend", "echo", "--token-delay", "40ms"], &[]).await;
+    // Keep-alive comments between most tokens: the SDK's parser meets them.
+    let server = Process::start(
+        &[
+            "--backend",
+            "echo",
+            "--token-delay",
+            "40ms",
+            "--keep-alive",
+            "25ms",
+        ],
+        &[],
+    )
+    .await;
     let out = run_at(&server.base, "node", "node/use_chat_transport.mjs", &[]).await;
     assert!(out.contains("ai-transport: ok"), "{out}");
 }
