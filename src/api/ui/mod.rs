@@ -20,8 +20,8 @@ use bytes::Bytes;
 
 use super::error::ApiError;
 use super::extract::{Caller, OpenAiJson};
-use super::sse::{self, Framing};
-use super::{params, run};
+use super::sse::{self, Flavor, Framing};
+use super::{control, params, run};
 use crate::server::AppState;
 use crate::session::{GenerationId, LogReader};
 use parts::Transcoder;
@@ -37,7 +37,7 @@ pub(crate) async fn chat(
     tracing::Span::current().record("session_id", chat_id.as_str());
     let plan = params::plan(
         completion,
-        super::sse::Flavor::Chat,
+        Flavor::Chat,
         &state.default_model,
         state.backend.capabilities(),
     )?;
@@ -59,7 +59,7 @@ pub(crate) async fn resume(
     Caller(caller): Caller,
     Path(chat_id): Path<String>,
 ) -> Result<Response, ApiError> {
-    match super::control::open_session_from_start(&state, caller, &chat_id).await? {
+    match control::open_session_from_start(&state, caller, &chat_id).await? {
         Some(opened) => Ok(ui_stream(
             &opened.id,
             opened.reader,
