@@ -10,7 +10,9 @@
 //!   `run` with drain.
 //! - [`api`]: the HTTP surface. Handlers extract, call and map; `api::sse`
 //!   frames events, `api::run` encodes what `session` runs;
-//!   `api::page` serves the chat page from `web/`.
+//!   `api::page` serves the chat page from `web/`; `api::ui` answers the
+//!   Vercel AI SDK's `useChat` by transcoding the same logs into its UI
+//!   message stream.
 //! - [`session`]: generations apart from connections: admission and the
 //!   run slot, the registry that cancels a session's previous generation,
 //!   the per-generation event log that every connection (and every

@@ -196,24 +196,63 @@ fn last_event_id<'a>(headers: &'a HeaderMap, query: &'a ResumeQuery) -> Option<&
 }
 
 async fn attach(state: &AppState, found: Found, last_event_id: Option<&str>) -> Response {
+    let (written, done) = found.written();
+    let from = resume_position(found.id(), written, done, last_event_id);
+    match open(state, found, from).await {
+        Ok(opened) => sse::event_stream(
+            &opened.id,
+            opened.reader,
+            opened.hold,
+            state.settings.keep_alive,
+        ),
+        Err(err) => err.into_response(),
+    }
+}
+
+/// A connection's reading of a generation: where it reads, and what keeps
+/// it attached (so that the generation's reattach grace waits for it).
+pub(crate) struct Opened {
+    pub(crate) id: GenerationId,
+    pub(crate) reader: LogReader,
+    pub(crate) hold: Box<dyn Send>,
+}
+
+async fn open(state: &AppState, found: Found, from: usize) -> Result<Opened, ApiError> {
     let id = found.id().clone();
     tracing::Span::current().record("completion_id", id.as_str());
     telemetry::resumed();
-    let (written, done) = found.written();
-    let from = resume_position(&id, written, done, last_event_id);
-    let keep_alive = state.settings.keep_alive;
     match found {
-        Found::Local(generation) => {
-            let reader = LogReader::new(generation.log.clone(), from);
-            sse::event_stream(&id, reader, generation.attach(), keep_alive)
+        Found::Local(generation) => Ok(Opened {
+            reader: LogReader::new(generation.log.clone(), from),
+            hold: Box::new(generation.attach()),
+            id,
+        }),
+        Found::Remote(remote) => {
+            let replicas = state.replicas.as_ref().ok_or(ApiError::Internal)?;
+            let remote = replicas.reader(&remote.id, from).await;
+            Ok(Opened {
+                reader: remote.reader,
+                hold: Box::new(remote.follow),
+                id,
+            })
         }
-        Found::Remote(remote) => match &state.replicas {
-            Some(replicas) => {
-                let remote = replicas.reader(&remote.id, from).await;
-                sse::event_stream(&id, remote.reader, remote.follow, keep_alive)
-            }
-            None => ApiError::Internal.into_response(),
-        },
+    }
+}
+
+/// The session's latest streamed generation, opened at its first event
+/// (the UI message stream replays whole messages); `None` when it has none.
+pub(crate) async fn open_session_from_start(
+    state: &AppState,
+    caller: CallerId,
+    session: &str,
+) -> Result<Option<Opened>, ApiError> {
+    tracing::Span::current().record("session_id", session);
+    match latest_in_session(state, caller, session)
+        .await?
+        .filter(Found::streamed)
+    {
+        Some(found) => Ok(Some(open(state, found, 0).await?)),
+        None => Ok(None),
     }
 }
 

@@ -11,6 +11,7 @@ mod page;
 pub mod params;
 mod run;
 pub mod sse;
+mod ui;
 pub mod wire;
 
 use axum::Router;
@@ -33,6 +34,8 @@ pub fn routes() -> Router<AppState> {
             "/v1/sessions/{session_id}/stream",
             get(control::session_stream),
         )
+        .route("/v1/ui/chat", post(ui::chat))
+        .route("/v1/ui/chat/{chat_id}/stream", get(ui::resume))
         .route("/v1/models", get(models::list))
         .route("/v1/models/{model}", get(models::retrieve))
         .route("/", get(page::index))

@@ -1,6 +1,7 @@
 //! Starting a generation from a validated request and answering with its
 //! SSE stream or its JSON: `session` runs it, this file only encodes.
 
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::Json;
@@ -11,7 +12,7 @@ use super::error::ApiError;
 use super::params::Plan;
 use super::sse::{self, ChunkEncoder, Flavor, StreamEncoder};
 use super::wire::{AssistantMessage, ChatChoice, ChatCompletion, TextChoice, TextCompletion};
-use crate::session::{CallerId, Collected, LogReader, Start, StartError};
+use crate::session::{Attachment, CallerId, Collected, Generation, LogReader, Start, StartError};
 use crate::state::AppState;
 
 impl From<StartError> for ApiError {
@@ -39,21 +40,9 @@ pub(crate) async fn start(
         created: unix_now(),
         flavor,
     };
-    let start = Start {
-        caller,
-        session,
-        id_prefix: flavor.id_prefix(),
-        request: plan.request,
-    };
     if plan.stream {
-        let include_usage = plan.include_usage;
-        let (generation, attachment) = state
-            .generations
-            .stream(start, |id| StreamEncoder {
-                chunks: ChunkEncoder::new(id, &answer.model, answer.created, flavor),
-                include_usage,
-            })
-            .await?;
+        let (generation, attachment) =
+            start_stream(state, caller, session, flavor, plan, &answer).await?;
         let reader = LogReader::new(generation.log.clone(), 0);
         Ok(sse::event_stream(
             &generation.id,
@@ -62,9 +51,59 @@ pub(crate) async fn start(
             state.settings.keep_alive,
         ))
     } else {
+        let start = Start {
+            caller,
+            session,
+            id_prefix: flavor.id_prefix(),
+            request: plan.request,
+        };
         let collected = state.generations.collect(start).await?;
         Ok(json_answer(&collected, &answer))
     }
+}
+
+/// Starts a streamed generation whose log holds OpenAI chunks, whichever
+/// encoding its connections then send; the caller's connection is
+/// attached.
+pub(crate) async fn stream(
+    state: &AppState,
+    caller: CallerId,
+    session: Option<String>,
+    plan: Plan,
+) -> Result<(Arc<Generation>, Attachment), ApiError> {
+    if state.is_shutting_down() {
+        return Err(ApiError::ShuttingDown);
+    }
+    let answer = Answer {
+        model: plan.request.model.clone(),
+        created: unix_now(),
+        flavor: Flavor::Chat,
+    };
+    start_stream(state, caller, session, Flavor::Chat, plan, &answer).await
+}
+
+async fn start_stream(
+    state: &AppState,
+    caller: CallerId,
+    session: Option<String>,
+    flavor: Flavor,
+    plan: Plan,
+    answer: &Answer,
+) -> Result<(Arc<Generation>, Attachment), ApiError> {
+    let start = Start {
+        caller,
+        session,
+        id_prefix: flavor.id_prefix(),
+        request: plan.request,
+    };
+    let include_usage = plan.include_usage;
+    Ok(state
+        .generations
+        .stream(start, |id| StreamEncoder {
+            chunks: ChunkEncoder::new(id, &answer.model, answer.created, flavor),
+            include_usage,
+        })
+        .await?)
 }
 
 struct Answer {

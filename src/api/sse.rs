@@ -259,14 +259,50 @@ pub fn parse_event_id(id: &str) -> Option<(GenerationId, usize)> {
     valid.then(|| (GenerationId::from(generation), seq))
 }
 
+/// How a connection turns its log's events into the bytes it sends.
+pub trait Framing: Send + 'static {
+    /// What to send for a batch of whole events; may be empty.
+    fn events(&mut self, batch: Bytes) -> Bytes;
+    /// The end of a stream whose log cannot be read, at event `position`.
+    fn unreadable(&mut self, id: &GenerationId, position: usize, err: &ApiError) -> Bytes;
+}
+
+/// The OpenAI streams: the log's events as they are.
+pub struct Verbatim;
+
+impl Framing for Verbatim {
+    fn events(&mut self, batch: Bytes) -> Bytes {
+        batch
+    }
+
+    fn unreadable(&mut self, id: &GenerationId, position: usize, err: &ApiError) -> Bytes {
+        let [error, done] = epilogue(id, position, err);
+        let mut end = BytesMut::with_capacity(error.len() + done.len());
+        end.put_slice(&error);
+        end.put_slice(&done);
+        end.freeze()
+    }
+}
+
 /// A `text/event-stream` response that sends what `reader` reads, to the
 /// log's end, with keep-alive comments while idle. `hold` (the
 /// connection's attachment to its generation) lives as long as the body.
 pub fn event_stream<H: Send + 'static>(
     id: &GenerationId,
+    reader: LogReader,
+    hold: H,
+    keep_alive: Duration,
+) -> Response {
+    framed_stream(id, reader, hold, keep_alive, Verbatim)
+}
+
+/// [`event_stream`] with the log's events framed by `framing`.
+pub fn framed_stream<H: Send + 'static>(
+    id: &GenerationId,
     mut reader: LogReader,
     hold: H,
     keep_alive: Duration,
+    mut framing: impl Framing,
 ) -> Response {
     let generation = id.clone();
     let body = stream! {
@@ -279,7 +315,12 @@ pub fn event_stream<H: Send + 'static>(
             tokio::select! {
                 biased;
                 next = reader.next() => match next {
-                    Ok(Some(bytes)) => yield Ok::<_, Infallible>(bytes),
+                    Ok(Some(bytes)) => {
+                        let bytes = framing.events(bytes);
+                        if !bytes.is_empty() {
+                            yield Ok::<_, Infallible>(bytes);
+                        }
+                    }
                     Ok(None) => {
                         left_early.0 = false;
                         break;
@@ -288,15 +329,11 @@ pub fn event_stream<H: Send + 'static>(
                         // The shared log cannot be read (Redis away for
                         // longer than a lease): end this stream properly.
                         tracing::warn!(%err, completion_id = %generation, "stream ended: its log is unreadable");
-                        let [error, done] = epilogue(
+                        yield Ok(framing.unreadable(
                             &generation,
                             reader.position(),
                             &ApiError::SharedStateUnavailable,
-                        );
-                        let mut end = BytesMut::with_capacity(error.len() + done.len());
-                        end.put_slice(&error);
-                        end.put_slice(&done);
-                        yield Ok(end.freeze());
+                        ));
                         left_early.0 = false;
                         break;
                     }

@@ -17,11 +17,21 @@ fn clients() -> PathBuf {
 /// Runs a client script against `server`; fails the test with its output
 /// when it fails.
 async fn run(server: &Process, program: &str, script: &str, env: &[(&str, PathBuf)]) -> String {
+    run_at(&server.base, program, script, env).await
+}
+
+/// [`run`] against the server at `base`.
+pub(crate) async fn run_at(
+    base: &str,
+    program: &str,
+    script: &str,
+    env: &[(&str, PathBuf)],
+) -> String {
     let mut command = Command::new(program);
     command
         .arg(clients().join(script))
         .current_dir(clients())
-        .env("SLUICEGATE_URL", &server.base)
+        .env("SLUICEGATE_URL", base)
         .kill_on_drop(true);
     for (key, value) in env {
         command.env(key, value);

@@ -15,4 +15,5 @@ mod resume;
 mod services;
 mod streaming;
 mod transport;
+mod ui_chat;
 mod upstream;

@@ -605,3 +605,60 @@ fn the_readme_shows_the_nginx_config_the_tests_run() {
         "README's nginx block is deploy/nginx.conf"
     );
 }
+
+#[tokio::test]
+async fn ui_chat_resumes_on_the_other_instance_in_either_encoding() {
+    use crate::ui_chat::{Parts, assemble, ui_body};
+    let cluster = Cluster::start(&[]).await;
+    let get = |p: &Process, path: String| client().get(p.url(&path)).send();
+
+    // Started as a UI chat on a; resumed as UI parts and as OpenAI chunks on b.
+    let text = words(40);
+    let started = client()
+        .post(cluster.a.url("/v1/ui/chat"))
+        .json(&ui_body("ui-r1", &text))
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(started.status(), 200);
+    let id = completion_id(&started);
+    let resumed = get(&cluster.b, "/v1/ui/chat/ui-r1/stream".into())
+        .await
+        .expect("sent");
+    assert_eq!(resumed.status(), 200);
+    assert_eq!(resumed.headers()["x-vercel-ai-ui-message-stream"], "v1");
+    let message = assemble(&Parts::of(resumed).rest().await);
+    assert_eq!(
+        (message.text.as_str(), message.id.as_str()),
+        (text.as_str(), id.as_str())
+    );
+    let by_session = get(&cluster.b, "/v1/sessions/ui-r1/stream".into())
+        .await
+        .expect("sent");
+    assert_eq!(rest(Events::of(by_session)).await.text, text);
+    assert_eq!(assemble(&Parts::of(started).rest().await).text, text);
+
+    // Started on the OpenAI route on b; resumed as UI parts on a.
+    let openai = open(
+        &cluster.b.url("/v1/chat/completions"),
+        &text,
+        Some("ui-r2"),
+        None,
+    )
+    .await;
+    let id = completion_id(&openai);
+    let resumed = get(&cluster.a, "/v1/ui/chat/ui-r2/stream".into())
+        .await
+        .expect("sent");
+    let message = assemble(&Parts::of(resumed).rest().await);
+    assert_eq!(
+        (message.text.as_str(), message.id.as_str()),
+        (text.as_str(), id.as_str())
+    );
+    assert_eq!(rest(Events::of(openai)).await.text, text);
+
+    let idle = get(&cluster.b, "/v1/ui/chat/ui-never/stream".into())
+        .await
+        .expect("sent");
+    assert_eq!(idle.status(), 204);
+}
