@@ -49,6 +49,14 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let backend = state.backend.name();
     let scheme = if tls.is_some() { "https" } else { "http" };
     tracing::info!(%addr, backend, scheme, "listening");
+    // The one line on stdout, for scripts and tests that start the binary
+    // on port 0: where it listens, once it does.
+    {
+        use std::io::Write as _;
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "listening {scheme}://{addr}");
+        let _ = out.flush();
+    }
     server::run(listener, tls, state, shutdown_signal()).await?;
     tracing::info!("stopped");
     Ok(())

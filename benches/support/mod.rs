@@ -23,30 +23,25 @@ impl Server {
 
     pub(crate) async fn spawn(args: &[&str]) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_sluicegate"))
-            .args(["--port", "0", "--log", "warn,sluicegate=info"])
+            .args(["--port", "0", "--log", "warn"])
             .args(args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
             .kill_on_drop(true)
             .spawn()
             .expect("spawn sluicegate");
-        let mut lines = BufReader::new(child.stderr.take().expect("stderr")).lines();
-        let addr = loop {
-            let line = lines
-                .next_line()
-                .await
-                .expect("read")
-                .expect("a listening line");
-            if let Some(addr) = line.split("addr=").nth(1) {
-                break addr.split_whitespace().next().expect("addr").to_owned();
-            }
-        };
-        // Keep draining stderr so the server never blocks on a full pipe.
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        Self {
-            child,
-            base: format!("http://{addr}"),
-        }
+        // The binary says where it listens in one stdout line.
+        let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+        let line = lines
+            .next_line()
+            .await
+            .expect("read")
+            .expect("a listening line");
+        let base = line
+            .strip_prefix("listening ")
+            .expect("a listening line")
+            .to_owned();
+        Self { child, base }
     }
 
     pub(crate) fn pid(&self) -> u32 {

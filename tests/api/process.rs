@@ -18,8 +18,8 @@ pub(crate) struct Process {
 }
 
 impl Process {
-    /// Starts the binary with `args` and `env`, port 0, and waits for its
-    /// "listening" line.
+    /// Starts the binary with `args` and `env`, port 0, and waits for the
+    /// line on its stdout that says where it listens.
     pub(crate) async fn start(args: &[&str], env: &[(&str, &str)]) -> Self {
         Self::start_under(&[], args, env).await
     }
@@ -40,39 +40,32 @@ impl Process {
             .args(["--port", "0"])
             .args(args)
             .envs(env.iter().copied())
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true)
             .spawn()
             .expect("spawned");
         let log = Arc::new(Mutex::new(String::new()));
-        let (tx, rx) = tokio::sync::oneshot::channel();
         let mut lines = BufReader::new(child.stderr.take().expect("stderr")).lines();
         let sink = Arc::clone(&log);
         tokio::spawn(async move {
-            let mut tx = Some(tx);
             while let Ok(Some(line)) = lines.next_line().await {
-                let addr = line
-                    .split("addr=")
-                    .nth(1)
-                    .and_then(|r| r.split_whitespace().next());
-                if let (Some(addr), Some(tx)) = (addr, tx.take_if(|_| addr.is_some())) {
-                    let _ = tx.send(addr.to_owned());
-                }
                 let mut log = sink.lock().expect("log");
                 log.push_str(&line);
                 log.push('\n');
             }
         });
-        let addr = tokio::time::timeout(Duration::from_secs(30), rx)
+        let mut stdout = BufReader::new(child.stdout.take().expect("stdout")).lines();
+        let line = tokio::time::timeout(Duration::from_secs(30), stdout.next_line())
             .await
             .expect("listening in time")
+            .expect("stdout")
             .expect("a listening line");
-        Self {
-            child,
-            base: format!("http://{addr}"),
-            log,
-        }
+        let base = line
+            .strip_prefix("listening ")
+            .unwrap_or_else(|| panic!("not a listening line: {line:?}"))
+            .to_owned();
+        Self { child, base, log }
     }
 
     pub(crate) fn url(&self, path: &str) -> String {
@@ -376,9 +369,11 @@ async fn tls_serves_http2_by_alpn_and_http1_too() {
         &[],
     )
     .await;
+    // The binary says where it listens, scheme and all.
     let addr: std::net::SocketAddr = server
         .base
-        .trim_start_matches("http://")
+        .strip_prefix("https://")
+        .expect("an https:// listening line")
         .parse()
         .expect("addr");
     let trust = reqwest::Certificate::from_pem(certified.cert.pem().as_bytes()).expect("pem");
