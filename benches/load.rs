@@ -247,11 +247,15 @@ async fn retained_generations() {
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     let after = server.rss_kib();
+    let counted = support::metric(&server, "sluicegate_retained_bytes").await;
+    let kept = support::metric(&server, "sluicegate_retained_generations").await;
     println!(
-        "retention: {n} finished 500-token generations kept, server RSS +{} KiB = {:.1} KB per generation",
+        "retention: {n} finished 500-token generations kept, server RSS +{} KiB = {:.1} KB per generation; the budget counts {:.1} KB each",
         after.saturating_sub(before),
-        (after.saturating_sub(before)) as f64 * 1024.0 / 1000.0 / n as f64
+        (after.saturating_sub(before)) as f64 * 1024.0 / 1000.0 / n as f64,
+        counted / kept / 1000.0
     );
+    tiny_generations(&server).await;
 
     // A full replay of a 1,000-event generation over HTTP.
     let resp = client
@@ -283,6 +287,39 @@ async fn retained_generations() {
         "replay: 1,000 events ({:.0} KB) replayed over HTTP/1.1 loopback in {:.3} ms each (mean of {runs}); last id {last_id}",
         bytes as f64 / 1000.0,
         started.elapsed().as_secs_f64() * 1e3 / runs as f64
+    );
+}
+
+/// Many one-token generations, the case where the records, not the
+/// events, are most of what is held: RSS against what the budget counts.
+async fn tiny_generations(server: &Server) {
+    let url = format!("{}/v1/chat/completions", server.base);
+    let client = client();
+    let body = chat("one");
+    let counted_before = support::metric(server, "sluicegate_retained_bytes").await;
+    let before = server.rss_kib();
+    let n = 20_000;
+    let tasks: Vec<_> = (0..8)
+        .map(|_| {
+            let (client, url, body) = (client.clone(), url.clone(), body.clone());
+            tokio::spawn(async move {
+                for _ in 0..n / 8 {
+                    stream_count(&client, &url, &body).await;
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.expect("joined");
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let after = server.rss_kib();
+    let counted = support::metric(server, "sluicegate_retained_bytes").await - counted_before;
+    println!(
+        "retention: {n} one-token generations, server RSS +{} KiB = {:.2} KB each; the budget counts {:.2} KB each",
+        after.saturating_sub(before),
+        after.saturating_sub(before) as f64 * 1024.0 / 1000.0 / n as f64,
+        counted / 1000.0 / n as f64
     );
 }
 

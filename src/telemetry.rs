@@ -36,6 +36,12 @@ pub fn request(route: &str, status: u16) {
         .increment(1);
 }
 
+/// What the resume budget counts now: finished generations kept.
+pub fn retained(generations: usize, bytes: usize) {
+    gauge!("sluicegate_retained_generations").set(generations as f64);
+    gauge!("sluicegate_retained_bytes").set(bytes as f64);
+}
+
 pub fn generation_load(running: usize, queued: usize) {
     gauge!("sluicegate_generations_running").set(running as f64);
     gauge!("sluicegate_generations_queued").set(queued as f64);

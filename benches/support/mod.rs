@@ -112,3 +112,22 @@ pub(crate) fn cpu_seconds_of(pid: u32) -> f64 {
 pub(crate) fn quantile<T: Copy>(sorted: &[T], p: f64) -> T {
     sorted[((sorted.len() as f64 * p) as usize).min(sorted.len() - 1)]
 }
+
+/// A gauge or counter from the server's `/metrics`, 0 when absent.
+pub(crate) async fn metric(server: &Server, name: &str) -> f64 {
+    let text = client()
+        .get(format!("{}/metrics", server.base))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            (series == name).then(|| value.parse().ok()).flatten()
+        })
+        .unwrap_or(0.0)
+}

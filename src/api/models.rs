@@ -67,6 +67,11 @@ pub(crate) async fn health(State(state): State<AppState>) -> Json<Value> {
 /// Prometheus text; gauges are read off the live state at scrape time.
 pub(crate) async fn metrics(State(state): State<AppState>) -> Response {
     telemetry::generation_load(state.admission.running(), state.admission.waiting());
+    let registry = &state.registry;
+    telemetry::retained(
+        registry.len().saturating_sub(registry.running()),
+        registry.retained_bytes(),
+    );
     let body = state.metrics.as_ref().map(|handle| {
         handle.run_upkeep();
         handle.render()
