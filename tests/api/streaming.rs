@@ -269,3 +269,38 @@ async fn a_request_id_is_echoed_or_made() {
         .expect("sent");
     assert!(!made.headers()["x-request-id"].is_empty());
 }
+
+#[tokio::test]
+async fn an_answer_that_fills_its_log_ends_with_length() {
+    // A log of at most 64 KiB: 5,000 echoed words (about 150 bytes an
+    // event) would need ten times that.
+    let mut options = TestServer::options();
+    options.registry.max_log_bytes = 64 * 1024;
+    let server = options.start().await;
+    let words: Vec<String> = (0..5_000).map(|i| format!("w{i}")).collect();
+    let resp = open_stream(&server, &words.join(" "), None).await;
+    let id = resp.headers()["x-completion-id"]
+        .to_str()
+        .expect("ascii")
+        .to_owned();
+    let t = read_all(resp).await;
+    assert_eq!(t.finish_reason.as_deref(), Some("length"));
+    assert!(t.done);
+    let got = t.text.split(' ').count();
+    assert!(got < words.len(), "cut: {got} words");
+    assert_eq!(t.text, words[..got].join(" "), "a clean prefix");
+    let generation = server
+        .state
+        .registry
+        .get(
+            sluicegate::session::CallerId::ANONYMOUS,
+            &sluicegate::session::GenerationId::from(id.as_str()),
+        )
+        .expect("kept");
+    // The cap, plus the event that crossed it, the finish and [DONE].
+    assert!(
+        generation.log.bytes() < 64 * 1024 + 1024,
+        "{}",
+        generation.log.bytes()
+    );
+}
