@@ -23,29 +23,10 @@ async fn throughput() {
     let url = format!("{}/v1/chat/completions", server.base);
     let body = chat(&words(5_000));
     let concurrency = 32;
-    let run_for = Duration::from_secs(6);
+    let clients: Vec<_> = (0..concurrency).map(|_| client()).collect();
     let cpu_before = server.cpu_seconds();
-    let started = Instant::now();
-    let tasks: Vec<_> = (0..concurrency)
-        .map(|_| {
-            let url = url.clone();
-            let body = body.clone();
-            tokio::spawn(async move {
-                let client = client();
-                let mut tokens = 0;
-                while started.elapsed() < run_for {
-                    // role, finish and [DONE] are not tokens
-                    tokens += stream_count(&client, &url, &body).await - 3;
-                }
-                tokens
-            })
-        })
-        .collect();
-    let mut tokens = 0;
-    for t in tasks {
-        tokens += t.await.expect("joined");
-    }
-    let wall = started.elapsed().as_secs_f64();
+    let (tokens, wall) =
+        support::stream_load(&clients, &url, &body, concurrency, Duration::from_secs(6)).await;
     let cpu = server.cpu_seconds() - cpu_before;
     println!(
         "throughput: {concurrency} concurrent streams, {tokens} tokens in {wall:.2} s = {:.0} tokens/s (client on the same 2 cores); server CPU {:.2} us/token",
@@ -460,25 +441,7 @@ async fn short_answers(
         })
         .collect();
     let cpu_before = server.cpu_seconds();
-    let started = Instant::now();
-    let tasks: Vec<_> = (0..streams)
-        .map(|i| {
-            let client = connections[i % connections.len()].clone();
-            let (url, body) = (url.clone(), body.clone());
-            tokio::spawn(async move {
-                let mut tokens = 0;
-                while started.elapsed() < run_for {
-                    tokens += stream_count(&client, &url, &body).await - 3;
-                }
-                tokens
-            })
-        })
-        .collect();
-    let mut tokens = 0;
-    for t in tasks {
-        tokens += t.await.expect("joined");
-    }
-    let wall = started.elapsed().as_secs_f64();
+    let (tokens, wall) = support::stream_load(&connections, &url, &body, streams, run_for).await;
     let cpu = server.cpu_seconds() - cpu_before;
     (tokens as f64 / wall, cpu * 1e6 / tokens as f64)
 }

@@ -76,25 +76,8 @@ async fn cpu_per_token(server: &Server, redis: Option<&Redis>) -> (f64, f64, f64
     let body = chat(&words(2_000));
     let run_for = Duration::from_secs(6);
     let (cpu_before, redis_before) = (server.cpu_seconds(), redis.map_or(0.0, Redis::cpu_seconds));
-    let started = Instant::now();
-    let tasks: Vec<_> = (0..32)
-        .map(|_| {
-            let (url, body) = (url.clone(), body.clone());
-            tokio::spawn(async move {
-                let client = client();
-                let mut tokens = 0;
-                while started.elapsed() < run_for {
-                    tokens += stream_count(&client, &url, &body).await - 3;
-                }
-                tokens
-            })
-        })
-        .collect();
-    let mut tokens = 0;
-    for t in tasks {
-        tokens += t.await.expect("joined");
-    }
-    let wall = started.elapsed().as_secs_f64();
+    let clients: Vec<_> = (0..32).map(|_| client()).collect();
+    let (tokens, wall) = support::stream_load(&clients, &url, &body, 32, run_for).await;
     let cpu = server.cpu_seconds() - cpu_before;
     let redis_cpu = redis.map_or(0.0, Redis::cpu_seconds) - redis_before;
     (

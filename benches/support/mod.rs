@@ -131,3 +131,35 @@ pub(crate) async fn metric(server: &Server, name: &str) -> f64 {
         })
         .unwrap_or(0.0)
 }
+
+/// Streams `body` to its end, again and again, from `streams` tasks over
+/// `clients` (task `i` uses client `i % clients.len()`) for `run_for`;
+/// returns the tokens received and the wall time in seconds.
+pub(crate) async fn stream_load(
+    clients: &[reqwest::Client],
+    url: &str,
+    body: &serde_json::Value,
+    streams: usize,
+    run_for: std::time::Duration,
+) -> (usize, f64) {
+    let started = std::time::Instant::now();
+    let tasks: Vec<_> = (0..streams)
+        .map(|i| {
+            let client = clients[i % clients.len()].clone();
+            let (url, body) = (url.to_owned(), body.clone());
+            tokio::spawn(async move {
+                let mut tokens = 0;
+                while started.elapsed() < run_for {
+                    // role, finish and [DONE] are not tokens
+                    tokens += stream_count(&client, &url, &body).await - 3;
+                }
+                tokens
+            })
+        })
+        .collect();
+    let mut tokens = 0;
+    for t in tasks {
+        tokens += t.await.expect("joined");
+    }
+    (tokens, started.elapsed().as_secs_f64())
+}

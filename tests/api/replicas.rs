@@ -110,6 +110,31 @@ fn completion_id(resp: &reqwest::Response) -> String {
         .to_owned()
 }
 
+/// A stream on instance A, read to its `owned_read`-th event, and a
+/// reader of the same generation on instance B, read to its first.
+async fn owned_and_followed(
+    cluster: &Cluster,
+    text: &str,
+    session: Option<&str>,
+    owned_read: usize,
+) -> (String, Events, Events) {
+    let owned = open(&cluster.a.url("/v1/chat/completions"), text, session, None).await;
+    let id = completion_id(&owned);
+    let mut owned = Events::of(owned);
+    for _ in 0..owned_read {
+        owned.next_json().await;
+    }
+    let follow = client()
+        .get(cluster.b.url(&format!("/v1/chat/completions/{id}/events")))
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(follow.status(), 200);
+    let mut follow = Events::of(follow);
+    follow.next_json().await;
+    (id, owned, follow)
+}
+
 /// Everything to the end of a stream, or a failure instead of a hang.
 async fn rest(events: Events) -> crate::common::Transcript {
     let all = tokio::time::timeout(Duration::from_secs(20), events.rest())
@@ -340,25 +365,7 @@ async fn two_requests_of_one_session_at_once_on_two_instances_leave_exactly_one(
 #[tokio::test]
 async fn a_killed_owner_leaves_its_readers_elsewhere_what_it_wrote_then_an_error_and_done() {
     let mut cluster = Cluster::start(&[]).await;
-    let owned = open(
-        &cluster.a.url("/v1/chat/completions"),
-        &words(1000),
-        Some("k"),
-        None,
-    )
-    .await;
-    let id = completion_id(&owned);
-    let mut owned = Events::of(owned);
-    for _ in 0..3 {
-        owned.next_json().await;
-    }
-    let follow = client()
-        .get(cluster.b.url(&format!("/v1/chat/completions/{id}/events")))
-        .send()
-        .await
-        .expect("sent");
-    let mut follow = Events::of(follow);
-    follow.next_json().await;
+    let (_, owned, follow) = owned_and_followed(&cluster, &words(1000), Some("k"), 3).await;
 
     cluster.a.child.start_kill().expect("kill -9");
     let after = rest(follow).await;
@@ -390,17 +397,7 @@ async fn a_killed_owner_leaves_its_readers_elsewhere_what_it_wrote_then_an_error
 async fn a_redis_restart_mid_stream_ends_every_stream_and_new_requests_work_once_it_is_back() {
     let mut cluster = Cluster::start(&[]).await;
     let text = words(100);
-    let owned = open(&cluster.a.url("/v1/chat/completions"), &text, None, None).await;
-    let id = completion_id(&owned);
-    let mut owned = Events::of(owned);
-    owned.next_json().await;
-    let follow = client()
-        .get(cluster.b.url(&format!("/v1/chat/completions/{id}/events")))
-        .send()
-        .await
-        .expect("sent");
-    let mut follow = Events::of(follow);
-    follow.next_json().await;
+    let (_, owned, mut follow) = owned_and_followed(&cluster, &text, None, 1).await;
     follow.next_json().await;
 
     cluster.redis.restart().await;
@@ -544,23 +541,7 @@ async fn another_callers_key_gets_404_on_another_instance_too() {
 #[tokio::test]
 async fn sigterm_on_the_owner_ends_its_generations_for_readers_on_every_instance() {
     let cluster = Cluster::start(&["--shutdown-grace", "300ms"]).await;
-    let owned = open(
-        &cluster.a.url("/v1/chat/completions"),
-        &words(1000),
-        None,
-        None,
-    )
-    .await;
-    let id = completion_id(&owned);
-    let mut owned = Events::of(owned);
-    owned.next_json().await;
-    let follow = client()
-        .get(cluster.b.url(&format!("/v1/chat/completions/{id}/events")))
-        .send()
-        .await
-        .expect("sent");
-    let mut follow = Events::of(follow);
-    follow.next_json().await;
+    let (_, owned, follow) = owned_and_followed(&cluster, &words(1000), None, 1).await;
 
     cluster.a.signal("TERM");
     let (owned, follow) = tokio::join!(rest(owned), rest(follow));
@@ -578,17 +559,7 @@ async fn a_reader_on_another_instance_keeps_a_generation_alive_past_the_owners_g
     // grace) must run to its end rather than be cancelled as abandoned.
     let cluster = Cluster::start(&["--reattach-grace", "300ms"]).await;
     let text = words(60);
-    let owned = open(&cluster.a.url("/v1/chat/completions"), &text, None, None).await;
-    let id = completion_id(&owned);
-    let mut owned = Events::of(owned);
-    owned.next_json().await;
-    let follow = client()
-        .get(cluster.b.url(&format!("/v1/chat/completions/{id}/events")))
-        .send()
-        .await
-        .expect("sent");
-    let mut follow = Events::of(follow);
-    follow.next_json().await;
+    let (_, owned, follow) = owned_and_followed(&cluster, &text, None, 1).await;
     drop(owned);
 
     let after = rest(follow).await;
