@@ -16,10 +16,11 @@ use super::{
     Accepted, Backend, BackendError, Capabilities, FinishReason, GenerateRequest, ModelCard,
     Prompt, Sampling, TokenEvent, Usage,
 };
+use crate::model::Model;
 use crate::model::llama::Cache;
 use crate::model::sampling::Sampler;
+use crate::model::template::{Piece, TemplateError};
 use crate::model::tokenizer::{self, TextStream};
-use crate::model::{Model, template::TemplateError};
 
 /// Generations decoded in turn by default; more wait in the server's queue.
 const DEFAULT_CONCURRENCY: usize = 4;
@@ -72,21 +73,25 @@ impl LocalBackend {
     pub fn model(&self) -> &Model {
         &self.model
     }
+}
 
-    fn prompt_text(&self, prompt: &Prompt) -> Result<String, BackendError> {
-        match prompt {
-            Prompt::Chat(messages) => {
-                self.model
-                    .template
-                    .render(messages, true)
-                    .map_err(|e| match e {
-                        TemplateError::Render(message) => BackendError::InvalidRequest(message),
-                        TemplateError::Compile(detail) => BackendError::Internal(detail),
-                    })
-            }
-            Prompt::Text(text) => Ok(text.clone()),
+/// The prompt's token ids. Message contents and a legacy prompt are text:
+/// only the chat template's own markup yields control tokens.
+fn tokenize(model: &Model, prompt: &Prompt) -> Result<Vec<u32>, BackendError> {
+    let pieces = match prompt {
+        Prompt::Chat(messages) => {
+            model
+                .template
+                .render_pieces(messages, true)
+                .map_err(|e| match e {
+                    TemplateError::Render(message) => BackendError::InvalidRequest(message),
+                    TemplateError::Compile(detail) => BackendError::Internal(detail),
+                })?
         }
-    }
+        Prompt::Text(text) => vec![Piece::Text(text.clone())],
+    };
+    tokenizer::encode_pieces(&model.tokenizer, &model.text_tokenizer, &pieces)
+        .map_err(|e| BackendError::Internal(e.to_string()))
 }
 
 #[async_trait]
@@ -122,9 +127,13 @@ impl Backend for LocalBackend {
         if req.model != self.name {
             return Err(BackendError::ModelNotFound(req.model));
         }
-        let text = self.prompt_text(&req.prompt)?;
-        let prompt = tokenizer::encode(&self.model.tokenizer, &text)
-            .map_err(|e| BackendError::Internal(e.to_string()))?;
+        // Rendering and tokenizing a long prompt takes a while: never on a
+        // worker of the async runtime.
+        let model = Arc::clone(&self.model);
+        let request_prompt = req.prompt;
+        let prompt = tokio::task::spawn_blocking(move || tokenize(&model, &request_prompt))
+            .await
+            .map_err(|e| BackendError::Internal(format!("tokenizing failed: {e}")))??;
         let context = u32::try_from(self.model.weights.config.context_length).unwrap_or(u32::MAX);
         let prompt_tokens = u32::try_from(prompt.len()).unwrap_or(u32::MAX);
         if prompt.is_empty() {
@@ -208,7 +217,7 @@ impl<'m> Running<'m> {
     fn new(model: &'m Model, job: Job) -> Self {
         let mut sampler = Sampler::new(&job.sampling);
         for &token in &job.prompt {
-            sampler.observe(token);
+            sampler.observe_prompt(token);
         }
         Self {
             cache: model.weights.new_cache(),

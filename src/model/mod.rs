@@ -20,6 +20,8 @@ pub struct Model {
     pub name: String,
     pub weights: llama::Weights,
     pub tokenizer: Tokenizer,
+    /// The same vocabulary reading control tokens as text: for contents.
+    pub text_tokenizer: Tokenizer,
     pub template: ChatTemplate,
     /// Tokens that end an answer: EOS and the end-of-turn markers.
     pub end_tokens: Vec<u32>,
@@ -88,6 +90,7 @@ pub fn load(path: &Path, template: Option<&str>) -> Result<Model, ModelError> {
     Ok(Model {
         name,
         weights,
+        text_tokenizer: tokenizer::text_only(&tokenizer),
         tokenizer,
         template,
         end_tokens,

@@ -2,7 +2,7 @@
 //! temperature 0, or temperature, top-k and top-p with a seeded RNG so that
 //! the same seed gives the same text.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
@@ -23,8 +23,12 @@ pub struct Sampler {
     presence_penalty: f32,
     frequency_penalty: f32,
     rng: StdRng,
-    /// Tokens seen so far (prompt and answer) and how often, for penalties.
-    seen: HashMap<u32, u32>,
+    /// Tokens of the answer so far and how often: what presence and
+    /// frequency penalties count (as OpenAI and vLLM do).
+    generated: HashMap<u32, u32>,
+    /// Tokens of the prompt: the repetition penalty also looks at them
+    /// (as Hugging Face and llama.cpp do).
+    prompt: HashSet<u32>,
     /// Candidate scratch space, reused between steps.
     candidates: Vec<(u32, f32)>,
 }
@@ -42,14 +46,22 @@ impl Sampler {
             presence_penalty: sampling.presence_penalty.unwrap_or(0.0),
             frequency_penalty: sampling.frequency_penalty.unwrap_or(0.0),
             rng: StdRng::seed_from_u64(seed),
-            seen: HashMap::new(),
+            generated: HashMap::new(),
+            prompt: HashSet::new(),
             candidates: Vec::new(),
         }
     }
 
-    /// Records a token of the prompt or the answer for the penalties.
+    /// Records a token of the answer for the penalties.
     pub fn observe(&mut self, token: u32) {
-        *self.seen.entry(token).or_default() += 1;
+        *self.generated.entry(token).or_default() += 1;
+    }
+
+    /// Records a token of the prompt, for the repetition penalty only.
+    pub fn observe_prompt(&mut self, token: u32) {
+        if self.repetition_penalty != 1.0 {
+            self.prompt.insert(token);
+        }
     }
 
     /// The next token. `logits` is modified in place.
@@ -100,19 +112,27 @@ impl Sampler {
         if !repetition && self.presence_penalty == 0.0 && self.frequency_penalty == 0.0 {
             return;
         }
-        for (&token, &count) in &self.seen {
-            let Some(logit) = logits.get_mut(token as usize) else {
-                continue;
-            };
-            if repetition {
-                // As in the CTRL paper and Hugging Face: shrink toward zero.
-                *logit = if *logit > 0.0 {
-                    *logit / self.repetition_penalty
-                } else {
-                    *logit * self.repetition_penalty
-                };
+        if repetition {
+            let seen = self.generated.keys().chain(
+                self.prompt
+                    .iter()
+                    .filter(|t| !self.generated.contains_key(t)),
+            );
+            for &token in seen {
+                if let Some(logit) = logits.get_mut(token as usize) {
+                    // As in the CTRL paper and Hugging Face: toward zero.
+                    *logit = if *logit > 0.0 {
+                        *logit / self.repetition_penalty
+                    } else {
+                        *logit * self.repetition_penalty
+                    };
+                }
             }
-            *logit -= self.presence_penalty + self.frequency_penalty * count as f32;
+        }
+        for (&token, &count) in &self.generated {
+            if let Some(logit) = logits.get_mut(token as usize) {
+                *logit -= self.presence_penalty + self.frequency_penalty * count as f32;
+            }
         }
     }
 }
@@ -198,5 +218,28 @@ mod tests {
         });
         r.observe(1);
         assert_eq!(r.sample(&mut logits()), 2, "3.0 / 2 < 2.9");
+    }
+
+    #[test]
+    fn presence_and_frequency_count_the_answer_not_the_prompt() {
+        let mut s = sampler(Sampling {
+            temperature: Some(0.0),
+            presence_penalty: Some(0.5),
+            frequency_penalty: Some(0.5),
+            ..Sampling::default()
+        });
+        s.observe_prompt(1);
+        assert_eq!(
+            s.sample(&mut logits()),
+            1,
+            "a prompt token is not penalised"
+        );
+        let mut r = sampler(Sampling {
+            temperature: Some(0.0),
+            repetition_penalty: Some(2.0),
+            ..Sampling::default()
+        });
+        r.observe_prompt(1);
+        assert_eq!(r.sample(&mut logits()), 2, "repetition looks at the prompt");
     }
 }

@@ -92,7 +92,34 @@ fn splits_digits(pre: &str) -> bool {
     matches!(pre, "smollm" | "starcoder" | "refact" | "command-r")
 }
 
-/// Token ids for `text`; control tokens written in the text are parsed.
+/// A copy of `tokenizer` that reads control tokens written in its input as
+/// plain text, for what users send.
+pub fn text_only(tokenizer: &Tokenizer) -> Tokenizer {
+    let mut text = tokenizer.clone();
+    text.set_encode_special_tokens(true);
+    text
+}
+
+/// Token ids for a prompt in pieces: markup with `markup` (control tokens
+/// written in it are parsed), text with `text` (see [`text_only`]).
+pub fn encode_pieces(
+    markup: &Tokenizer,
+    text: &Tokenizer,
+    pieces: &[crate::model::template::Piece],
+) -> Result<Vec<u32>, TokenizerError> {
+    use crate::model::template::Piece;
+    let mut ids = Vec::new();
+    for piece in pieces {
+        ids.extend(match piece {
+            Piece::Markup(s) => encode(markup, s)?,
+            Piece::Text(s) => encode(text, s)?,
+        });
+    }
+    Ok(ids)
+}
+
+/// Token ids for `text`; control tokens written in the text are parsed
+/// unless `tokenizer` is [`text_only`].
 pub fn encode(tokenizer: &Tokenizer, text: &str) -> Result<Vec<u32>, TokenizerError> {
     tokenizer
         .encode(text, false)
