@@ -76,6 +76,7 @@ pub fn plan(
             sampling,
             max_tokens,
             stop: stop(body.stop)?,
+            demand: Default::default(),
         },
         stream,
         include_usage: stream

@@ -13,8 +13,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::stop::StopMatcher;
 use super::{
-    Accepted, Backend, BackendError, Capabilities, FinishReason, GenerateRequest, ModelCard,
-    Prompt, Sampling, TokenEvent, Usage,
+    Accepted, Backend, BackendError, Capabilities, Demand, FinishReason, GenerateRequest,
+    ModelCard, Prompt, Sampling, TokenEvent, Usage,
 };
 use crate::model::Model;
 use crate::model::llama::Cache;
@@ -28,12 +28,19 @@ const DEFAULT_CONCURRENCY: usize = 4;
 pub struct LocalBackend {
     model: Arc<Model>,
     name: String,
-    jobs: mpsc::Sender<Job>,
+    jobs: mpsc::Sender<Msg>,
     /// Forward passes run so far: shows when decoding stops.
     steps: Arc<AtomicU64>,
 }
 
 type EventSender = tokio_mpsc::UnboundedSender<Result<TokenEvent, BackendError>>;
+
+/// What the decode thread hears: a new generation, or that one of its
+/// generations was paused, resumed or cancelled.
+enum Msg {
+    Job(Job),
+    Wake,
+}
 
 /// A generation handed to the decode thread.
 struct Job {
@@ -43,6 +50,8 @@ struct Job {
     stop: Vec<String>,
     cancel: CancellationToken,
     events: EventSender,
+    /// Paused while nobody reads: not stepped, its KV cache kept.
+    demand: Demand,
 }
 
 impl LocalBackend {
@@ -151,6 +160,11 @@ impl Backend for LocalBackend {
         let room = context - prompt_tokens;
         let max_tokens = req.max_tokens.map_or(room, |n| n.min(room));
         let (events, mut received) = tokio_mpsc::unbounded_channel();
+        let waker = self.jobs.clone();
+        req.demand.on_change(move || {
+            // The thread gone means nothing runs to wake.
+            let _ = waker.send(Msg::Wake);
+        });
         let job = Job {
             prompt,
             sampling: req.sampling,
@@ -158,12 +172,13 @@ impl Backend for LocalBackend {
             stop: req.stop,
             cancel,
             events,
+            demand: req.demand,
         };
         let jobs = self.jobs.clone();
         // Compute starts when the server polls the stream, that is once the
         // generation has a run slot.
         let tokens = stream! {
-            if jobs.send(job).is_err() {
+            if jobs.send(Msg::Job(job)).is_err() {
                 yield Err(BackendError::Unavailable("the decode thread has stopped".into()));
                 return;
             }
@@ -180,19 +195,26 @@ impl Backend for LocalBackend {
 
 /// The decode thread: admits jobs, then steps every running generation in
 /// turn until the channel closes.
-fn decode_loop(model: &Model, queue: &mpsc::Receiver<Job>, steps: &AtomicU64) {
+fn decode_loop(model: &Model, queue: &mpsc::Receiver<Msg>, steps: &AtomicU64) {
     let mut running: Vec<Running<'_>> = Vec::new();
     loop {
-        if running.is_empty() {
+        // Nothing to step (none, or all paused): sleep until told.
+        if !running.iter().any(Running::wants_a_step) {
             match queue.recv() {
-                Ok(job) => running.push(Running::new(model, job)),
+                Ok(Msg::Job(job)) => running.push(Running::new(model, job)),
+                Ok(Msg::Wake) => {}
                 Err(_) => return,
             }
         }
-        while let Ok(job) = queue.try_recv() {
-            running.push(Running::new(model, job));
+        while let Ok(msg) = queue.try_recv() {
+            if let Msg::Job(job) = msg {
+                running.push(Running::new(model, job));
+            }
         }
         running.retain_mut(|generation| {
+            if !generation.wants_a_step() {
+                return true;
+            }
             steps.fetch_add(1, Ordering::Relaxed);
             generation.step(model)
         });
@@ -211,9 +233,16 @@ struct Running<'m> {
     max_tokens: u32,
     cancel: CancellationToken,
     events: EventSender,
+    demand: Demand,
 }
 
 impl<'m> Running<'m> {
+    /// Running, or paused but cancelled (so that it ends and frees its
+    /// cache at once).
+    fn wants_a_step(&self) -> bool {
+        !self.demand.is_paused() || self.cancel.is_cancelled() || self.events.is_closed()
+    }
+
     fn new(model: &'m Model, job: Job) -> Self {
         let mut sampler = Sampler::new(&job.sampling);
         for &token in &job.prompt {
@@ -232,6 +261,7 @@ impl<'m> Running<'m> {
             max_tokens: job.max_tokens,
             cancel: job.cancel,
             events: job.events,
+            demand: job.demand,
         }
     }
 

@@ -103,6 +103,62 @@ pub struct GenerateRequest {
     pub max_tokens: Option<u32>,
     /// Text that ends the answer; never sent to the client.
     pub stop: Vec<String>,
+    /// Whether anyone reads the answer now; a backend that can pause
+    /// stops computing while nobody does.
+    pub demand: Demand,
+}
+
+/// Whether anyone reads a generation right now. The session pauses and
+/// resumes it as readers leave and return; a backend that can stop
+/// computing (the local model) watches it, others may ignore it.
+#[derive(Clone, Default)]
+pub struct Demand(std::sync::Arc<DemandState>);
+
+#[derive(Default)]
+struct DemandState {
+    paused: std::sync::atomic::AtomicBool,
+    /// How the backend wants to hear of a change (the decode thread sleeps
+    /// while everything it has is paused).
+    wake: std::sync::OnceLock<Box<dyn Fn() + Send + Sync>>,
+}
+
+impl Demand {
+    pub fn is_paused(&self) -> bool {
+        self.0.paused.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Pauses (`true`) or resumes; tells the backend when that changes.
+    pub fn set_paused(&self, paused: bool) {
+        if self
+            .0
+            .paused
+            .swap(paused, std::sync::atomic::Ordering::AcqRel)
+            != paused
+        {
+            self.wake();
+        }
+    }
+
+    /// Tells the backend to look again (say, at a cancellation).
+    pub fn wake(&self) {
+        if let Some(wake) = self.0.wake.get() {
+            wake();
+        }
+    }
+
+    /// Set once by the backend that watches.
+    pub fn on_change(&self, wake: impl Fn() + Send + Sync + 'static) {
+        // One watcher per generation; a second is ignored.
+        let _ = self.0.wake.set(Box::new(wake));
+    }
+}
+
+impl std::fmt::Debug for Demand {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Demand")
+            .field("paused", &self.is_paused())
+            .finish()
+    }
 }
 
 #[derive(Debug, Clone)]

@@ -10,6 +10,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::{CallerId, EndCause, GenerationId, MemoryLog};
+use crate::backend::Demand;
 
 /// The reattach grace of a generation abandoned before its first token: a
 /// retry (every stream says `retry: 1000`) comes well within it, and a
@@ -49,6 +50,9 @@ pub struct Generation {
     remote_readers: OnceLock<Arc<dyn RemoteReaders>>,
     /// Visible in the registry and not yet retired.
     active: AtomicBool,
+    /// Paused while no connection reads it (a backend that can stops
+    /// computing then); handed to the backend with the request.
+    pub demand: Demand,
 }
 
 #[derive(Default)]
@@ -81,6 +85,7 @@ impl Generation {
             reattach_grace,
             remote_readers: OnceLock::new(),
             active: AtomicBool::new(false),
+            demand: Demand::default(),
         })
     }
 
@@ -123,6 +128,8 @@ impl Generation {
         }
         let first = self.cause.set(cause).is_ok();
         self.cancel.cancel();
+        // A paused generation ends (and frees what it holds) at once.
+        self.demand.wake();
         first
     }
 
@@ -160,6 +167,9 @@ impl Generation {
         let mut state = self.attached.lock().unwrap_or_else(|e| e.into_inner());
         state.count += 1;
         state.epoch += 1;
+        if state.count == 1 {
+            self.demand.set_paused(false);
+        }
         Attachment(Arc::clone(self))
     }
 
@@ -170,6 +180,13 @@ impl Generation {
             state.epoch += 1;
             if state.count > 0 || self.is_done() {
                 return;
+            }
+            // Nobody reads: no compute until someone is back (decided under
+            // the lock, so a return racing this leaves it running). With
+            // replicas a reader may be on another instance, which this one
+            // cannot see at once, so there it runs on through the grace.
+            if self.remote_readers.get().is_none() && !self.reattach_grace.is_zero() {
+                self.demand.set_paused(true);
             }
             state.epoch
         };

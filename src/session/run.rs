@@ -137,7 +137,8 @@ impl Generations {
     ) -> Result<(Arc<Generation>, Attachment), StartError> {
         let (mut ticket, generation) = self.admit(&start, true)?;
         let mut encoder = encoder(&generation.id);
-        let request = start.request;
+        let mut request = start.request;
+        request.demand = generation.demand.clone();
         let accepted = if ticket.try_run() {
             Some(
                 self.backend

@@ -351,3 +351,70 @@ async fn control_markup_in_a_message_is_plain_text() {
         1
     );
 }
+
+#[tokio::test]
+async fn a_client_that_leaves_pauses_decoding_and_a_resume_continues_the_same_answer() {
+    // Its own decode thread, so that other tests' tokens do not count; a
+    // grace far longer than the test.
+    let backend = Arc::new(load_backend());
+    let server = TestServer::options()
+        .backend(Arc::clone(&backend) as _)
+        .grace(Duration::from_secs(60))
+        .start()
+        .await;
+    let body = chat(
+        Some("You are a helpful assistant."),
+        "Count from 1 to 30, separated by commas.",
+        json!({"stream": true, "temperature": 0, "max_tokens": 80}),
+    );
+    let ask = || post(&server, "/v1/chat/completions", &body).send();
+    let whole = read_all(ask().await.expect("sent")).await;
+
+    let resp = ask().await.expect("sent");
+    let id = resp.headers()["x-completion-id"]
+        .to_str()
+        .expect("ascii")
+        .to_owned();
+    let mut events = Events::of(resp);
+    let (mut before, mut last) = (String::new(), String::new());
+    for _ in 0..6 {
+        let event = events.next().await.expect("an event");
+        let chunk: Value = serde_json::from_str(&event.data).expect("json");
+        before.push_str(
+            chunk["choices"][0]["delta"]["content"]
+                .as_str()
+                .unwrap_or(""),
+        );
+        last = event.id;
+    }
+    drop(events);
+    let generation = server
+        .state
+        .registry
+        .get(
+            sluicegate::session::CallerId::ANONYMOUS,
+            &sluicegate::session::GenerationId::from(id.as_str()),
+        )
+        .expect("kept");
+    crate::common::eventually(Duration::from_secs(5), || generation.demand.is_paused()).await;
+    let paused_at = backend.decode_steps();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        backend.decode_steps() <= paused_at + 1,
+        "no decoding while nobody reads"
+    );
+
+    let resumed = client()
+        .get(server.url(&format!("/v1/chat/completions/{id}/events")))
+        .header("last-event-id", &last)
+        .send()
+        .await
+        .expect("sent");
+    let rest = read_all(resumed).await;
+    assert_eq!(
+        format!("{before}{}", rest.text),
+        whole.text,
+        "no gap, no repeat"
+    );
+    assert_eq!(rest.finish_reason, whole.finish_reason);
+}

@@ -234,6 +234,7 @@ mod tests {
             },
             max_tokens: Some(7),
             stop: vec!["x".into()],
+            ..GenerateRequest::default()
         };
         let (path, body, chat) = upstream_body(&req);
         assert_eq!((path, chat), ("/chat/completions", true));
