@@ -42,6 +42,14 @@ pub fn build(spec: &TokenizerSpec) -> Result<Tokenizer, TokenizerError> {
             spec.model
         )));
     }
+    // Only splits reproduced exactly: another pre-tokenizer (llama-bpe,
+    // qwen2, …) would give ids that differ from llama.cpp's, silently.
+    if !(splits_digits(&spec.pre) || matches!(spec.pre.as_str(), "gpt2" | "gpt-2")) {
+        return Err(TokenizerError::Unsupported(format!(
+            "pre-tokenizer `{}` (supported: smollm, starcoder, refact, command-r and gpt2)",
+            spec.pre
+        )));
+    }
     let vocab: Vocab = spec
         .tokens
         .iter()
@@ -177,6 +185,34 @@ mod tests {
                 .to_vec(),
         };
         build(&spec).expect("tokenizer")
+    }
+
+    #[test]
+    fn pre_tokenizers_it_cannot_reproduce_are_refused() {
+        for pre in ["llama-bpe", "qwen2", "deepseek-llm"] {
+            let spec = TokenizerSpec {
+                model: "gpt2".into(),
+                pre: pre.into(),
+                ..TokenizerSpec::default()
+            };
+            let err = build(&spec).expect_err("refused").to_string();
+            assert!(err.contains(pre), "{err}");
+        }
+    }
+
+    #[test]
+    fn control_markup_is_text_to_the_text_only_copy() {
+        let t = tiny();
+        let text = text_only(&t);
+        assert_eq!(
+            encode(&t, "<|start|>he").expect("ids"),
+            vec![1, id_of(&t, "he")]
+        );
+        assert!(encode(&text, "<|start|>he").expect("ids").len() > 2);
+    }
+
+    fn id_of(t: &Tokenizer, token: &str) -> u32 {
+        t.token_to_id(token).expect("in the vocabulary")
     }
 
     /// GPT-2's printable stand-ins for the 256 byte values.
