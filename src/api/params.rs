@@ -24,6 +24,35 @@ const ROLES: [&str; 6] = [
 ];
 const MAX_STOP: usize = 4;
 
+/// OpenAI fields that change the answer and that only a relaying backend
+/// serves so far. Asked for on another backend, each is a 400 that names
+/// it, never a silent drop; set to its "off" value it is fine. Fields
+/// never heard of are ignored, as the contract says.
+fn refuse_unserved(extra: &serde_json::Map<String, serde_json::Value>) -> Result<(), ApiError> {
+    use serde_json::Value;
+    let off = |key: &str, value: &Value| match key {
+        "tools" | "functions" => value.as_array().is_some_and(Vec::is_empty),
+        "tool_choice" | "function_call" => value == "none",
+        "response_format" => value["type"] == "text",
+        "logprobs" => value == &Value::Bool(false),
+        "top_logprobs" => value.as_u64() == Some(0),
+        "logit_bias" => value.as_object().is_some_and(serde_json::Map::is_empty),
+        _ => true,
+    };
+    for (key, value) in extra {
+        if value.is_null() || off(key, value) {
+            continue;
+        }
+        return Err(ApiError::invalid(
+            format!(
+                "`{key}` is not supported by this server's backend yet; the `openai` backend relays it to its upstream."
+            ),
+            Some(key.clone()),
+        ));
+    }
+    Ok(())
+}
+
 pub fn plan(
     body: CompletionRequest,
     flavor: Flavor,
@@ -68,6 +97,9 @@ pub fn plan(
             p => p,
         },
     };
+    if !capabilities.relays_fields {
+        refuse_unserved(&body.extra)?;
+    }
     let stream = body.stream.unwrap_or(false);
     Ok(Plan {
         request: GenerateRequest {
@@ -77,6 +109,7 @@ pub fn plan(
             max_tokens,
             stop: stop(body.stop)?,
             demand: Default::default(),
+            extra: body.extra,
         },
         stream,
         include_usage: stream
@@ -204,10 +237,53 @@ mod tests {
     const CAPS: Capabilities = Capabilities {
         max_choices: 1,
         default_concurrency: 1,
+        relays_fields: false,
     };
 
     fn plan_of(json: &str, flavor: Flavor) -> Result<Plan, ApiError> {
         plan(parse(json.as_bytes())?, flavor, "echo", CAPS)
+    }
+
+    #[test]
+    fn fields_a_backend_cannot_serve_are_named_and_off_values_pass() {
+        let chat =
+            |extra: &str| format!(r#"{{"messages":[{{"role":"user","content":"x"}}]{extra}}}"#);
+        for (field, value) in [
+            ("tools", r#"[{"type":"function","function":{"name":"f"}}]"#),
+            ("tool_choice", r#""required""#),
+            ("response_format", r#"{"type":"json_object"}"#),
+            ("logprobs", "true"),
+            ("top_logprobs", "3"),
+            ("logit_bias", r#"{"50256": -100}"#),
+        ] {
+            let err = plan_of(&chat(&format!(r#","{field}":{value}"#)), Flavor::Chat)
+                .expect_err("refused");
+            assert!(
+                matches!(&err, ApiError::InvalidRequest { param: Some(p), .. } if p == field),
+                "{field}: {err:?}"
+            );
+        }
+        for fine in [
+            r#","tools":[]"#,
+            r#","tool_choice":"none""#,
+            r#","response_format":{"type":"text"}"#,
+            r#","logprobs":false"#,
+            r#","user":"u-1","metadata":{"a":"b"},"never_heard_of":1"#,
+        ] {
+            assert!(plan_of(&chat(fine), Flavor::Chat).is_ok(), "{fine}");
+        }
+        let relayed = plan(
+            parse(chat(r#","tools":[1],"user":"u-1""#).as_bytes()).expect("parses"),
+            Flavor::Chat,
+            "m",
+            Capabilities {
+                relays_fields: true,
+                ..CAPS
+            },
+        )
+        .expect("a relay takes it");
+        assert_eq!(relayed.request.extra["user"], "u-1");
+        assert_eq!(relayed.request.extra["tools"], serde_json::json!([1]));
     }
 
     fn param_of(json: &str) -> Option<String> {

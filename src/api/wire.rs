@@ -24,6 +24,10 @@ pub struct CompletionRequest {
     pub frequency_penalty: Option<f32>,
     pub repetition_penalty: Option<f32>,
     pub n: Option<u32>,
+    /// Every other field (`tools`, `response_format`, `user`, and ones
+    /// never heard of): relayed unchanged by the `openai` backend.
+    #[serde(flatten)]
+    pub extra: serde_json::Map<String, serde_json::Value>,
 }
 
 #[derive(Debug, Default, Deserialize)]

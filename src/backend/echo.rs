@@ -74,6 +74,7 @@ impl Backend for EchoBackend {
             max_choices: 1,
             // Echo costs next to nothing; the queue limit is what bounds it.
             default_concurrency: 1024,
+            relays_fields: false,
         }
     }
 

@@ -113,6 +113,7 @@ impl Backend for LocalBackend {
         Capabilities {
             max_choices: 1,
             default_concurrency: DEFAULT_CONCURRENCY,
+            relays_fields: false,
         }
     }
 

@@ -106,6 +106,9 @@ pub struct GenerateRequest {
     /// Whether anyone reads the answer now; a backend that can pause
     /// stops computing while nobody does.
     pub demand: Demand,
+    /// Request fields sluicegate does not own, for a backend that relays
+    /// them (see [`Capabilities::relays_fields`]).
+    pub extra: serde_json::Map<String, serde_json::Value>,
 }
 
 /// Whether anyone reads a generation right now. The session pauses and
@@ -183,6 +186,9 @@ pub struct Capabilities {
     pub max_choices: u32,
     /// Generations worth running at once when `--max-concurrent` is unset.
     pub default_concurrency: usize,
+    /// Passes request fields it does not own on to another server; a
+    /// backend that does not is refused what it cannot serve.
+    pub relays_fields: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -38,9 +38,10 @@ struct Rogue {
     base: String,
     /// Streams whose client went away before the end.
     closed: Arc<AtomicUsize>,
-    /// Requests seen, and the last Authorization header.
+    /// Requests seen, and the last Authorization header and body.
     requests: Arc<AtomicUsize>,
     last_auth: Arc<std::sync::Mutex<Option<String>>>,
+    last_body: Arc<std::sync::Mutex<Value>>,
 }
 
 /// Counts a dropped stream that did not reach its end.
@@ -83,10 +84,12 @@ async fn rogue() -> Rogue {
     let closed = Arc::new(AtomicUsize::new(0));
     let requests = Arc::new(AtomicUsize::new(0));
     let last_auth = Arc::new(std::sync::Mutex::new(None));
-    let (c, r, a) = (
+    let last_body = Arc::new(std::sync::Mutex::new(Value::Null));
+    let (c, r, a, b) = (
         Arc::clone(&closed),
         Arc::clone(&requests),
         Arc::clone(&last_auth),
+        Arc::clone(&last_body),
     );
     let app = axum::Router::new()
         .route(
@@ -96,9 +99,10 @@ async fn rogue() -> Rogue {
         .route(
             "/v1/chat/completions",
             post(move |headers: axum::http::HeaderMap, Json(body): Json<Value>| {
-                let (closed, requests, last_auth) = (Arc::clone(&c), Arc::clone(&r), Arc::clone(&a));
+                let (closed, requests, last_auth, last_body) = (Arc::clone(&c), Arc::clone(&r), Arc::clone(&a), Arc::clone(&b));
                 async move {
                     requests.fetch_add(1, Ordering::SeqCst);
+                    *last_body.lock().expect("lock") = body.clone();
                     *last_auth.lock().expect("lock") =
                         headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).map(str::to_owned);
                     let mode = body["messages"].as_array().and_then(|m| m.last()).and_then(|m| m["content"].as_str()).unwrap_or("").to_owned();
@@ -138,6 +142,7 @@ async fn rogue() -> Rogue {
         closed,
         requests,
         last_auth,
+        last_body,
     }
 }
 
@@ -437,4 +442,52 @@ async fn an_upstream_down_at_start_serves_the_default_model_once_it_is_up() {
         .await
         .expect("json");
     assert_eq!(models["data"][0]["id"], "echo-up", "{models}");
+}
+
+#[tokio::test]
+async fn fields_sluicegate_does_not_own_reach_the_upstream_unchanged() {
+    let upstream = rogue().await;
+    let server = relay_to(vec![upstream.base.clone()], Duration::from_secs(5))
+        .start()
+        .await;
+    let mut body = chat("fine", true);
+    let extra = json!({
+        "tools": [{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}],
+        "tool_choice": "auto",
+        "parallel_tool_calls": false,
+        "response_format": {"type": "json_object"},
+        "logprobs": true,
+        "top_logprobs": 2,
+        "logit_bias": {"42": -5},
+        "user": "u-7",
+        "metadata": {"trace": "t-1"},
+        "reasoning_effort": "low",
+        "a_field_never_heard_of": {"nested": [1, 2]},
+    });
+    for (key, value) in extra.as_object().expect("object") {
+        body[key] = value.clone();
+    }
+    let resp = post_to(&server, "/v1/chat/completions", &body)
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(resp.status(), 200);
+    read_all(resp).await;
+    let sent = upstream.last_body.lock().expect("lock").clone();
+    for (key, value) in extra.as_object().expect("object") {
+        assert_eq!(&sent[key], value, "{key} relayed unchanged");
+    }
+    assert_eq!(sent["stream"], true, "sluicegate's own fields win");
+
+    // The echo backend cannot serve tools: a 400 that names the field.
+    let echo = TestServer::echo().await;
+    let mut tools = chat("x", true);
+    tools["tools"] = extra["tools"].clone();
+    let refused = post_to(&echo, "/v1/chat/completions", &tools)
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(refused.status(), 400);
+    let err: Value = refused.json().await.expect("json");
+    assert_eq!(err["error"]["param"], "tools");
 }

@@ -340,6 +340,7 @@ impl Backend for UpstreamBackend {
             max_choices: 1,
             // The upstreams queue and batch; this only bounds what is open.
             default_concurrency: 256,
+            relays_fields: true,
         }
     }
 

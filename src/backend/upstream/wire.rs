@@ -51,6 +51,12 @@ pub(super) fn upstream_body(req: &GenerateRequest) -> (&'static str, Value, bool
             body[key] = value;
         }
     }
+    // What sluicegate does not own goes on unchanged; what it set wins.
+    if let Value::Object(fields) = &mut body {
+        for (key, value) in &req.extra {
+            fields.entry(key.clone()).or_insert_with(|| value.clone());
+        }
+    }
     let path = if chat {
         "/chat/completions"
     } else {
