@@ -53,6 +53,10 @@ pub enum ApiError {
     SharedStateUnavailable,
     #[error("The instance running this generation stopped before it ended; start a new request.")]
     OwnerGone,
+    #[error(
+        "This answer was dropped from the server's memory (its resume time or memory budget ran out) before the stream was read to its end."
+    )]
+    LogDropped,
     #[error("Internal error.")]
     Internal,
     /// An upstream's own account of a failure after its answer had begun,
@@ -145,6 +149,7 @@ impl ApiError {
                 "server_error",
                 Some("instance_gone"),
             ),
+            Self::LogDropped => (S::GONE, "server_error", Some("answer_dropped")),
             Self::Internal => (S::INTERNAL_SERVER_ERROR, "server_error", None),
             Self::UpstreamFailed(_) => (S::BAD_GATEWAY, "server_error", Some("upstream_error")),
             Self::Upstream { status, .. } => {

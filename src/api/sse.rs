@@ -17,7 +17,7 @@ use serde::Serialize;
 use super::error::ApiError;
 use super::wire::{ChatChunk, ChunkChoice, Delta, TextChoice, TextChunk, UsageBody};
 use crate::backend::{BackendError, FinishReason, Usage};
-use crate::session::{EventEncoder, GenerationId, LogReader};
+use crate::session::{EventEncoder, GenerationId, LogError, LogReader};
 use crate::telemetry;
 
 pub const KEEP_ALIVE: &[u8] = b": keep-alive\n";
@@ -326,14 +326,15 @@ pub fn framed_stream<H: Send + 'static>(
                         break;
                     }
                     Err(err) => {
-                        // The shared log cannot be read (Redis away for
-                        // longer than a lease): end this stream properly.
+                        // The log cannot be read (Redis away for longer
+                        // than a lease, or dropped before this reader got
+                        // to its end): end this stream properly.
                         tracing::warn!(%err, completion_id = %generation, "stream ended: its log is unreadable");
-                        yield Ok(framing.unreadable(
-                            &generation,
-                            reader.position(),
-                            &ApiError::SharedStateUnavailable,
-                        ));
+                        let cause = match err {
+                            LogError::Unreachable(_) => ApiError::SharedStateUnavailable,
+                            LogError::Dropped => ApiError::LogDropped,
+                        };
+                        yield Ok(framing.unreadable(&generation, reader.position(), &cause));
                         left_early.0 = false;
                         break;
                     }

@@ -33,10 +33,17 @@ pub enum Read {
     End,
 }
 
-/// A log that cannot be read now (Redis unreachable), after retries.
+/// Why a log cannot be read.
 #[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct LogError(pub String);
+pub enum LogError {
+    /// Redis unreachable, after retries.
+    #[error("{0}")]
+    Unreachable(String),
+    /// The log was dropped (its TTL ran out, or the resume budget needed
+    /// the room) before this reader got to the end.
+    #[error("the log was dropped before it was read to its end")]
+    Dropped,
+}
 
 /// Somewhere a generation's events can be read from.
 #[async_trait]
@@ -90,6 +97,8 @@ struct Frames {
     /// End offset of each event in `data`.
     ends: Vec<u32>,
     closed: bool,
+    /// Emptied by the registry: a reader still connected holds nothing.
+    dropped: bool,
 }
 
 impl Frames {
@@ -154,6 +163,17 @@ impl MemoryLog {
         });
     }
 
+    /// Frees the events of a log the registry no longer keeps; a reader
+    /// still connected then ends instead of holding them.
+    pub fn drop_events(&self) {
+        self.state.send_modify(|s| {
+            s.dropped = true;
+            s.closed = true;
+            s.data = Vec::new();
+            s.ends = Vec::new();
+        });
+    }
+
     /// Number of events written so far.
     pub fn len(&self) -> usize {
         self.state.borrow().ends.len()
@@ -204,6 +224,9 @@ impl LogSource for MemoryLog {
         loop {
             {
                 let state = rx.borrow_and_update();
+                if state.dropped {
+                    return Err(LogError::Dropped);
+                }
                 if from < state.ends.len() {
                     return Ok(Read::Events(state.window(from, limit)));
                 }
@@ -283,6 +306,17 @@ mod tests {
         assert_eq!(read(2, 3).await, (Bytes::from_static(b"cccc"), 1));
         let frames = log.frames_from(1, 20).await.expect("frames");
         assert_eq!(frames, [&b"bbbb"[..], b"cccc", b"dddddddddd"]);
+    }
+
+    #[tokio::test]
+    async fn a_dropped_log_frees_its_events_and_ends_its_readers() {
+        let log = Arc::new(MemoryLog::default());
+        log.push(&[b'x'; 1000]);
+        log.close();
+        let mut slow = reader(&log, 0);
+        log.drop_events();
+        assert_eq!(log.held_bytes(), 0);
+        assert!(matches!(slow.next().await, Err(LogError::Dropped)));
     }
 
     #[tokio::test]

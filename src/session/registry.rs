@@ -203,7 +203,9 @@ impl GenerationRegistry {
             let was_empty = retained.queue.is_empty();
             retained.bytes += entry.bytes;
             retained.queue.push_back(entry);
-            while retained.bytes > self.config.resume_budget {
+            // The one just finished stays even alone over the budget (by at
+            // most one log's cap): its readers are still at its end.
+            while retained.bytes > self.config.resume_budget && retained.queue.len() > 1 {
                 let Some(oldest) = retained.queue.pop_front() else {
                     break;
                 };
@@ -250,6 +252,8 @@ impl GenerationRegistry {
         let Some(generation) = inner.generations.remove(id) else {
             return;
         };
+        // A reader still connected must not keep what the registry let go.
+        generation.log.drop_events();
         if let Some(session) = &generation.session {
             let key = (generation.owner, session.clone());
             if inner.sessions.get(&key) == Some(id) {

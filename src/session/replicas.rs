@@ -790,7 +790,7 @@ impl LogSource for RedisLog {
                         if since.elapsed() >= lease {
                             self.end_orphan(look.len)
                                 .await
-                                .map_err(|e| LogError(e.to_string()))?;
+                                .map_err(|e| LogError::Unreachable(e.to_string()))?;
                             continue;
                         }
                     }
@@ -798,7 +798,7 @@ impl LogSource for RedisLog {
                 Err(err) => {
                     let since = *failing_since.get_or_insert_with(Instant::now);
                     if since.elapsed() >= 2 * lease {
-                        return Err(LogError(err.to_string()));
+                        return Err(LogError::Unreachable(err.to_string()));
                     }
                 }
             }

@@ -446,3 +446,33 @@ async fn a_resume_after_the_end_sends_done_again_with_its_id() {
     assert_eq!(repost.ids, [done_id]);
     assert_eq!(server.state.registry.len(), 1, "no second generation");
 }
+
+#[tokio::test]
+async fn a_reader_that_stops_reading_holds_nothing_once_the_log_is_dropped() {
+    let mut options = TestServer::options();
+    options.registry.resume_ttl = Duration::from_millis(300);
+    let server = options.start().await;
+    let full = words(20_000);
+    let resp = open_stream(&server, &full, None).await;
+    let id = resp.headers()["x-completion-id"]
+        .to_str()
+        .expect("ascii")
+        .to_owned();
+    let generation = server
+        .state
+        .registry
+        .get(CallerId::ANONYMOUS, &GenerationId::from(id.as_str()))
+        .expect("kept");
+    assert_eq!(read_all(resp).await.text, full);
+    // A resume that never reads its body: it holds a position, not a copy,
+    // and once the TTL drops the log, not even that keeps it alive.
+    let stalled = client()
+        .get(server.url(&format!("/v1/chat/completions/{id}/events")))
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(stalled.status(), 200);
+    eventually(Duration::from_secs(10), || generation.log.held_bytes() == 0).await;
+    let rest = Events::of(stalled).rest().await;
+    assert_eq!(rest.last().map(|e| e.data.as_str()), Some("[DONE]"));
+}
