@@ -449,8 +449,10 @@ async fn a_resume_after_the_end_sends_done_again_with_its_id() {
 
 #[tokio::test]
 async fn a_reader_that_stops_reading_holds_nothing_once_the_log_is_dropped() {
+    // A budget of one byte: each finished generation is kept only until the
+    // next one finishes (no clock involved).
     let mut options = TestServer::options();
-    options.registry.resume_ttl = Duration::from_millis(300);
+    options.registry.resume_budget = 1;
     let server = options.start().await;
     let full = words(20_000);
     let resp = open_stream(&server, &full, None).await;
@@ -465,13 +467,15 @@ async fn a_reader_that_stops_reading_holds_nothing_once_the_log_is_dropped() {
         .expect("kept");
     assert_eq!(read_all(resp).await.text, full);
     // A resume that never reads its body: it holds a position, not a copy,
-    // and once the TTL drops the log, not even that keeps it alive.
+    // and once the budget drops the log, not even that keeps it alive.
     let stalled = client()
         .get(server.url(&format!("/v1/chat/completions/{id}/events")))
         .send()
         .await
         .expect("sent");
     assert_eq!(stalled.status(), 200);
+    assert!(generation.log.held_bytes() > 1_000_000);
+    read_all(open_stream(&server, "the next one", None).await).await;
     eventually(Duration::from_secs(10), || generation.log.held_bytes() == 0).await;
     let rest = Events::of(stalled).rest().await;
     assert_eq!(rest.last().map(|e| e.data.as_str()), Some("[DONE]"));
