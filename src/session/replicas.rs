@@ -384,6 +384,13 @@ impl Replicas {
         u64::try_from(self.config.lease.as_millis()).unwrap_or(u64::MAX)
     }
 
+    /// A reader mark lasts three leases, renewed every third of one: a
+    /// renewal round delayed on a busy machine does not make a reader
+    /// elsewhere look gone to the owner's grace.
+    fn readers_mark_ms(&self) -> u64 {
+        self.lease_ms().saturating_mul(3)
+    }
+
     /// Keys of a running generation outlive a dead owner by the TTL.
     fn running_ttl_ms(&self) -> u64 {
         u64::try_from((self.config.resume_ttl + self.config.lease).as_millis()).unwrap_or(u64::MAX)
@@ -495,7 +502,7 @@ impl Replicas {
         mark.arg(readers_key(id))
             .arg(1)
             .arg("PX")
-            .arg(self.lease_ms());
+            .arg(self.readers_mark_ms());
         if let Err(err) = self.call(mark.query_async::<()>(&mut conn)).await {
             tracing::debug!(%err, "cannot mark a remote reader");
         }
@@ -590,7 +597,7 @@ impl Replicas {
                 .arg(readers_key(id))
                 .arg(1)
                 .arg("PX")
-                .arg(self.lease_ms())
+                .arg(self.readers_mark_ms())
                 .ignore();
         }
         let mut conn = self.conn.clone();
