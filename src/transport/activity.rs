@@ -276,7 +276,7 @@ impl hyper::service::Service<Request<Incoming>> for Counted {
                 Body::new(Tracked {
                     body,
                     stream,
-                    _guard: guard,
+                    guard,
                 })
             }))
         })
@@ -311,7 +311,8 @@ struct Tracked {
     body: Body,
     /// An event stream: its end is noted on the connection.
     stream: bool,
-    _guard: InFlight,
+    /// Counts the request in flight while the body lives.
+    guard: InFlight,
 }
 
 impl HttpBody for Tracked {
@@ -324,7 +325,7 @@ impl HttpBody for Tracked {
     ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
         let polled = Pin::new(&mut self.body).poll_frame(cx);
         if self.stream && matches!(polled, Poll::Ready(None)) {
-            self._guard
+            self.guard
                 .0
                 .stream_handed_over
                 .store(true, Ordering::Release);
