@@ -11,7 +11,7 @@
 
 mod support;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures_util::StreamExt;
 use support::{Server, chat, quantile};
@@ -133,18 +133,7 @@ async fn live_gaps(server: &Server, live: usize) -> Vec<Duration> {
             let (client, url, body) = (client.clone(), url.clone(), body.clone());
             tokio::spawn(async move {
                 let resp = client.post(&url).json(&body).send().await.expect("sent");
-                let mut stream = resp.bytes_stream();
-                let mut arrivals = Vec::new();
-                while let Some(chunk) = stream.next().await {
-                    let chunk = chunk.expect("chunk");
-                    let tokens = chunk.windows(11).filter(|w| w == b"\"content\":\"").count();
-                    arrivals.extend(std::iter::repeat_n(Instant::now(), tokens));
-                }
-                arrivals
-                    .windows(2)
-                    .skip(1)
-                    .map(|w| w[1] - w[0])
-                    .collect::<Vec<_>>()
+                support::token_gaps(resp).await.0
             })
         })
         .collect();

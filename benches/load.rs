@@ -162,47 +162,14 @@ async fn idle_connections_memory() {
 async fn cancel_previous_latency() {
     let server = Server::start(&["--token-delay", "10s"]).await;
     let url = format!("{}/v1/chat/completions", server.base);
-    let client = client();
-    let mut samples = Vec::new();
-    for i in 0..300 {
-        let session = format!("s{i}");
-        let old = client
-            .post(&url)
-            .header("x-session-id", &session)
-            .json(&chat("x y z"))
-            .send()
-            .await
-            .expect("sent");
-        let mut old = old.bytes_stream();
-        old.next().await.expect("role").expect("chunk");
-        let started = Instant::now();
-        let next = client
-            .post(&url)
-            .header("x-session-id", &session)
-            .json(&chat("q"))
-            .send();
-        let wait_done = async {
-            let mut seen = Vec::new();
-            while let Some(chunk) = old.next().await {
-                seen.extend_from_slice(&chunk.expect("chunk"));
-                if seen.windows(12).any(|w| w == b"data: [DONE]") {
-                    return started.elapsed();
-                }
-            }
-            panic!("old stream ended without [DONE]");
-        };
-        let (next, elapsed) = tokio::join!(next, wait_done);
-        drop(next);
-        samples.push(elapsed);
-    }
-    samples.sort();
-    let pct = |p: f64| samples[((samples.len() as f64 * p) as usize).min(samples.len() - 1)];
+    let samples = support::cancel_previous(&url, &url, 300, 0).await;
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
     println!(
         "cancel-previous: new request -> old stream's [DONE] over {} runs: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
         samples.len(),
-        pct(0.50).as_secs_f64() * 1e3,
-        pct(0.99).as_secs_f64() * 1e3,
-        samples.last().expect("samples").as_secs_f64() * 1e3
+        ms(support::quantile(&samples, 0.5)),
+        ms(support::quantile(&samples, 0.99)),
+        ms(*samples.last().expect("samples"))
     );
 }
 
@@ -387,20 +354,7 @@ async fn scale() {
                 let (url, body) = (url.clone(), body.clone());
                 tokio::spawn(async move {
                     let resp = client.post(&url).json(&body).send().await.expect("sent");
-                    let mut stream = resp.bytes_stream();
-                    let mut arrivals = Vec::new();
-                    while let Some(chunk) = stream.next().await {
-                        let chunk = chunk.expect("chunk");
-                        let tokens = chunk.windows(11).filter(|w| w == b"\"content\":\"").count();
-                        let now = Instant::now();
-                        arrivals.extend(std::iter::repeat_n(now, tokens));
-                    }
-                    // The first "content" is the role chunk's empty one.
-                    arrivals
-                        .windows(2)
-                        .skip(1)
-                        .map(|w| w[1] - w[0])
-                        .collect::<Vec<_>>()
+                    support::token_gaps(resp).await.0
                 })
             })
             .collect();

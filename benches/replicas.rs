@@ -151,42 +151,13 @@ async fn cancel_elsewhere() {
     let redis = Redis::start().await;
     let a = Server::start(&["--redis", &redis.url(), "--token-delay", "10s"]).await;
     let b = Server::start(&["--redis", &redis.url(), "--token-delay", "10s"]).await;
-    let client = client();
-    let mut samples = Vec::new();
-    for i in 0..320 {
-        let session = format!("s{i}");
-        let old = client
-            .post(format!("{}/v1/chat/completions", a.base))
-            .header("x-session-id", &session)
-            .json(&chat("x y z"))
-            .send()
-            .await
-            .expect("sent");
-        let mut old = old.bytes_stream();
-        old.next().await.expect("role").expect("chunk");
-        let started = Instant::now();
-        let next = client
-            .post(format!("{}/v1/chat/completions", b.base))
-            .header("x-session-id", &session)
-            .json(&chat("q"))
-            .send();
-        let wait_done = async {
-            let mut seen = Vec::new();
-            while let Some(chunk) = old.next().await {
-                seen.extend_from_slice(&chunk.expect("chunk"));
-                if seen.windows(12).any(|w| w == b"data: [DONE]") {
-                    return started.elapsed();
-                }
-            }
-            panic!("old stream ended without [DONE]");
-        };
-        let (next, elapsed) = tokio::join!(next, wait_done);
-        drop(next);
-        if i >= 20 {
-            samples.push(elapsed);
-        }
-    }
-    samples.sort();
+    let samples = support::cancel_previous(
+        &format!("{}/v1/chat/completions", a.base),
+        &format!("{}/v1/chat/completions", b.base),
+        300,
+        20,
+    )
+    .await;
     println!(
         "cancel-previous across instances: request on B -> A's old stream [DONE] over {} runs: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
         samples.len(),
@@ -253,18 +224,7 @@ async fn many_streams() {
             let body = body.clone();
             tokio::spawn(async move {
                 let resp = client.post(&url).json(&body).send().await.expect("sent");
-                let mut stream = resp.bytes_stream();
-                let mut arrivals = Vec::new();
-                let mut done = false;
-                while let Some(chunk) = stream.next().await {
-                    let chunk = chunk.expect("chunk");
-                    let tokens = chunk.windows(11).filter(|w| w == b"\"content\":\"").count();
-                    arrivals.extend(std::iter::repeat_n(Instant::now(), tokens));
-                    done |= chunk.windows(12).any(|w| w == b"data: [DONE]");
-                }
-                let gaps: Vec<Duration> =
-                    arrivals.windows(2).skip(1).map(|w| w[1] - w[0]).collect();
-                (gaps, done)
+                support::token_gaps(resp).await
             })
         })
         .collect();

@@ -163,3 +163,69 @@ pub(crate) async fn stream_load(
     }
     (tokens, started.elapsed().as_secs_f64())
 }
+
+/// A stream read to its end: the gaps between its content tokens (the
+/// role chunk's empty content is not one) and whether it ended with
+/// `[DONE]`.
+pub(crate) async fn token_gaps(resp: reqwest::Response) -> (Vec<std::time::Duration>, bool) {
+    let mut stream = resp.bytes_stream();
+    let mut arrivals = Vec::new();
+    let mut done = false;
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.expect("chunk");
+        let tokens = chunk.windows(11).filter(|w| w == b"\"content\":\"").count();
+        arrivals.extend(std::iter::repeat_n(std::time::Instant::now(), tokens));
+        done |= chunk.windows(12).any(|w| w == b"data: [DONE]");
+    }
+    let gaps = arrivals.windows(2).skip(1).map(|w| w[1] - w[0]).collect();
+    (gaps, done)
+}
+
+/// Cancel-previous latency, `runs` times: a slow stream in a session on
+/// `first`, then the session's next request on `second`; the time from
+/// sending that request to the old stream's `[DONE]`. Sorted, without
+/// the first `warm_up` runs.
+pub(crate) async fn cancel_previous(
+    first: &str,
+    second: &str,
+    runs: usize,
+    warm_up: usize,
+) -> Vec<std::time::Duration> {
+    let client = client();
+    let mut samples = Vec::with_capacity(runs);
+    for i in 0..runs + warm_up {
+        let session = format!("s{i}");
+        let old = client
+            .post(first)
+            .header("x-session-id", &session)
+            .json(&chat("x y z"))
+            .send()
+            .await
+            .expect("sent");
+        let mut old = old.bytes_stream();
+        old.next().await.expect("role").expect("chunk");
+        let started = std::time::Instant::now();
+        let next = client
+            .post(second)
+            .header("x-session-id", &session)
+            .json(&chat("q"))
+            .send();
+        let wait_done = async {
+            let mut seen = Vec::new();
+            while let Some(chunk) = old.next().await {
+                seen.extend_from_slice(&chunk.expect("chunk"));
+                if seen.windows(12).any(|w| w == b"data: [DONE]") {
+                    return started.elapsed();
+                }
+            }
+            panic!("old stream ended without [DONE]");
+        };
+        let (next, elapsed) = tokio::join!(next, wait_done);
+        drop(next);
+        if i >= warm_up {
+            samples.push(elapsed);
+        }
+    }
+    samples.sort();
+    samples
+}

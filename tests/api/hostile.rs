@@ -247,16 +247,17 @@ async fn silent_sockets_beyond_the_descriptor_limit_lock_nobody_out() {
 
 // Item 6: SIGTERM.
 
-#[tokio::test]
-async fn sigterm_with_a_half_sent_request_exits_soon_after_the_grace() {
-    let mut server = Process::start(
+/// The binary on a slow echo with `grace` to drain, and a long stream
+/// already flowing (its first event read).
+async fn streaming_then_sigterm_ready(grace: &str) -> (Process, Events) {
+    let server = Process::start(
         &[
             "--backend",
             "echo",
             "--token-delay",
             "200ms",
             "--shutdown-grace",
-            "1s",
+            grace,
         ],
         &[],
     )
@@ -269,6 +270,12 @@ async fn sigterm_with_a_half_sent_request_exits_soon_after_the_grace() {
         .expect("sent");
     let mut long = Events::of(long);
     long.next_json().await;
+    (server, long)
+}
+
+#[tokio::test]
+async fn sigterm_with_a_half_sent_request_exits_soon_after_the_grace() {
+    let (mut server, long) = streaming_then_sigterm_ready("1s").await;
     let mut half = TcpStream::connect(addr(&server.base))
         .await
         .expect("connect");
@@ -293,26 +300,7 @@ async fn sigterm_with_a_half_sent_request_exits_soon_after_the_grace() {
 
 #[tokio::test]
 async fn a_request_on_an_idle_connection_during_the_drain_gets_a_503() {
-    let mut server = Process::start(
-        &[
-            "--backend",
-            "echo",
-            "--token-delay",
-            "200ms",
-            "--shutdown-grace",
-            "30s",
-        ],
-        &[],
-    )
-    .await;
-    let long = client()
-        .post(server.url("/v1/chat/completions"))
-        .json(&chat(&vec!["w"; 100].join(" "), true))
-        .send()
-        .await
-        .expect("sent");
-    let mut long = Events::of(long);
-    long.next_json().await;
+    let (mut server, long) = streaming_then_sigterm_ready("30s").await;
     let mut idle = TcpStream::connect(addr(&server.base))
         .await
         .expect("connect");
