@@ -35,14 +35,14 @@ fn main() {
     let model = sluicegate::model::load(&path, None).expect("model (run scripts/fetch-model)");
     let load_s = loaded.elapsed().as_secs_f64();
     let messages = [
-        ChatMessage {
-            role: "system".into(),
-            content: "You are a helpful assistant. Answer in plain English, briefly and accurately, and say so when you do not know.".into(),
-        },
-        ChatMessage {
-            role: "user".into(),
-            content: "I am planning a weekend trip to Paris with two children aged seven and ten. We like museums, parks and good food, but we do not like long queues. Which three places should we visit first, and why?".into(),
-        },
+        ChatMessage::new(
+            "system",
+            "You are a helpful assistant. Answer in plain English, briefly and accurately, and say so when you do not know.",
+        ),
+        ChatMessage::new(
+            "user",
+            "I am planning a weekend trip to Paris with two children aged seven and ten. We like museums, parks and good food, but we do not like long queues. Which three places should we visit first, and why?",
+        ),
     ];
     let prompt = model.template.render(&messages, true).expect("template");
     let ids = tokenizer::encode(&model.tokenizer, &prompt).expect("tokens");

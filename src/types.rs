@@ -5,6 +5,19 @@
 pub struct ChatMessage {
     pub role: String,
     pub content: String,
+    /// The message's other fields as the client sent them: `tool_calls`,
+    /// `tool_call_id`, `name`…
+    pub extra: serde_json::Map<String, serde_json::Value>,
+}
+
+impl ChatMessage {
+    pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
+        Self {
+            role: role.into(),
+            content: content.into(),
+            extra: serde_json::Map::new(),
+        }
+    }
 }
 
 /// Sampling settings, each `None` when the client left it to the backend.

@@ -4,6 +4,7 @@
 use super::error::ApiError;
 use super::sse::Flavor;
 use super::wire::{CompletionRequest, MessageContent, PromptInput, StopInput};
+use crate::backend::features::{self, Features};
 use crate::backend::{Capabilities, ChatMessage, GenerateRequest, Prompt, Sampling};
 
 /// A validated request and how to answer it.
@@ -24,33 +25,31 @@ const ROLES: [&str; 6] = [
 ];
 const MAX_STOP: usize = 4;
 
-/// OpenAI fields that change the answer and that only a relaying backend
-/// serves so far. Asked for on another backend, each is a 400 that names
-/// it, never a silent drop; set to its "off" value it is fine. Fields
-/// never heard of are ignored, as the contract says.
-fn refuse_unserved(extra: &serde_json::Map<String, serde_json::Value>) -> Result<(), ApiError> {
-    use serde_json::Value;
-    let off = |key: &str, value: &Value| match key {
-        "tools" | "functions" => value.as_array().is_some_and(Vec::is_empty),
-        "tool_choice" | "function_call" => value == "none",
-        "response_format" => value["type"] == "text",
-        "logprobs" => value == &Value::Bool(false),
-        "top_logprobs" => value.as_u64() == Some(0),
-        "logit_bias" => value.as_object().is_some_and(serde_json::Map::is_empty),
-        _ => true,
-    };
+/// Refuses, with a 400 naming it, a field the backend neither relays nor
+/// serves (set to its "off" value it is fine), then reads what it serves.
+/// Fields never heard of are ignored, as the contract says.
+fn features(
+    extra: &serde_json::Map<String, serde_json::Value>,
+    capabilities: Capabilities,
+) -> Result<Features, ApiError> {
+    if capabilities.relays_fields {
+        return Ok(Features::default());
+    }
     for (key, value) in extra {
-        if value.is_null() || off(key, value) {
+        let known = features::FIELDS.contains(&key.as_str());
+        if !known || value.is_null() || features::is_off(key, value) {
             continue;
         }
-        return Err(ApiError::invalid(
-            format!(
-                "`{key}` is not supported by this server's backend yet; the `openai` backend relays it to its upstream."
-            ),
-            Some(key.clone()),
-        ));
+        if !capabilities.serves.contains(&key.as_str()) {
+            return Err(ApiError::invalid(
+                format!(
+                    "`{key}` is not supported by this server's backend; the `openai` backend relays it to its upstream."
+                ),
+                Some(key.clone()),
+            ));
+        }
     }
-    Ok(())
+    Features::parse(extra).map_err(|e| ApiError::invalid(e.message, Some(e.param)))
 }
 
 pub fn plan(
@@ -97,9 +96,7 @@ pub fn plan(
             p => p,
         },
     };
-    if !capabilities.relays_fields {
-        refuse_unserved(&body.extra)?;
-    }
+    let features = features(&body.extra, capabilities)?;
     let stream = body.stream.unwrap_or(false);
     Ok(Plan {
         request: GenerateRequest {
@@ -110,6 +107,8 @@ pub fn plan(
             stop: stop(body.stop)?,
             demand: Default::default(),
             extra: body.extra,
+            choices: n,
+            features,
         },
         stream,
         include_usage: stream
@@ -190,6 +189,7 @@ fn messages(
             Ok(ChatMessage {
                 role: m.role,
                 content,
+                extra: m.extra,
             })
         })
         .collect()
@@ -238,6 +238,7 @@ mod tests {
         max_choices: 1,
         default_concurrency: 1,
         relays_fields: false,
+        serves: &[],
     };
 
     fn plan_of(json: &str, flavor: Flavor) -> Result<Plan, ApiError> {
@@ -278,6 +279,7 @@ mod tests {
             "m",
             Capabilities {
                 relays_fields: true,
+                serves: &[],
                 ..CAPS
             },
         )

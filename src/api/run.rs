@@ -7,11 +7,11 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use axum::Json;
 use axum::http::HeaderValue;
 use axum::response::{IntoResponse, Response};
+use serde_json::{Value, json};
 
 use super::error::ApiError;
 use super::params::Plan;
 use super::sse::{self, ChunkEncoder, Flavor, StreamEncoder};
-use super::wire::{AssistantMessage, ChatChoice, ChatCompletion, TextChoice, TextCompletion};
 use crate::session::{Attachment, CallerId, Collected, Generation, LogReader, Start, StartError};
 use crate::state::AppState;
 
@@ -90,17 +90,19 @@ async fn start_stream(
     plan: Plan,
     answer: &Answer,
 ) -> Result<(Arc<Generation>, Attachment), ApiError> {
+    let include_usage = plan.include_usage;
+    let choices = plan.request.choices;
     let start = Start {
         caller,
         session,
         id_prefix: flavor.id_prefix(),
         request: plan.request,
     };
-    let include_usage = plan.include_usage;
     Ok(state
         .generations
         .stream(start, |id| StreamEncoder {
-            chunks: ChunkEncoder::new(id, &answer.model, answer.created, flavor),
+            chunks: ChunkEncoder::new(id, &answer.model, answer.created, flavor)
+                .with_choices(choices),
             include_usage,
         })
         .await?)
@@ -115,41 +117,37 @@ struct Answer {
 /// The OpenAI JSON answer of a finished generation.
 fn json_answer(collected: &Collected, answer: &Answer) -> Response {
     let id = collected.generation.id.as_str();
-    let (text, reason) = (&collected.text, collected.reason);
     let usage_body = sse::usage_body(collected.usage);
-    let mut response = match answer.flavor {
-        Flavor::Chat => Json(ChatCompletion {
-            id,
-            object: "chat.completion",
-            created: answer.created,
-            model: &answer.model,
-            choices: [ChatChoice {
-                index: 0,
-                message: AssistantMessage {
-                    role: "assistant",
-                    content: text,
-                },
-                logprobs: None,
-                finish_reason: reason.as_str(),
-            }],
-            usage: usage_body,
+    let choices: Vec<Value> = (0u32..)
+        .zip(&collected.answer.choices)
+        .map(|(index, choice)| match answer.flavor {
+            Flavor::Chat => json!({
+                "index": index,
+                "message": choice.message(),
+                "logprobs": choice.logprobs(),
+                "finish_reason": choice.finish_reason(),
+            }),
+            Flavor::Legacy => json!({
+                "text": choice.content,
+                "index": index,
+                "logprobs": choice.logprobs(),
+                "finish_reason": choice.finish_reason(),
+            }),
         })
-        .into_response(),
-        Flavor::Legacy => Json(TextCompletion {
-            id,
-            object: "text_completion",
-            created: answer.created,
-            model: &answer.model,
-            choices: [TextChoice {
-                text,
-                index: 0,
-                logprobs: None,
-                finish_reason: Some(reason.as_str()),
-            }],
-            usage: Some(usage_body),
-        })
-        .into_response(),
+        .collect();
+    let object = match answer.flavor {
+        Flavor::Chat => "chat.completion",
+        Flavor::Legacy => "text_completion",
     };
+    let mut response = Json(json!({
+        "id": id,
+        "object": object,
+        "created": answer.created,
+        "model": answer.model,
+        "choices": choices,
+        "usage": usage_body,
+    }))
+    .into_response();
     if let Ok(value) = HeaderValue::from_str(id) {
         response.headers_mut().insert("x-completion-id", value);
     }

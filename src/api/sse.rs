@@ -16,7 +16,7 @@ use serde::Serialize;
 
 use super::error::ApiError;
 use super::wire::{ChatChunk, ChunkChoice, Delta, TextChoice, TextChunk, UsageBody};
-use crate::backend::{BackendError, FinishReason, Usage};
+use crate::backend::{BackendError, ChoiceDelta, FinishReason, Usage};
 use crate::session::{EventEncoder, GenerationId, LogError, LogReader};
 use crate::telemetry;
 
@@ -54,6 +54,8 @@ pub struct ChunkEncoder {
     model: String,
     flavor: Flavor,
     seq: usize,
+    /// Per choice, whether it has had its finish.
+    finished: Vec<bool>,
 }
 
 impl ChunkEncoder {
@@ -64,7 +66,14 @@ impl ChunkEncoder {
             model: model.to_owned(),
             flavor,
             seq: 0,
+            finished: vec![false],
         }
+    }
+
+    /// For a request of `n` choices, each with its own finish.
+    pub fn with_choices(mut self, n: u32) -> Self {
+        self.finished = vec![false; n.max(1) as usize];
+        self
     }
 
     fn next_seq(&mut self) -> usize {
@@ -73,14 +82,30 @@ impl ChunkEncoder {
     }
 
     fn chunk(&mut self, delta: Delta<'_>, text: &str, finish: Option<FinishReason>) -> Bytes {
+        self.choice_chunk(0, delta, text, None, finish)
+    }
+
+    fn choice_chunk(
+        &mut self,
+        index: u32,
+        delta: Delta<'_>,
+        text: &str,
+        logprobs: Option<&serde_json::Value>,
+        finish: Option<FinishReason>,
+    ) -> Bytes {
         let seq = self.next_seq();
         let finish_reason = finish.map(FinishReason::as_str);
+        if finish.is_some()
+            && let Some(done) = self.finished.get_mut(index as usize)
+        {
+            *done = true;
+        }
         match self.flavor {
             Flavor::Chat => {
                 let choices = [ChunkChoice {
-                    index: 0,
+                    index,
                     delta,
-                    logprobs: None,
+                    logprobs,
                     finish_reason,
                 }];
                 let chunk = ChatChunk {
@@ -101,8 +126,8 @@ impl ChunkEncoder {
                     model: &self.model,
                     choices: [TextChoice {
                         text,
-                        index: 0,
-                        logprobs: None,
+                        index,
+                        logprobs,
                         finish_reason,
                     }],
                     usage: None,
@@ -118,6 +143,7 @@ impl ChunkEncoder {
         let delta = Delta {
             role: Some("assistant"),
             content: Some(""),
+            fields: None,
         };
         let event = self.chunk(delta, "", None);
         // `retry:` first: a cut after the id line then loses nothing more
@@ -132,13 +158,38 @@ impl ChunkEncoder {
         let delta = Delta {
             role: None,
             content: Some(text),
+            fields: None,
         };
         self.chunk(delta, text, None)
     }
 
-    /// The last chunk with choices.
+    /// A step richer than text: its delta fields, log probabilities, or a
+    /// choice other than the first.
+    pub fn delta(&mut self, step: &ChoiceDelta) -> Bytes {
+        let text = step.content.as_deref().unwrap_or("");
+        let delta = Delta {
+            role: None,
+            content: step.content.as_deref(),
+            fields: (!step.fields.is_empty()).then_some(&step.fields),
+        };
+        self.choice_chunk(step.index, delta, text, step.logprobs.as_ref(), step.finish)
+    }
+
+    /// The first choice's last chunk.
     pub fn finish(&mut self, reason: FinishReason) -> Bytes {
         self.chunk(Delta::default(), "", Some(reason))
+    }
+
+    /// The last chunk of every choice that has not ended yet.
+    pub fn finish_all(&mut self, reason: FinishReason) -> Vec<Bytes> {
+        let open: Vec<u32> = (0u32..)
+            .zip(&self.finished)
+            .filter(|(_, done)| !**done)
+            .map(|(i, _)| i)
+            .collect();
+        open.into_iter()
+            .map(|i| self.choice_chunk(i, Delta::default(), "", None, Some(reason)))
+            .collect()
     }
 
     /// The `stream_options.include_usage` chunk: no choices.
@@ -197,8 +248,12 @@ impl EventEncoder for StreamEncoder {
         self.chunks.text(text)
     }
 
-    fn finish(&mut self, reason: FinishReason) -> Bytes {
-        self.chunks.finish(reason)
+    fn delta(&mut self, delta: &ChoiceDelta) -> Bytes {
+        self.chunks.delta(delta)
+    }
+
+    fn finish(&mut self, reason: FinishReason) -> Vec<Bytes> {
+        self.chunks.finish_all(reason)
     }
 
     fn usage(&mut self, usage: Usage) -> Option<Bytes> {

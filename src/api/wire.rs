@@ -54,6 +54,9 @@ pub struct RequestMessage {
     pub role: String,
     /// `null` is allowed (an assistant turn that only called tools).
     pub content: Option<MessageContent>,
+    /// `tool_calls`, `tool_call_id`, `name`, and any other field.
+    #[serde(flatten)]
+    pub extra: serde_json::Map<String, serde_json::Value>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -73,30 +76,6 @@ pub struct ContentPart {
 // ---- responses ----
 
 #[derive(Debug, Serialize)]
-pub struct ChatCompletion<'a> {
-    pub id: &'a str,
-    pub object: &'static str,
-    pub created: u64,
-    pub model: &'a str,
-    pub choices: [ChatChoice<'a>; 1],
-    pub usage: UsageBody,
-}
-
-#[derive(Debug, Serialize)]
-pub struct ChatChoice<'a> {
-    pub index: u32,
-    pub message: AssistantMessage<'a>,
-    pub logprobs: Option<()>,
-    pub finish_reason: &'static str,
-}
-
-#[derive(Debug, Serialize)]
-pub struct AssistantMessage<'a> {
-    pub role: &'static str,
-    pub content: &'a str,
-}
-
-#[derive(Debug, Serialize)]
 pub struct TextCompletion<'a> {
     pub id: &'a str,
     pub object: &'static str,
@@ -111,7 +90,7 @@ pub struct TextCompletion<'a> {
 pub struct TextChoice<'a> {
     pub text: &'a str,
     pub index: u32,
-    pub logprobs: Option<()>,
+    pub logprobs: Option<&'a serde_json::Value>,
     pub finish_reason: Option<&'static str>,
 }
 
@@ -140,7 +119,7 @@ pub struct ChatChunk<'a> {
 pub struct ChunkChoice<'a> {
     pub index: u32,
     pub delta: Delta<'a>,
-    pub logprobs: Option<()>,
+    pub logprobs: Option<&'a serde_json::Value>,
     pub finish_reason: Option<&'static str>,
 }
 
@@ -150,6 +129,9 @@ pub struct Delta<'a> {
     pub role: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub content: Option<&'a str>,
+    /// `tool_calls`, `reasoning_content`, `refusal`…, as a backend gave them.
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    pub fields: Option<&'a serde_json::Map<String, serde_json::Value>>,
 }
 
 /// The legacy stream's chunk is a `text_completion` with text choices.

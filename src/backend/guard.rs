@@ -5,7 +5,7 @@
 use futures_util::StreamExt;
 use tokio_util::sync::CancellationToken;
 
-use super::{Accepted, BackendError, FinishReason, TokenEvent, TokenStream, Usage};
+use super::{Accepted, BackendError, ChoiceDelta, FinishReason, TokenEvent, TokenStream, Usage};
 
 pub struct GuardedRun {
     tokens: TokenStream,
@@ -18,6 +18,7 @@ pub struct GuardedRun {
 #[derive(Debug)]
 pub enum Step {
     Text(String),
+    Delta(Box<ChoiceDelta>),
     Finished(FinishReason, Usage),
     Failed(BackendError),
 }
@@ -47,6 +48,12 @@ impl GuardedRun {
                 Some(Ok(TokenEvent::Token { text, .. })) => {
                     self.usage.completion_tokens += 1;
                     return Some(Step::Text(text));
+                }
+                Some(Ok(TokenEvent::Delta(delta))) => {
+                    if delta.produces() {
+                        self.usage.completion_tokens += 1;
+                    }
+                    return Some(Step::Delta(delta));
                 }
                 Some(Ok(TokenEvent::Finished { reason, usage })) => Step::Finished(reason, usage),
                 Some(Err(err)) => Step::Failed(err),

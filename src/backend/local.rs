@@ -114,6 +114,7 @@ impl Backend for LocalBackend {
             max_choices: 1,
             default_concurrency: DEFAULT_CONCURRENCY,
             relays_fields: false,
+            serves: &[],
         }
     }
 

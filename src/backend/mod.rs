@@ -3,7 +3,10 @@
 //! Nothing here knows about HTTP: the API layer turns a [`GenerateRequest`]
 //! into a call and the resulting [`TokenEvent`]s into OpenAI chunks.
 
+pub mod answer;
 pub mod echo;
+pub mod example;
+pub mod features;
 mod guard;
 pub mod local;
 pub mod stop;
@@ -63,6 +66,9 @@ pub enum TokenEvent {
     /// A piece of text. `id` is the model's token id when there is one; a
     /// piece may be empty when a token completes no character.
     Token { id: Option<u32>, text: String },
+    /// A step richer than text: tool-call fragments, reasoning, log
+    /// probabilities, or a choice other than the first.
+    Delta(Box<ChoiceDelta>),
     /// The end, always last.
     Finished { reason: FinishReason, usage: Usage },
 }
@@ -75,6 +81,10 @@ pub enum FinishReason {
     Length,
     /// Someone asked for it to stop.
     Cancelled,
+    /// The model called tools.
+    ToolCalls,
+    /// An upstream's content filter cut the answer.
+    ContentFilter,
 }
 
 impl FinishReason {
@@ -83,7 +93,33 @@ impl FinishReason {
             Self::Stop => "stop",
             Self::Length => "length",
             Self::Cancelled => "cancelled",
+            Self::ToolCalls => "tool_calls",
+            Self::ContentFilter => "content_filter",
         }
+    }
+}
+
+/// One choice's step beyond plain text, in OpenAI's terms: what its
+/// `delta` carries besides `content`, its `logprobs`, and its own finish
+/// (only for a choice other than the first; the first ends with the run).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ChoiceDelta {
+    pub index: u32,
+    /// Text: `delta.content` on chat streams, `text` on legacy ones.
+    pub content: Option<String>,
+    /// Other delta fields (`tool_calls`, `reasoning_content`, `reasoning`,
+    /// `refusal`…), written as they are.
+    pub fields: serde_json::Map<String, serde_json::Value>,
+    /// The choice's `logprobs` object for this step.
+    pub logprobs: Option<serde_json::Value>,
+    pub finish: Option<FinishReason>,
+}
+
+impl ChoiceDelta {
+    /// Whether this step produced anything a token would (not just a
+    /// finish).
+    pub fn produces(&self) -> bool {
+        self.content.as_ref().is_some_and(|c| !c.is_empty()) || !self.fields.is_empty()
     }
 }
 
@@ -109,6 +145,11 @@ pub struct GenerateRequest {
     /// Request fields sluicegate does not own, for a backend that relays
     /// them (see [`Capabilities::relays_fields`]).
     pub extra: serde_json::Map<String, serde_json::Value>,
+    /// Choices asked for (`n`); at most [`Capabilities::max_choices`].
+    pub choices: u32,
+    /// Tools, structured output and log probabilities, for a backend that
+    /// serves them itself (see [`Capabilities::serves`]).
+    pub features: features::Features,
 }
 
 /// Whether anyone reads a generation right now. The session pauses and
@@ -189,6 +230,9 @@ pub struct Capabilities {
     /// Passes request fields it does not own on to another server; a
     /// backend that does not is refused what it cannot serve.
     pub relays_fields: bool,
+    /// The OpenAI fields of [`features::FIELDS`] it serves itself; asking
+    /// another of a backend that does not relay is a 400.
+    pub serves: &'static [&'static str],
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -81,6 +81,7 @@ impl ChatTemplate {
             .map(|m| ChatMessage {
                 role: m.role.clone(),
                 content: format!("{OPEN}{}{CLOSE}", m.content.replace([OPEN, CLOSE], "")),
+                extra: m.extra.clone(),
             })
             .collect();
         let rendered = self.render(&marked, add_generation_prompt)?;
@@ -188,10 +189,7 @@ mod tests {
     const SMOLLM: &str = "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
 
     fn msg(role: &str, content: &str) -> ChatMessage {
-        ChatMessage {
-            role: role.into(),
-            content: content.into(),
-        }
+        ChatMessage::new(role, content)
     }
 
     fn template(source: &str) -> ChatTemplate {

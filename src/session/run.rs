@@ -18,8 +18,10 @@ use super::{
     Admission, Attachment, CallerId, EndCause, Generation, GenerationId, GenerationRegistry,
     QueueFull, Replicas, RetireOnDrop, Ticket,
 };
+use crate::backend::answer::Answer;
 use crate::backend::{
-    Accepted, Backend, BackendError, FinishReason, GenerateRequest, GuardedRun, Step, Usage,
+    Accepted, Backend, BackendError, ChoiceDelta, FinishReason, GenerateRequest, GuardedRun, Step,
+    Usage,
 };
 use crate::telemetry;
 
@@ -28,8 +30,11 @@ pub trait EventEncoder: Send + 'static {
     /// The first event, before the model's first token.
     fn opening(&mut self) -> Bytes;
     fn text(&mut self, text: &str) -> Bytes;
-    /// The last event with a finish reason.
-    fn finish(&mut self, reason: FinishReason) -> Bytes;
+    /// A step richer than text.
+    fn delta(&mut self, delta: &ChoiceDelta) -> Bytes;
+    /// The last events with a finish reason: one per choice that has not
+    /// ended yet.
+    fn finish(&mut self, reason: FinishReason) -> Vec<Bytes>;
     /// An event after the finish that reports usage, if asked for.
     fn usage(&mut self, usage: Usage) -> Option<Bytes>;
     /// A failure after the response began.
@@ -59,7 +64,7 @@ pub enum StartError {
 /// A JSON generation's outcome.
 pub struct Collected {
     pub generation: Arc<Generation>,
-    pub text: String,
+    pub answer: Answer,
     pub reason: FinishReason,
     pub usage: Usage,
 }
@@ -167,6 +172,7 @@ impl Generations {
     /// is dropped and the generation is cancelled and retired.
     pub async fn collect(self: &Arc<Self>, start: Start) -> Result<Collected, StartError> {
         let (mut ticket, generation) = self.admit(&start, false)?;
+        let start_choices = start.request.choices;
         let _retire = RetireOnDrop {
             registry: Arc::clone(&self.registry),
             generation: Arc::clone(&generation),
@@ -198,15 +204,22 @@ impl Generations {
             }
         };
         let mut run = GuardedRun::new(accepted, generation.cancel_token());
-        let mut text = String::new();
+        let mut answer = Answer::new(start_choices);
         let mut outcome = Err(BackendError::Internal("no end".into()));
         while let Some(step) = run.next().await {
             match step {
                 Step::Text(piece) => {
                     clock.tick();
-                    text.push_str(&piece);
+                    answer.text(&piece);
                 }
-                Step::Finished(reason, usage) => outcome = Ok((reason, usage)),
+                Step::Delta(delta) => {
+                    clock.tick();
+                    answer.delta(&delta);
+                }
+                Step::Finished(reason, usage) => {
+                    answer.finish(reason);
+                    outcome = Ok((reason, usage));
+                }
                 Step::Failed(err) => outcome = Err(err),
             }
         }
@@ -217,7 +230,7 @@ impl Generations {
                 log_end(&generation, end_cause(&generation, reason), usage);
                 Ok(Collected {
                     generation,
-                    text,
+                    answer,
                     reason,
                     usage,
                 })
@@ -295,9 +308,18 @@ async fn drive(
                             cut = generation.cancel(EndCause::Length);
                         }
                     }
+                    Step::Delta(delta) => {
+                        clock.tick();
+                        log.push(&encoder.delta(&delta));
+                        if log.bytes() >= max_log_bytes && !cut {
+                            cut = generation.cancel(EndCause::Length);
+                        }
+                    }
                     Step::Finished(reason, counted) => {
                         let reason = if cut { FinishReason::Length } else { reason };
-                        log.push(&encoder.finish(reason));
+                        for event in encoder.finish(reason) {
+                            log.push(&event);
+                        }
                         if let Some(event) = encoder.usage(counted) {
                             log.push(&event);
                         }
@@ -318,7 +340,9 @@ async fn drive(
 
 fn end_cause(generation: &Generation, reason: FinishReason) -> EndCause {
     match reason {
-        FinishReason::Stop => EndCause::Finished,
+        FinishReason::Stop | FinishReason::ToolCalls | FinishReason::ContentFilter => {
+            EndCause::Finished
+        }
         FinishReason::Length => EndCause::Length,
         FinishReason::Cancelled => generation.cancel_cause().unwrap_or(EndCause::ClientGone),
     }

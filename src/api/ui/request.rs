@@ -123,6 +123,7 @@ fn text_message(role: &str, text: String) -> RequestMessage {
     RequestMessage {
         role: role.to_owned(),
         content: Some(MessageContent::Text(text)),
+        extra: serde_json::Map::new(),
     }
 }
 

@@ -337,10 +337,12 @@ impl Backend for UpstreamBackend {
 
     fn capabilities(&self) -> Capabilities {
         Capabilities {
-            max_choices: 1,
+            // OpenAI's own bound; the upstream says if it serves fewer.
+            max_choices: 128,
             // The upstreams queue and batch; this only bounds what is open.
             default_concurrency: 256,
             relays_fields: true,
+            serves: &[],
         }
     }
 
@@ -425,6 +427,13 @@ impl Backend for UpstreamBackend {
                             relayed = true;
                             usage.completion_tokens += 1;
                             yield Ok(TokenEvent::Token { id: None, text });
+                        }
+                        Ok(RelayStep::Delta(delta)) => {
+                            relayed = true;
+                            if delta.produces() {
+                                usage.completion_tokens += 1;
+                            }
+                            yield Ok(TokenEvent::Delta(delta));
                         }
                         Ok(RelayStep::Usage(reported)) => usage = reported,
                         Ok(RelayStep::Finished(reason)) => {

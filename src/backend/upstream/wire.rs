@@ -12,7 +12,7 @@ use eventsource_stream::{Event, Eventsource};
 use futures_util::{Stream, StreamExt};
 use serde_json::{Value, json};
 
-use crate::backend::{FinishReason, GenerateRequest, Prompt, Usage};
+use crate::backend::{ChoiceDelta, FinishReason, GenerateRequest, Prompt, Usage};
 
 /// The upstream path, body, and whether it is a chat completion.
 pub(super) fn upstream_body(req: &GenerateRequest) -> (&'static str, Value, bool) {
@@ -23,9 +23,17 @@ pub(super) fn upstream_body(req: &GenerateRequest) -> (&'static str, Value, bool
     });
     let chat = match &req.prompt {
         Prompt::Chat(messages) => {
+            // As the client sent them, content parts flattened to text.
             body["messages"] = messages
                 .iter()
-                .map(|m| json!({"role": m.role, "content": m.content}))
+                .map(|m| {
+                    let mut message = m.extra.clone();
+                    message.insert("role".into(), json!(m.role));
+                    let empty = m.content.is_empty() && message.contains_key("tool_calls");
+                    let content = if empty { Value::Null } else { json!(m.content) };
+                    message.insert("content".into(), content);
+                    Value::Object(message)
+                })
                 .collect();
             true
         }
@@ -45,6 +53,7 @@ pub(super) fn upstream_body(req: &GenerateRequest) -> (&'static str, Value, bool
         ("frequency_penalty", s.frequency_penalty.map(Value::from)),
         ("repetition_penalty", s.repetition_penalty.map(Value::from)),
         ("stop", (!req.stop.is_empty()).then(|| json!(req.stop))),
+        ("n", (req.choices > 1).then(|| Value::from(req.choices))),
     ];
     for (key, value) in optional {
         if let Some(value) = value {
@@ -76,6 +85,7 @@ pub(super) enum RelayError {
 
 pub(super) enum RelayStep {
     Text(String),
+    Delta(Box<ChoiceDelta>),
     Usage(Usage),
     Finished(FinishReason),
 }
@@ -153,14 +163,8 @@ impl Relay {
     }
 
     fn decode(&mut self, chunk: &Value) {
-        let choice = &chunk["choices"][0];
-        let text = if self.chat {
-            choice["delta"]["content"].as_str()
-        } else {
-            choice["text"].as_str()
-        };
-        if let Some(text) = text.filter(|t| !t.is_empty()) {
-            self.pending.push_back(RelayStep::Text(text.to_owned()));
+        for choice in chunk["choices"].as_array().into_iter().flatten() {
+            self.decode_choice(choice);
         }
         if let Some(usage) = chunk.get("usage").filter(|u| u.is_object()) {
             let count =
@@ -170,8 +174,55 @@ impl Relay {
                 completion_tokens: count("completion_tokens"),
             }));
         }
-        if let Some(reason) = choice["finish_reason"].as_str() {
-            self.finish = Some(map_finish(reason));
+    }
+
+    /// One choice of a chunk: plain text for the first choice's content
+    /// alone (the common case, kept cheap); anything else as a delta with
+    /// every field the upstream sent.
+    fn decode_choice(&mut self, choice: &Value) {
+        let index = choice["index"]
+            .as_u64()
+            .and_then(|i| u32::try_from(i).ok())
+            .unwrap_or(0);
+        let (text, fields) = if self.chat {
+            let delta = &choice["delta"];
+            let fields: serde_json::Map<String, Value> = delta
+                .as_object()
+                .into_iter()
+                .flatten()
+                .filter(|(key, value)| {
+                    !value.is_null() && key.as_str() != "role" && key.as_str() != "content"
+                })
+                .map(|(key, value)| (key.clone(), value.clone()))
+                .collect();
+            (delta["content"].as_str(), fields)
+        } else {
+            (choice["text"].as_str(), serde_json::Map::new())
+        };
+        let text = text.filter(|t| !t.is_empty());
+        let logprobs = Some(&choice["logprobs"]).filter(|l| !l.is_null());
+        let finish = choice["finish_reason"].as_str().map(map_finish);
+        if index == 0 {
+            if let Some(reason) = finish {
+                self.finish = Some(reason);
+            }
+            if fields.is_empty() && logprobs.is_none() {
+                if let Some(text) = text {
+                    self.pending.push_back(RelayStep::Text(text.to_owned()));
+                }
+                return;
+            }
+        }
+        let delta = ChoiceDelta {
+            index,
+            content: text.map(str::to_owned),
+            fields,
+            logprobs: logprobs.cloned(),
+            // The first choice ends with the run; others on their own.
+            finish: finish.filter(|_| index > 0),
+        };
+        if delta.produces() || delta.logprobs.is_some() || delta.finish.is_some() {
+            self.pending.push_back(RelayStep::Delta(Box::new(delta)));
         }
     }
 }
@@ -205,12 +256,14 @@ fn one_event_each(chunk: reqwest::Result<Bytes>) -> Vec<reqwest::Result<Bytes>> 
     pieces
 }
 
-/// Upstream finish reasons in the contract's three; the original is logged.
+/// Upstream finish reasons in the contract's; an unknown one is logged.
 fn map_finish(reason: &str) -> FinishReason {
     match reason {
         "length" | "max_tokens" => FinishReason::Length,
         "cancelled" | "abort" | "aborted" => FinishReason::Cancelled,
         "stop" | "eos" | "end_turn" | "stop_sequence" => FinishReason::Stop,
+        "tool_calls" | "function_call" | "tool_use" => FinishReason::ToolCalls,
+        "content_filter" => FinishReason::ContentFilter,
         other => {
             tracing::info!(
                 upstream_finish_reason = other,
@@ -230,10 +283,7 @@ mod tests {
     fn the_body_carries_only_what_was_set_and_always_streams() {
         let req = GenerateRequest {
             model: "m".into(),
-            prompt: Prompt::Chat(vec![ChatMessage {
-                role: "user".into(),
-                content: "hi".into(),
-            }]),
+            prompt: Prompt::Chat(vec![ChatMessage::new("user", "hi")]),
             sampling: Sampling {
                 temperature: Some(0.5),
                 ..Sampling::default()
@@ -251,10 +301,11 @@ mod tests {
     }
 
     #[test]
-    fn finish_reasons_map_into_the_contracts_three() {
+    fn finish_reasons_map_into_the_contracts() {
         assert_eq!(map_finish("length"), FinishReason::Length);
         assert_eq!(map_finish("eos"), FinishReason::Stop);
-        assert_eq!(map_finish("tool_calls"), FinishReason::Stop);
+        assert_eq!(map_finish("tool_calls"), FinishReason::ToolCalls);
+        assert_eq!(map_finish("content_filter"), FinishReason::ContentFilter);
         assert_eq!(map_finish("abort"), FinishReason::Cancelled);
     }
 }
