@@ -70,6 +70,31 @@ async fn openai_python() {
 }
 
 #[tokio::test]
+async fn the_ai_sdk_calls_tools_on_echo() {
+    let server = slow_echo().await;
+    let env = [("TOOL_CHOICE", "get_weather")].map(|(k, v)| (k, PathBuf::from(v)));
+    let out = run(&server, "node", "node/ai_sdk_tools.mjs", &env).await;
+    assert!(
+        out.contains(r#"["get_weather",{"city":"What is the weather in Paris?"}]"#),
+        "{out}"
+    );
+}
+
+#[tokio::test]
+async fn structured_output_and_langchain_on_echo() {
+    let server = Process::start(&["--backend", "echo"], &[]).await;
+    let packages = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/client-python");
+    let out = run(
+        &server,
+        "python3",
+        "python/test_structured.py",
+        &[("PYTHONPATH", packages)],
+    )
+    .await;
+    assert!(out.contains("structured: ok"), "{out}");
+}
+
+#[tokio::test]
 async fn openai_node() {
     let server = slow_echo().await;
     let out = run(&server, "node", "node/openai_stream.mjs", &[]).await;

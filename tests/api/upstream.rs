@@ -80,6 +80,48 @@ fn delta(text: &str, role: bool, finish: Option<&str>) -> String {
     format!("data: {chunk}\n\n")
 }
 
+/// A chunk as vLLM streams it, with `choices` as given.
+fn vllm(choices: Value) -> String {
+    let chunk = json!({"id": "chatcmpl-up", "object": "chat.completion.chunk",
+        "created": 1, "model": "echo", "choices": choices});
+    format!("data: {chunk}\n\n")
+}
+
+fn vllm_delta(delta: Value, finish: Option<&str>) -> String {
+    vllm(json!([{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}]))
+}
+
+/// vLLM's stream of a reasoning model calling two tools at once: reasoning
+/// deltas, then each call's id, type and name, then its arguments split
+/// mid-value, then `tool_calls` and usage.
+fn vllm_tool_calls() -> Vec<String> {
+    let call = |index: u32, fragment: Value| json!({"tool_calls": [{"index": index, "function": fragment}]});
+    let mut first = call(0, json!({"name": "get_weather"}));
+    first["tool_calls"][0]["id"] = json!("chatcmpl-tool-a1");
+    first["tool_calls"][0]["type"] = json!("function");
+    let mut second = call(1, json!({"name": "get_time"}));
+    second["tool_calls"][0]["id"] = json!("chatcmpl-tool-b2");
+    second["tool_calls"][0]["type"] = json!("function");
+    vec![
+        vllm_delta(json!({"role": "assistant", "content": ""}), None),
+        vllm_delta(json!({"reasoning_content": "The user wants"}), None),
+        vllm_delta(json!({"reasoning_content": " weather and time."}), None),
+        vllm_delta(first, None),
+        vllm_delta(call(0, json!({"arguments": "{\"city\": \"Pa"})), None),
+        vllm_delta(call(0, json!({"arguments": "ris\"}"})), None),
+        vllm_delta(second, None),
+        vllm_delta(call(1, json!({"arguments": "{\"zone\": "})), None),
+        vllm_delta(call(1, json!({"arguments": "\"CET\"}"})), None),
+        vllm_delta(json!({"content": ""}), Some("tool_calls")),
+        format!(
+            "data: {}\n\n",
+            json!({"id": "chatcmpl-up", "object": "chat.completion.chunk", "choices": [],
+            "usage": {"prompt_tokens": 20, "completion_tokens": 30, "total_tokens": 50}})
+        ),
+        "data: [DONE]\n\n".into(),
+    ]
+}
+
 async fn rogue() -> Rogue {
     let closed = Arc::new(AtomicUsize::new(0));
     let requests = Arc::new(AtomicUsize::new(0));
@@ -115,6 +157,21 @@ async fn rogue() -> Rogue {
                         ),
                         "error-mid" => sse(
                             vec![delta("partial", true, None), "data: {\"error\": {\"message\": \"engine exploded\"}}\n\n".into()],
+                            closed,
+                            ms(1),
+                        ),
+                        "tools-vllm" => sse(vllm_tool_calls(), closed, ms(1)),
+                        "tools-slow" => sse(vllm_tool_calls(), closed, ms(150)),
+                        "two-choices" => sse(
+                            vec![
+                                vllm(json!([{"index": 0, "delta": {"content": "a"}, "finish_reason": null},
+                                    {"index": 1, "delta": {"content": "b"}, "finish_reason": null}])),
+                                vllm(json!([{"index": 1, "delta": {"refusal": "no"}, "finish_reason": "content_filter"}])),
+                                vllm(json!([{"index": 0, "delta": {"content": "!"},
+                                    "logprobs": {"content": [{"token": "!", "logprob": -0.5, "bytes": [33], "top_logprobs": []}]},
+                                    "finish_reason": "stop"}])),
+                                "data: [DONE]\n\n".into(),
+                            ],
                             closed,
                             ms(1),
                         ),
@@ -479,15 +536,204 @@ async fn fields_sluicegate_does_not_own_reach_the_upstream_unchanged() {
     }
     assert_eq!(sent["stream"], true, "sluicegate's own fields win");
 
-    // The echo backend cannot serve tools: a 400 that names the field.
+    // The echo backend has no vocabulary to bias: a 400 that names the field.
     let echo = TestServer::echo().await;
-    let mut tools = chat("x", true);
-    tools["tools"] = extra["tools"].clone();
-    let refused = post_to(&echo, "/v1/chat/completions", &tools)
+    let mut biased = chat("x", true);
+    biased["logit_bias"] = extra["logit_bias"].clone();
+    let refused = post_to(&echo, "/v1/chat/completions", &biased)
         .send()
         .await
         .expect("sent");
     assert_eq!(refused.status(), 400);
     let err: Value = refused.json().await.expect("json");
-    assert_eq!(err["error"]["param"], "tools");
+    assert_eq!(err["error"]["param"], "logit_bias");
+}
+
+/// The `choices` of every chunk of a stream, from the upstream's SSE.
+fn upstream_choices(chunks: &[String]) -> Vec<Value> {
+    chunks
+        .iter()
+        .filter_map(|c| serde_json::from_str::<Value>(c.trim().strip_prefix("data: ")?).ok())
+        .flat_map(|c| c["choices"].as_array().cloned().unwrap_or_default())
+        .collect()
+}
+
+#[tokio::test]
+async fn tool_calls_reasoning_and_choices_are_relayed_as_the_upstream_sent_them() {
+    let upstream = rogue().await;
+    let server = relay_to(vec![upstream.base.clone()], Duration::from_secs(5))
+        .start()
+        .await;
+    let resp = post_to(&server, "/v1/chat/completions", &chat("tools-vllm", true))
+        .send()
+        .await
+        .expect("sent");
+    let t = read_all(resp).await;
+    assert!(t.done);
+    assert_eq!(t.finish_reason.as_deref(), Some("tool_calls"));
+    // Every delta field the upstream sent arrives as it was, in order.
+    let sent: Vec<Value> = upstream_choices(&vllm_tool_calls())
+        .into_iter()
+        .map(|c| c["delta"].clone())
+        .filter(|d| d.get("tool_calls").is_some() || d.get("reasoning_content").is_some())
+        .collect();
+    let got: Vec<Value> = t
+        .chunks
+        .iter()
+        .map(|c| c["choices"][0]["delta"].clone())
+        .filter(|d| d.get("tool_calls").is_some() || d.get("reasoning_content").is_some())
+        .collect();
+    assert_eq!(got, sent);
+    assert!(
+        t.chunks.iter().all(|c| c["id"] == t.chunks[0]["id"]),
+        "our own ids"
+    );
+
+    // Not streaming: the calls assembled as OpenAI does.
+    let answer: Value = post_to(&server, "/v1/chat/completions", &chat("tools-vllm", false))
+        .send()
+        .await
+        .expect("sent")
+        .json()
+        .await
+        .expect("json");
+    let choice = &answer["choices"][0];
+    assert_eq!(choice["finish_reason"], "tool_calls");
+    assert_eq!(choice["message"]["content"], Value::Null);
+    assert_eq!(
+        choice["message"]["reasoning_content"],
+        "The user wants weather and time."
+    );
+    assert_eq!(
+        choice["message"]["tool_calls"],
+        json!([
+            {"id": "chatcmpl-tool-a1", "type": "function",
+             "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}},
+            {"id": "chatcmpl-tool-b2", "type": "function",
+             "function": {"name": "get_time", "arguments": "{\"zone\": \"CET\"}"}},
+        ])
+    );
+    assert_eq!(answer["usage"]["completion_tokens"], 30);
+
+    // Several choices: each with its index, its own fields and finish.
+    let mut two = chat("two-choices", false);
+    two["n"] = json!(2);
+    let answer: Value = post_to(&server, "/v1/chat/completions", &two)
+        .send()
+        .await
+        .expect("sent")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(upstream.last_body.lock().expect("lock")["n"], 2);
+    let choices = &answer["choices"];
+    assert_eq!(choices[0]["message"]["content"], "a!");
+    assert_eq!(choices[0]["finish_reason"], "stop");
+    assert_eq!(choices[0]["logprobs"]["content"][0]["logprob"], -0.5);
+    assert_eq!(choices[1]["message"]["content"], "b");
+    assert_eq!(choices[1]["message"]["refusal"], "no");
+    assert_eq!(choices[1]["finish_reason"], "content_filter");
+    two["stream"] = json!(true);
+    let t = read_all(
+        post_to(&server, "/v1/chat/completions", &two)
+            .send()
+            .await
+            .expect("sent"),
+    )
+    .await;
+    let finishes: Vec<(Value, Value)> = t
+        .chunks
+        .iter()
+        .flat_map(|c| c["choices"].as_array().cloned().unwrap_or_default())
+        .filter(|c| !c["finish_reason"].is_null())
+        .map(|c| (c["index"].clone(), c["finish_reason"].clone()))
+        .collect();
+    assert_eq!(
+        finishes,
+        vec![
+            (json!(1), json!("content_filter")),
+            (json!(0), json!("stop"))
+        ]
+    );
+}
+
+#[tokio::test]
+async fn a_resume_in_the_middle_of_a_tool_call_replays_its_fragments_byte_for_byte() {
+    let upstream = rogue().await;
+    let server = relay_to(vec![upstream.base.clone()], Duration::from_secs(5))
+        .start()
+        .await;
+    let resp = post_to(&server, "/v1/chat/completions", &chat("tools-slow", true))
+        .send()
+        .await
+        .expect("sent");
+    let id = resp.headers()["x-completion-id"]
+        .to_str()
+        .expect("ascii")
+        .to_owned();
+    let mut first = crate::common::Raw::of(resp);
+    // Cut after the first argument fragment of the first call.
+    first.until("{\\\"city\\\": \\\"Pa").await;
+    let cut = first.seen.rfind("\n\n").expect("a whole event") + 2;
+    let before = first.seen[..cut].to_owned();
+    let last_id = before
+        .lines()
+        .filter_map(|l| l.strip_prefix("id: "))
+        .last()
+        .expect("an id")
+        .to_owned();
+    drop(first);
+    let resumed = client()
+        .get(server.url(&format!("/v1/chat/completions/{id}/events")))
+        .header("last-event-id", &last_id)
+        .send()
+        .await
+        .expect("sent");
+    let mut rest = crate::common::Raw::of(resumed);
+    rest.read_to_end().await;
+
+    // The whole stream read afresh: the cut one plus the resumed rest.
+    let mut whole = crate::common::Raw::of(
+        client()
+            .get(server.url(&format!("/v1/chat/completions/{id}/events")))
+            .send()
+            .await
+            .expect("sent"),
+    );
+    whole.read_to_end().await;
+    assert_eq!(format!("{before}{}", rest.seen), whole.seen);
+    assert!(rest.seen.contains("ris\\\"}"), "the rest of the arguments");
+    assert!(rest.seen.contains("chatcmpl-tool-b2"), "the second call");
+    assert!(rest.seen.contains("data: [DONE]"));
+}
+
+#[tokio::test]
+async fn the_ai_sdk_calls_tools_through_the_relay() {
+    let upstream = rogue().await;
+    let server = relay_to(vec![upstream.base.clone()], Duration::from_secs(5))
+        .start()
+        .await;
+    let env = [
+        ("PROMPT", "tools-vllm"),
+        ("TOOL_CHOICE", "auto"),
+        ("EXPECT_CALLS", "2"),
+        ("EXPECT_REASONING", "1"),
+    ]
+    .map(|(k, v)| (k, std::path::PathBuf::from(v)));
+    let out = crate::clients::run_at(&server.base, "node", "node/ai_sdk_tools.mjs", &env).await;
+    assert!(out.contains("ai-sdk tools: ok"), "{out}");
+    // The second step carried the calls and their results back verbatim.
+    let second = upstream.last_body.lock().expect("lock").clone();
+    let messages = second["messages"].as_array().expect("messages");
+    let assistant = messages
+        .iter()
+        .find(|m| m["role"] == "assistant")
+        .expect("assistant turn");
+    assert_eq!(
+        assistant["tool_calls"][1]["id"], "chatcmpl-tool-b2",
+        "{second}"
+    );
+    let results: Vec<&Value> = messages.iter().filter(|m| m["role"] == "tool").collect();
+    assert_eq!(results.len(), 2, "{second}");
+    assert_eq!(results[0]["tool_call_id"], "chatcmpl-tool-a1");
 }
