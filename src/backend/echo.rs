@@ -136,7 +136,7 @@ fn tool_calls(features: &Features, text: &str) -> Vec<Piece> {
         (_, false) => mentioned,
         (_, true) => callable.into_iter().take(1).collect(),
     };
-    if !features.parallel_tool_calls {
+    if features.parallel_tool_calls == Some(false) {
         chosen.truncate(1);
     }
     let given = text

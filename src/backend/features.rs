@@ -46,8 +46,9 @@ pub const TOOLS: [&str; 5] = [
 pub struct Features {
     pub tools: Vec<Tool>,
     pub tool_choice: ToolChoice,
-    /// Several calls in one answer (OpenAI's default: allowed).
-    pub parallel_tool_calls: bool,
+    /// Several calls in one answer; `None` leaves it to the backend
+    /// (OpenAI's default: allowed).
+    pub parallel_tool_calls: Option<bool>,
     pub response_format: ResponseFormat,
     /// `Some(top)` when `logprobs` is on: each token's log probability and
     /// its `top` most likely alternatives (0 to 20).
@@ -118,10 +119,7 @@ impl Features {
 
     /// Reads the fields from a request's extra fields.
     pub fn parse(extra: &Map<String, Value>) -> Result<Self, FieldError> {
-        let mut features = Self {
-            parallel_tool_calls: true,
-            ..Self::default()
-        };
+        let mut features = Self::default();
         let get = |key: &str| extra.get(key).filter(|v| !v.is_null());
         if let Some(tools) = get("tools").or_else(|| get("functions")) {
             features.tools = parse_tools(tools, extra.contains_key("functions"))?;
@@ -147,12 +145,12 @@ impl Features {
             }
         }
         if let Some(parallel) = get("parallel_tool_calls") {
-            features.parallel_tool_calls = parallel.as_bool().ok_or_else(|| {
+            features.parallel_tool_calls = Some(parallel.as_bool().ok_or_else(|| {
                 bad(
                     "parallel_tool_calls",
                     "`parallel_tool_calls` must be a boolean.",
                 )
-            })?;
+            })?);
         }
         if let Some(format) = get("response_format") {
             features.response_format = parse_response_format(format)?;

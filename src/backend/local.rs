@@ -11,12 +11,15 @@ use async_trait::async_trait;
 use tokio::sync::mpsc as tokio_mpsc;
 use tokio_util::sync::CancellationToken;
 
+use super::features::{FIELDS, Features};
+use super::shaping::{self, CallReader, Out};
 use super::stop::StopMatcher;
 use super::{
-    Accepted, Backend, BackendError, Capabilities, Demand, FinishReason, GenerateRequest,
-    ModelCard, Prompt, Sampling, TokenEvent, Usage,
+    Accepted, Backend, BackendError, Capabilities, ChoiceDelta, Demand, FinishReason,
+    GenerateRequest, ModelCard, Prompt, Sampling, TokenEvent, Usage,
 };
 use crate::model::Model;
+use crate::model::constrain::Constraint;
 use crate::model::llama::Cache;
 use crate::model::sampling::Sampler;
 use crate::model::template::{Piece, TemplateError};
@@ -38,7 +41,7 @@ type EventSender = tokio_mpsc::UnboundedSender<Result<TokenEvent, BackendError>>
 /// What the decode thread hears: a new generation, or that one of its
 /// generations was paused, resumed or cancelled.
 enum Msg {
-    Job(Job),
+    Job(Box<Job>),
     Wake,
 }
 
@@ -52,6 +55,17 @@ struct Job {
     events: EventSender,
     /// Paused while nobody reads: not stepped, its KV cache kept.
     demand: Demand,
+    shaping: Shaping,
+}
+
+/// What a generation does around sampling for tools, structured output,
+/// logit bias and log probabilities.
+struct Shaping {
+    constraint: Option<Constraint>,
+    /// Reads tool-call text into `tool_calls` deltas, when tools may be called.
+    calls: Option<CallReader>,
+    logprobs: Option<u8>,
+    bias: Vec<(u32, f32)>,
 }
 
 impl LocalBackend {
@@ -86,17 +100,15 @@ impl LocalBackend {
 
 /// The prompt's token ids. Message contents and a legacy prompt are text:
 /// only the chat template's own markup yields control tokens.
-fn tokenize(model: &Model, prompt: &Prompt) -> Result<Vec<u32>, BackendError> {
+fn tokenize(model: &Model, prompt: &Prompt, features: &Features) -> Result<Vec<u32>, BackendError> {
     let pieces = match prompt {
-        Prompt::Chat(messages) => {
-            model
-                .template
-                .render_pieces(messages, true)
-                .map_err(|e| match e {
-                    TemplateError::Render(message) => BackendError::InvalidRequest(message),
-                    TemplateError::Compile(detail) => BackendError::Internal(detail),
-                })?
-        }
+        Prompt::Chat(messages) => model
+            .template
+            .render_pieces(&shaping::tool_messages(features, messages), true)
+            .map_err(|e| match e {
+                TemplateError::Render(message) => BackendError::InvalidRequest(message),
+                TemplateError::Compile(detail) => BackendError::Internal(detail),
+            })?,
         Prompt::Text(text) => vec![Piece::Text(text.clone())],
     };
     tokenizer::encode_pieces(&model.tokenizer, &model.text_tokenizer, &pieces)
@@ -114,7 +126,7 @@ impl Backend for LocalBackend {
             max_choices: 1,
             default_concurrency: DEFAULT_CONCURRENCY,
             relays_fields: false,
-            serves: &[],
+            serves: &FIELDS,
         }
     }
 
@@ -142,9 +154,38 @@ impl Backend for LocalBackend {
         // worker of the async runtime.
         let model = Arc::clone(&self.model);
         let request_prompt = req.prompt;
-        let prompt = tokio::task::spawn_blocking(move || tokenize(&model, &request_prompt))
-            .await
-            .map_err(|e| BackendError::Internal(format!("tokenizing failed: {e}")))??;
+        let features = req.features;
+        let vocab = self.model.weights.config.vocab_size;
+        if let Some((id, _)) = features
+            .logit_bias
+            .iter()
+            .find(|(id, _)| *id as usize >= vocab)
+        {
+            return Err(BackendError::InvalidRequest(format!(
+                "`logit_bias` names token {id}, beyond this model's {vocab} tokens."
+            )));
+        }
+        // Rendering, tokenizing and compiling a grammar take a while:
+        // never on a worker of the async runtime.
+        let (prompt, shaping) = tokio::task::spawn_blocking(move || {
+            let prompt = tokenize(&model, &request_prompt, &features)?;
+            let constraint = shaping::constraint(&model.vocabulary, &features).map_err(|e| {
+                BackendError::InvalidRequest(format!(
+                    "the requested output format cannot be used: {e}"
+                ))
+            })?;
+            let shaping = Shaping {
+                constraint,
+                calls: features
+                    .calls_tools()
+                    .then(|| CallReader::new(format!("call_{:08x}", rand::random::<u32>()))),
+                logprobs: features.logprobs,
+                bias: features.logit_bias,
+            };
+            Ok::<_, BackendError>((prompt, shaping))
+        })
+        .await
+        .map_err(|e| BackendError::Internal(format!("tokenizing failed: {e}")))??;
         let context = u32::try_from(self.model.weights.config.context_length).unwrap_or(u32::MAX);
         let prompt_tokens = u32::try_from(prompt.len()).unwrap_or(u32::MAX);
         if prompt.is_empty() {
@@ -175,12 +216,13 @@ impl Backend for LocalBackend {
             cancel,
             events,
             demand: req.demand,
+            shaping,
         };
         let jobs = self.jobs.clone();
         // Compute starts when the server polls the stream, that is once the
         // generation has a run slot.
         let tokens = stream! {
-            if jobs.send(Msg::Job(job)).is_err() {
+            if jobs.send(Msg::Job(Box::new(job))).is_err() {
                 yield Err(BackendError::Unavailable("the decode thread has stopped".into()));
                 return;
             }
@@ -203,14 +245,14 @@ fn decode_loop(model: &Model, queue: &mpsc::Receiver<Msg>, steps: &AtomicU64) {
         // Nothing to step (none, or all paused): sleep until told.
         if !running.iter().any(Running::wants_a_step) {
             match queue.recv() {
-                Ok(Msg::Job(job)) => running.push(Running::new(model, job)),
+                Ok(Msg::Job(job)) => running.push(Running::new(model, *job)),
                 Ok(Msg::Wake) => {}
                 Err(_) => return,
             }
         }
         while let Ok(msg) = queue.try_recv() {
             if let Msg::Job(job) = msg {
-                running.push(Running::new(model, job));
+                running.push(Running::new(model, *job));
             }
         }
         running.retain_mut(|generation| {
@@ -236,6 +278,7 @@ struct Running<'m> {
     cancel: CancellationToken,
     events: EventSender,
     demand: Demand,
+    shaping: Shaping,
 }
 
 impl<'m> Running<'m> {
@@ -264,6 +307,7 @@ impl<'m> Running<'m> {
             cancel: job.cancel,
             events: job.events,
             demand: job.demand,
+            shaping: job.shaping,
         }
     }
 
@@ -276,27 +320,91 @@ impl<'m> Running<'m> {
             Ok(logits) => logits,
             Err(err) => return self.fail(format!("decode failed: {err}")),
         };
+        for &(id, bias) in &self.shaping.bias {
+            if let Some(logit) = logits.get_mut(id as usize) {
+                *logit += bias;
+            }
+        }
+        if let Some(constraint) = &mut self.shaping.constraint
+            && let Err(err) = constraint.mask(&mut logits)
+        {
+            return self.fail(format!("the output grammar failed: {err}"));
+        }
         let token = self.sampler.sample(&mut logits);
         self.sampler.observe(token);
+        let logprobs = self
+            .shaping
+            .logprobs
+            .map(|top| shaping::logprobs(&model.vocabulary, &logits, token, top));
+        if let Some(constraint) = &mut self.shaping.constraint
+            && !model.end_tokens.contains(&token)
+            && let Err(err) = constraint.advance(token)
+        {
+            return self.fail(format!("the output grammar failed: {err}"));
+        }
         if model.end_tokens.contains(&token) {
             let held = self.stop.finish();
-            return self.finish(FinishReason::Stop, held);
+            let reason = self.ending(FinishReason::Stop);
+            return self.finish(reason, held);
         }
         self.usage.completion_tokens += 1;
         let piece = match self.text.step(token) {
             Ok(piece) => piece.unwrap_or_default(),
             Err(err) => return self.fail(format!("detokenizing failed: {err}")),
         };
-        let released = self.stop.push(piece);
-        if released.stopped {
-            return self.finish(FinishReason::Stop, released.text);
+        let outs = match &mut self.shaping.calls {
+            Some(calls) => calls.push(&piece),
+            None => vec![Out::Text(piece)],
+        };
+        let mut logprobs = logprobs;
+        for out in outs {
+            let event = match out {
+                Out::Call(mut delta) => {
+                    delta.logprobs = logprobs.take();
+                    TokenEvent::Delta(Box::new(delta))
+                }
+                Out::Text(text) => {
+                    let released = self.stop.push(text);
+                    if released.stopped {
+                        return self.finish(FinishReason::Stop, released.text);
+                    }
+                    match logprobs.take() {
+                        Some(logprobs) => TokenEvent::Delta(Box::new(ChoiceDelta {
+                            content: Some(released.text),
+                            logprobs: Some(logprobs),
+                            ..ChoiceDelta::default()
+                        })),
+                        // An empty piece still counts the token; the server sends no chunk.
+                        None => TokenEvent::Token {
+                            id: Some(token),
+                            text: released.text,
+                        },
+                    }
+                }
+            };
+            if !self.send(Ok(event)) {
+                return false;
+            }
         }
-        // An empty piece still counts the token; the server sends no chunk.
-        if !self.send(Ok(TokenEvent::Token {
-            id: Some(token),
-            text: released.text,
-        })) {
+        // A token that completed no output still has its log probability.
+        if let Some(logprobs) = logprobs
+            && !self.send(Ok(TokenEvent::Delta(Box::new(ChoiceDelta {
+                content: Some(String::new()),
+                logprobs: Some(logprobs),
+                ..ChoiceDelta::default()
+            }))))
+        {
             return false;
+        }
+        if self
+            .shaping
+            .constraint
+            .as_ref()
+            .is_some_and(Constraint::is_done)
+        {
+            let held = self.stop.finish();
+            let reason = self.ending(FinishReason::Stop);
+            return self.finish(reason, held);
         }
         if self.usage.completion_tokens >= self.max_tokens {
             let held = self.stop.finish();
@@ -307,8 +415,32 @@ impl<'m> Running<'m> {
         true
     }
 
+    /// How an answer that ended by itself ends: `tool_calls` when it
+    /// called any.
+    fn ending(&self, reason: FinishReason) -> FinishReason {
+        match &self.shaping.calls {
+            Some(calls) if calls.calls > 0 => FinishReason::ToolCalls,
+            _ => reason,
+        }
+    }
+
     /// Sends any last text and the finish; always ends the generation.
     fn finish(&mut self, reason: FinishReason, last_text: String) -> bool {
+        let held = self
+            .shaping
+            .calls
+            .as_mut()
+            .map(CallReader::finish)
+            .unwrap_or_default();
+        for out in held {
+            let event = match out {
+                Out::Call(delta) => TokenEvent::Delta(Box::new(delta)),
+                Out::Text(text) => TokenEvent::Token { id: None, text },
+            };
+            if !self.send(Ok(event)) {
+                return false;
+            }
+        }
         if !last_text.is_empty()
             && !self.send(Ok(TokenEvent::Token {
                 id: None,

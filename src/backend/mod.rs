@@ -9,6 +9,7 @@ pub mod example;
 pub mod features;
 mod guard;
 pub mod local;
+pub mod shaping;
 pub mod stop;
 pub mod upstream;
 

@@ -2,6 +2,7 @@
 //! metadata describes, loaded once and shared by every generation.
 
 pub mod attention;
+pub mod constrain;
 pub mod llama;
 pub mod sampling;
 pub mod template;
@@ -25,6 +26,8 @@ pub struct Model {
     pub template: ChatTemplate,
     /// Tokens that end an answer: EOS and the end-of-turn markers.
     pub end_tokens: Vec<u32>,
+    /// The vocabulary for grammars and log probabilities.
+    pub vocabulary: constrain::Vocabulary,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -81,6 +84,13 @@ pub fn load(path: &Path, template: Option<&str>) -> Result<Model, ModelError> {
     .collect();
     end_tokens.sort_unstable();
     end_tokens.dedup();
+    let end_of_turn = ["<|im_end|>", "<|eot_id|>", "<|end|>"]
+        .into_iter()
+        .chain([eos.as_str()])
+        .find_map(|t| tokenizer.token_to_id(t))
+        .unwrap_or(0);
+    let vocabulary = constrain::Vocabulary::new(&tokenizer, weights.config.vocab_size, end_of_turn)
+        .map_err(fail)?;
     let name = path
         .file_name()
         .and_then(|n| n.to_str())
@@ -94,6 +104,7 @@ pub fn load(path: &Path, template: Option<&str>) -> Result<Model, ModelError> {
         tokenizer,
         template,
         end_tokens,
+        vocabulary,
     })
 }
 

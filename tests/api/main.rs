@@ -14,6 +14,7 @@ mod replicas;
 mod resume;
 mod services;
 mod streaming;
+mod surface;
 mod transport;
 mod ui_chat;
 mod upstream;

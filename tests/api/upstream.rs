@@ -678,8 +678,8 @@ async fn a_resume_in_the_middle_of_a_tool_call_replays_its_fragments_byte_for_by
     let before = first.seen[..cut].to_owned();
     let last_id = before
         .lines()
-        .filter_map(|l| l.strip_prefix("id: "))
-        .last()
+        .rev()
+        .find_map(|l| l.strip_prefix("id: "))
         .expect("an id")
         .to_owned();
     drop(first);
