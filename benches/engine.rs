@@ -367,7 +367,13 @@ async fn main() {
             None
         }
     };
-    let client = support::client();
+    // A connection per request: llama-server's HTTP library closes a
+    // kept-alive connection after a few requests, and a request sent on it
+    // just then fails.
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()
+        .expect("client");
     println!(
         "{:<46} {:>10} {:>12} {:>7} {:>9}",
         "", "sluicegate", "llama-server", "ratio", "goal"
