@@ -1,0 +1,409 @@
+//! Issue 12's anchor: the local engine side by side with llama.cpp's
+//! `llama-server` on the same GGUF, through one streaming client, each
+//! figure printed with the ratio and the issue's goal. Nothing is asserted.
+//!
+//! `LLAMA_SERVER=/path/to/llama-server cargo bench --bench engine [-- single prefill batch turn long]`
+//! (without `LLAMA_SERVER`, sluicegate alone; never in CI). llama-server
+//! runs with 2 threads, the machine's cores, or `LLAMA_SERVER_THREADS`:
+//! its threads spin at each step's barrier, so on a machine whose cores
+//! are busy with other work 2 threads can run 10x slower than 1. The load
+//! average is printed before and after for that reason.
+//!
+//! - single: one stream, 128 greedy tokens after a ~45-token prompt:
+//!   decode tokens/s, token gap p50, TTFT;
+//! - prefill: TTFT with `max_tokens: 1` for ~500- and ~2,000-token prompts;
+//! - batch: 8 concurrent streams: aggregate tokens/s, gap p50, TTFT p50;
+//! - turn: a conversation's second turn, and the same prompt cold;
+//! - long: a ~1,500-token prompt arriving while 4 streams decode: their
+//!   longest gap during its prefill against their median gap;
+//! - then each server's peak RSS over the scenarios run.
+//!
+//! Both servers get the same request bodies and stay up side by side,
+//! idle while the other is measured. Every prompt starts with a word drawn
+//! at random, so that no prompt cache holds more than the chat template's
+//! first tokens, except where the turn scenario wants it to.
+
+#![allow(clippy::expect_used)] // a harness that cannot measure should stop loudly
+
+mod support;
+#[path = "engine/target.rs"]
+mod target;
+
+use std::time::{Duration, Instant};
+
+use rand::RngExt;
+use serde_json::{Value, json};
+use target::{Streamed, Target};
+
+/// Runs of a single-stream figure; the median is reported.
+const RUNS: usize = 3;
+
+/// Filler for prompts: common words, about one token each.
+const WORDS: &[&str] = &[
+    "the", "river", "town", "market", "morning", "bread", "window", "garden", "old", "green",
+    "quiet", "road", "bridge", "winter", "summer", "light", "house", "stone", "water", "field",
+    "people", "walk", "small", "long", "evening", "school", "letter", "friend", "table", "door",
+    "night", "city", "train", "music", "story", "book", "paper", "coffee", "rain", "hill", "tree",
+    "bird", "boat", "harbour", "street", "lamp", "clock", "year", "day", "work",
+];
+
+const QUESTION: &str = "Describe a walk through an old town on a rainy day, in a few paragraphs.";
+const SUMMARISE: &str = "Summarise the notes above in one sentence.";
+
+fn word() -> &'static str {
+    WORDS[rand::rng().random_range(0..WORDS.len())]
+}
+
+/// About `tokens` tokens of notes in sentences of 12 words, starting with
+/// a random word.
+fn notes(tokens: usize) -> String {
+    let words = tokens * 12 / 13;
+    let mut text = word().to_owned();
+    for i in 1..words.max(1) {
+        text.push_str(if i % 12 == 0 { ". " } else { " " });
+        text.push_str(word());
+    }
+    text
+}
+
+/// The system message carries the notes (so the random word comes right
+/// after the template's first tokens), the user message the question.
+fn chat(notes_tokens: usize, question: &str) -> Vec<Value> {
+    vec![
+        json!({"role": "system", "content": format!("{}. You are a helpful assistant.", notes(notes_tokens))}),
+        json!({"role": "user", "content": question}),
+    ]
+}
+
+/// The body both servers get: greedy, streamed, with usage. No `model`:
+/// each server picks its only one.
+fn body(messages: &[Value], max_tokens: u32) -> Value {
+    json!({
+        "messages": messages,
+        "stream": true,
+        "stream_options": {"include_usage": true},
+        "temperature": 0,
+        "max_tokens": max_tokens,
+    })
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    xs.get(xs.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+fn prompt_tokens(s: &Streamed) -> f64 {
+    s.prompt_tokens.map_or(f64::NAN, |n| n as f64)
+}
+
+/// single: after one warm-up, `RUNS` streams of 128 greedy tokens.
+/// Figures: decode tokens/s, gap p50 ms, TTFT ms, tokens, prompt tokens.
+async fn single(target: &Target, client: &reqwest::Client) -> Vec<f64> {
+    target
+        .stream(client, &body(&chat(14, QUESTION), 16), None)
+        .await;
+    let mut runs = Vec::new();
+    for _ in 0..RUNS {
+        runs.push(
+            target
+                .stream(client, &body(&chat(14, QUESTION), 128), None)
+                .await,
+        );
+    }
+    let gap_p50 = |s: &Streamed| median(s.gaps().map(|(_, g)| ms(g)).collect());
+    vec![
+        median(runs.iter().map(Streamed::decode_rate).collect()),
+        median(runs.iter().map(gap_p50).collect()),
+        median(runs.iter().map(|s| ms(s.ttft())).collect()),
+        median(runs.iter().map(|s| s.tokens() as f64).collect()),
+        median(runs.iter().map(prompt_tokens).collect()),
+    ]
+}
+
+/// prefill: TTFT with `max_tokens: 1`, median of `RUNS`, at ~500 and
+/// ~2,000 tokens. Figures: for each, TTFT ms and prompt tokens.
+async fn prefill(target: &Target, client: &reqwest::Client) -> Vec<f64> {
+    let mut figures = Vec::new();
+    for tokens in [500, 2000] {
+        let mut runs = Vec::new();
+        for _ in 0..RUNS {
+            runs.push(
+                target
+                    .stream(client, &body(&chat(tokens - 25, SUMMARISE), 1), None)
+                    .await,
+            );
+        }
+        figures.push(median(runs.iter().map(|s| ms(s.ttft())).collect()));
+        figures.push(median(runs.iter().map(prompt_tokens).collect()));
+    }
+    figures
+}
+
+/// batch: `SLOTS` streams of 128 tokens at once. Figures: aggregate
+/// tokens/s (all tokens over the wall time from the first send to the
+/// last end), gap p50 ms over all streams, TTFT p50 ms.
+async fn batch(target: &Target, client: &reqwest::Client) -> Vec<f64> {
+    let bodies: Vec<Value> = (0..target::SLOTS)
+        .map(|_| body(&chat(14, QUESTION), 128))
+        .collect();
+    let started = Instant::now();
+    let runs =
+        futures_util::future::join_all(bodies.iter().map(|b| target.stream(client, b, None))).await;
+    let wall = runs.iter().map(|s| s.ended).max().expect("streams") - started;
+    let tokens: usize = runs.iter().map(Streamed::tokens).sum();
+    vec![
+        tokens as f64 / wall.as_secs_f64(),
+        median(
+            runs.iter()
+                .flat_map(|s| s.gaps().map(|(_, g)| ms(g)))
+                .collect(),
+        ),
+        median(runs.iter().map(|s| ms(s.ttft())).collect()),
+    ]
+}
+
+/// turn: turn 1 (~45 tokens, a 128-token answer), then turn 2 = turn 1,
+/// the answer and a new question in the same session; then the same
+/// turn-2 prompt cold (another first word: same length, nothing cached).
+/// Figures: turn-2 TTFT ms, cold TTFT ms, turn-2 prompt tokens.
+async fn turn(target: &Target, client: &reqwest::Client) -> Vec<f64> {
+    let session = format!("turn-{}", rand::rng().random_range(0..u32::MAX));
+    let mut messages = chat(14, QUESTION);
+    let first = target
+        .stream(client, &body(&messages, 128), Some(&session))
+        .await;
+    messages.push(json!({"role": "assistant", "content": first.text}));
+    messages.push(json!({"role": "user", "content": "Now tell the same walk in two sentences."}));
+    let second = target
+        .stream(client, &body(&messages, 16), Some(&session))
+        .await;
+    let system = messages[0]["content"].as_str().expect("system").to_owned();
+    let (old_first, rest) = system.split_once(' ').expect("words");
+    let other = WORDS
+        .iter()
+        .find(|w| **w != old_first)
+        .expect("another word");
+    messages[0]["content"] = json!(format!("{other} {rest}"));
+    let cold = target.stream(client, &body(&messages, 16), None).await;
+    vec![ms(second.ttft()), ms(cold.ttft()), prompt_tokens(&second)]
+}
+
+/// long: 4 streams of 256 tokens; after 1 s a ~1,500-token prompt. Figures:
+/// the 4 streams' longest gap that overlaps the long prompt's time to
+/// first token (ms), their median gap (ms), the ratio, the long TTFT (ms).
+async fn long(target: &Target, client: &reqwest::Client) -> Vec<f64> {
+    let bodies: Vec<Value> = (0..4).map(|_| body(&chat(14, QUESTION), 256)).collect();
+    let streams =
+        futures_util::future::join_all(bodies.iter().map(|b| target.stream(client, b, None)));
+    let long_body = body(&chat(1500 - 25, SUMMARISE), 1);
+    let arriving = async {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        target.stream(client, &long_body, None).await
+    };
+    let (streams, long) = tokio::join!(streams, arriving);
+    let (from, to) = (long.sent, long.sent + long.ttft());
+    let during = streams
+        .iter()
+        .flat_map(Streamed::gaps)
+        .filter(|&(end, gap)| end > from && end - gap < to)
+        .map(|(_, gap)| ms(gap))
+        .fold(f64::NAN, f64::max);
+    let typical = median(
+        streams
+            .iter()
+            .flat_map(|s| s.gaps().map(|(_, g)| ms(g)))
+            .collect(),
+    );
+    vec![during, typical, during / typical, ms(long.ttft())]
+}
+
+#[derive(Clone, Copy)]
+enum Scenario {
+    Single,
+    Prefill,
+    Batch,
+    Turn,
+    Long,
+}
+
+impl Scenario {
+    const ALL: [Self; 5] = [
+        Self::Single,
+        Self::Prefill,
+        Self::Batch,
+        Self::Turn,
+        Self::Long,
+    ];
+
+    /// What the command line names it by.
+    fn name(self) -> &'static str {
+        match self {
+            Self::Single => "single",
+            Self::Prefill => "prefill",
+            Self::Batch => "batch",
+            Self::Turn => "turn",
+            Self::Long => "long",
+        }
+    }
+
+    /// Label, unit and goal of each figure that `measure` returns.
+    fn rows(self) -> &'static [(&'static str, &'static str, Goal)] {
+        match self {
+            Self::Single => SINGLE,
+            Self::Prefill => PREFILL,
+            Self::Batch => BATCH,
+            Self::Turn => TURN,
+            Self::Long => LONG,
+        }
+    }
+
+    async fn measure(self, target: &Target, client: &reqwest::Client) -> Vec<f64> {
+        match self {
+            Self::Single => single(target, client).await,
+            Self::Prefill => prefill(target, client).await,
+            Self::Batch => batch(target, client).await,
+            Self::Turn => turn(target, client).await,
+            Self::Long => long(target, client).await,
+        }
+    }
+}
+
+/// Which way a figure should go, for the goal column.
+#[derive(Clone, Copy)]
+enum Goal {
+    /// sluicegate / llama-server at least this.
+    AtLeast(f64),
+    /// sluicegate / llama-server at most this.
+    AtMost(f64),
+    /// sluicegate's own figure below this.
+    Below(f64),
+    None,
+}
+
+/// A scenario's rows: label, unit and goal for each figure it returns.
+const SINGLE: &[(&str, &str, Goal)] = &[
+    ("single: decode", "tok/s", Goal::AtLeast(1.2)),
+    ("single: token gap p50", "ms", Goal::None),
+    ("single: TTFT", "ms", Goal::None),
+    ("single: tokens streamed", "n", Goal::None),
+    ("single: prompt", "tokens", Goal::None),
+];
+const PREFILL: &[(&str, &str, Goal)] = &[
+    ("prefill ~500: TTFT, max_tokens 1", "ms", Goal::AtMost(0.8)),
+    ("prefill ~500: prompt", "tokens", Goal::None),
+    ("prefill ~2000: TTFT, max_tokens 1", "ms", Goal::AtMost(0.8)),
+    ("prefill ~2000: prompt", "tokens", Goal::None),
+];
+const BATCH: &[(&str, &str, Goal)] = &[
+    ("batch 8: aggregate", "tok/s", Goal::AtLeast(1.2)),
+    ("batch 8: token gap p50", "ms", Goal::None),
+    ("batch 8: TTFT p50", "ms", Goal::AtMost(1.0)),
+];
+const TURN: &[(&str, &str, Goal)] = &[
+    ("turn 2: TTFT, same session", "ms", Goal::AtMost(1.0)),
+    ("turn 2: TTFT, same prompt cold", "ms", Goal::None),
+    ("turn 2: prompt", "tokens", Goal::None),
+];
+const LONG: &[(&str, &str, Goal)] = &[
+    ("long: longest gap during its prefill", "ms", Goal::None),
+    ("long: median gap", "ms", Goal::None),
+    ("long: longest / median", "x", Goal::Below(5.0)),
+    ("long: the ~1500-token prompt's TTFT", "ms", Goal::None),
+];
+
+fn print_row(label: &str, unit: &str, goal: Goal, ours: f64, theirs: Option<f64>) {
+    let ratio = theirs.map(|t| ours / t);
+    let (goal_text, met) = match goal {
+        Goal::AtLeast(g) => (format!(">= {g}x"), ratio.map(|r| r >= g)),
+        Goal::AtMost(g) => (format!("<= {g}x"), ratio.map(|r| r <= g)),
+        Goal::Below(g) => (format!("< {g} own"), Some(ours < g)),
+        Goal::None => (String::new(), None),
+    };
+    println!(
+        "{:<46} {:>10.1} {:>12} {:>7} {:>9} {}",
+        format!("{label} ({unit})"),
+        ours,
+        theirs.map_or_else(|| "-".to_owned(), |t| format!("{t:.1}")),
+        ratio.map_or_else(|| "-".to_owned(), |r| format!("{r:.2}x")),
+        goal_text,
+        match met {
+            Some(true) => "met",
+            Some(false) => "MISSED",
+            None => "",
+        },
+    );
+}
+
+#[tokio::main]
+async fn main() {
+    // reqwest is built without a bundled TLS provider.
+    let _ = tokio_rustls::rustls::crypto::ring::default_provider().install_default();
+    // `cargo bench` passes --bench; a filter picks scenarios by name.
+    let filter: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
+    let wanted = |name: &str| filter.is_empty() || filter.iter().any(|f| name.contains(f.as_str()));
+
+    println!("load average before: {}", load_average());
+    let ours = Target::sluicegate().await;
+    let theirs = match std::env::var("LLAMA_SERVER") {
+        Ok(binary) => {
+            let model =
+                <sluicegate::config::Config as clap::Parser>::try_parse_from(["sluicegate"])
+                    .expect("defaults")
+                    .model_path();
+            let threads = std::env::var("LLAMA_SERVER_THREADS")
+                .map_or(2, |t| t.parse().expect("LLAMA_SERVER_THREADS: a number"));
+            println!("llama-server: {binary}, {threads} threads");
+            Some(Target::llama_server(&binary, &model.to_string_lossy(), threads).await)
+        }
+        Err(_) => {
+            println!("LLAMA_SERVER unset: sluicegate alone");
+            None
+        }
+    };
+    // A connection per request: llama-server's HTTP library closes a
+    // kept-alive connection after a few requests, and a request sent on it
+    // just then fails.
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()
+        .expect("client");
+    println!(
+        "{:<46} {:>10} {:>12} {:>7} {:>9}",
+        "", "sluicegate", "llama-server", "ratio", "goal"
+    );
+    for scenario in Scenario::ALL {
+        if !wanted(scenario.name()) {
+            continue;
+        }
+        let mine = scenario.measure(&ours, &client).await;
+        let other = match &theirs {
+            Some(t) => Some(scenario.measure(t, &client).await),
+            None => None,
+        };
+        for (i, &(label, unit, goal)) in scenario.rows().iter().enumerate() {
+            print_row(label, unit, goal, mine[i], other.as_ref().map(|o| o[i]));
+        }
+    }
+    print_row(
+        "peak RSS over the scenarios run (VmHWM)",
+        "MiB",
+        Goal::AtMost(1.0),
+        ours.peak_rss_mib(),
+        theirs.as_ref().map(Target::peak_rss_mib),
+    );
+    println!("load average after: {}", load_average());
+}
+
+/// The 1-, 5- and 15-minute load averages: the machine is shared.
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
