@@ -63,6 +63,18 @@ macro_rules! kernels {
                 _mm_cvtph_ps(_mm_cvtsi32_si128((u32::from(a) | u32::from(b) << 16) as i32))
             }
 
+            /// `N` rows of `kb` blocks. A loop rather than `array::from_fn`,
+            /// so that it inlines and the optimizer sees every row is `kb`
+            /// long (no bounds checks in the tile loops).
+            #[inline(always)]
+            fn rows_of<T, const N: usize>(all: &[T], kb: usize) -> [&[T]; N] {
+                let mut rows: [&[T]; N] = [&[]; N];
+                for (i, row) in rows.iter_mut().enumerate() {
+                    *row = &all[i * kb..][..kb];
+                }
+                rows
+            }
+
             /// `NW` weight rows times `NX` activation rows, `kb` blocks each.
             #[target_feature(enable = $features)]
             #[inline]
@@ -71,8 +83,8 @@ macro_rules! kernels {
                 x: &[BlockQ8],
                 kb: usize,
             ) -> [[f32; NX]; NW] {
-                let w: [&[BlockQ4_1]; NW] = std::array::from_fn(|i| &w[i * kb..][..kb]);
-                let x: [&[BlockQ8]; NX] = std::array::from_fn(|j| &x[j * kb..][..kb]);
+                let w = rows_of::<BlockQ4_1, NW>(w, kb);
+                let x = rows_of::<BlockQ8, NX>(x, kb);
                 let mut acc = [[_mm256_setzero_ps(); NX]; NW];
                 let mut mins = [[0.0f32; NX]; NW];
                 for b in 0..kb {
@@ -101,8 +113,8 @@ macro_rules! kernels {
                 x: &[BlockQ8],
                 kb: usize,
             ) -> [[f32; NX]; NW] {
-                let w: [&[BlockQ8_0]; NW] = std::array::from_fn(|i| &w[i * kb..][..kb]);
-                let x: [&[BlockQ8]; NX] = std::array::from_fn(|j| &x[j * kb..][..kb]);
+                let w = rows_of::<BlockQ8_0, NW>(w, kb);
+                let x = rows_of::<BlockQ8, NX>(x, kb);
                 let mut acc = [[_mm256_setzero_ps(); NX]; NW];
                 for b in 0..kb {
                     let xq: [__m256i; NX] = std::array::from_fn(|j| load_i8(&x[j][b].qs));
