@@ -97,8 +97,11 @@ macro_rules! kernels {
                         let wd = _mm256_broadcastss_ps(dm);
                         let wm = _mm_cvtss_f32(_mm_movehdup_ps(dm));
                         for j in 0..NX {
-                            let p = _mm256_cvtepi32_ps(dot(wq, xq[j]));
-                            acc[i][j] = _mm256_fmadd_ps(p, _mm256_mul_ps(wd, xd[j]), acc[i][j]);
+                            // Scaled by x then by w: two vector ops, where
+                            // `(wd * xd) * p` compiles to a scalar multiply,
+                            // a broadcast and an FMA per block pair.
+                            let p = _mm256_mul_ps(_mm256_cvtepi32_ps(dot(wq, xq[j])), xd[j]);
+                            acc[i][j] = _mm256_fmadd_ps(p, wd, acc[i][j]);
                             mins[i][j] = wm.mul_add(x[j][b].s, mins[i][j]);
                         }
                     }
@@ -127,8 +130,8 @@ macro_rules! kernels {
                         let wd = _mm256_broadcastss_ps(halves(block.d, 0));
                         for j in 0..NX {
                             let xs = _mm256_sign_epi8(xq[j], wq);
-                            let p = _mm256_cvtepi32_ps(dot(wabs, xs));
-                            acc[i][j] = _mm256_fmadd_ps(p, _mm256_mul_ps(wd, xd[j]), acc[i][j]);
+                            let p = _mm256_mul_ps(_mm256_cvtepi32_ps(dot(wabs, xs)), xd[j]);
+                            acc[i][j] = _mm256_fmadd_ps(p, wd, acc[i][j]);
                         }
                     }
                 }
