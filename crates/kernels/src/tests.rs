@@ -217,7 +217,8 @@ fn stacked_rows_give_the_parts_products() {
             .iter()
             .flat_map(|p| p.matmul(&x[j * 96..][..96], 1))
             .collect();
-        assert_eq!(&all[j * 128..][..128], &row[..]);
+        // One row and many sum in different orders: equal up to rounding.
+        close(&all[j * 128..][..128], &row, "stacked");
     }
     let other = random_matrix(&mut rng, Format::Q8_0, 4, 96);
     assert!(QMatrix::stack(vec![parts[0].clone(), other]).is_err());

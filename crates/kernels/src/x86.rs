@@ -78,7 +78,10 @@ macro_rules! kernels {
             /// `NW` weight rows times `NX` activation rows, `kb` blocks each.
             #[target_feature(enable = $features)]
             #[inline]
-            fn tile_q4_1<const NW: usize, const NX: usize>(
+            ///
+            /// Without `MINS` the `m · s` terms are left out, for
+            /// `add_mins` to add for all activation rows at once.
+            fn tile_q4_1<const NW: usize, const NX: usize, const MINS: bool>(
                 w: &[BlockQ4_1],
                 x: &[BlockQ8],
                 kb: usize,
@@ -102,11 +105,54 @@ macro_rules! kernels {
                             // a broadcast and an FMA per block pair.
                             let p = _mm256_mul_ps(_mm256_cvtepi32_ps(dot(wq, xq[j])), xd[j]);
                             acc[i][j] = _mm256_fmadd_ps(p, wd, acc[i][j]);
-                            mins[i][j] = wm.mul_add(x[j][b].s, mins[i][j]);
+                            if MINS {
+                                mins[i][j] = wm.mul_add(x[j][b].s, mins[i][j]);
+                            }
                         }
                     }
                 }
                 std::array::from_fn(|i| std::array::from_fn(|j| hsum(acc[i][j]) + mins[i][j]))
+            }
+
+            #[target_feature(enable = $features)]
+            #[inline]
+            fn tile_q4_1_all<const NW: usize, const NX: usize>(
+                w: &[BlockQ4_1],
+                x: &[BlockQ8],
+                kb: usize,
+            ) -> [[f32; NX]; NW] {
+                tile_q4_1::<NW, NX, true>(w, x, kb)
+            }
+
+            #[target_feature(enable = $features)]
+            #[inline]
+            fn tile_q4_1_dots<const NW: usize, const NX: usize>(
+                w: &[BlockQ4_1],
+                x: &[BlockQ8],
+                kb: usize,
+            ) -> [[f32; NX]; NW] {
+                tile_q4_1::<NW, NX, false>(w, x, kb)
+            }
+
+            /// Adds `Σ_b m[r][b] · s[j][b]` to `out` (`r × n`): per weight
+            /// row, one multiply-add of a scalar into `n` contiguous sums,
+            /// instead of a scalar one per block pair inside the tiles.
+            #[target_feature(enable = $features)]
+            fn add_mins(w: &[BlockQ4_1], kb: usize, x: &[BlockQ8], n: usize, out: &mut [f32]) {
+                let mut sums = vec![0.0f32; kb * n];
+                for (j, row) in x.chunks_exact(kb).enumerate() {
+                    for (b, block) in row.iter().enumerate() {
+                        sums[b * n + j] = block.s;
+                    }
+                }
+                for (row, out) in w.chunks_exact(kb).zip(out.chunks_exact_mut(n)) {
+                    for (block, s) in row.iter().zip(sums.chunks_exact(n)) {
+                        let m = _mm_cvtss_f32(halves(block.m, 0));
+                        for (o, &s) in out.iter_mut().zip(s) {
+                            *o = m.mul_add(s, *o);
+                        }
+                    }
+                }
             }
 
             #[target_feature(enable = $features)]
@@ -184,9 +230,10 @@ macro_rules! kernels {
                 out: &mut [f32],
             ) {
                 if n == 1 {
-                    walk!(tile_q4_1, w, kb, x, n, out, $nw1, 1);
+                    walk!(tile_q4_1_all, w, kb, x, n, out, $nw1, 1);
                 } else {
-                    walk!(tile_q4_1, w, kb, x, n, out, $nw, $nx);
+                    walk!(tile_q4_1_dots, w, kb, x, n, &mut *out, $nw, $nx);
+                    add_mins(w, kb, x, n, out);
                 }
             }
 
