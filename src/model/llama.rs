@@ -1,25 +1,27 @@
-//! A llama-family decoder on candle's quantized CPU kernels, shaped for
-//! serving: weights loaded once and shared by every generation, each
-//! generation with its own KV cache.
+//! A llama-family decoder shaped for serving: weights loaded once and
+//! shared by every generation, each generation with its own KV cache.
 //!
 //! Differences from candle's stock `quantized_llama`, each for speed:
-//! - Q, K and V are one matmul, and so are gate and up: fewer passes over
-//!   the activations and fewer dispatches per token.
-//! - Weights whose type has no SIMD kernel in candle (Q4_1, Q5_x) are
-//!   re-quantized to Q8_0 at load (near-lossless; AVX2, and for inputs of
-//!   256-multiples candle's VNNI kernel).
+//! - Projections run on `sluicegate_kernels` over the weights as the file
+//!   stores them (Q4_1 and Q8_0; other types are re-quantized to Q8_0 at
+//!   load), for one row and for a prompt's many rows alike: decode reads 4
+//!   bits per weight, and no f32 copy of a matrix is ever made.
+//! - Q, K and V are one matmul, and so are gate and up (their stored rows
+//!   concatenated): fewer passes over the activations and fewer dispatches
+//!   per token.
 //! - The embedding table stays quantized (rows are dequantized on lookup)
 //!   and doubles as the output projection when the two are tied.
 //! - Attention and RoPE run as plain loops over a KV cache kept per KV
 //!   head (see `attention`), instead of a dozen tensor ops per layer.
 
 use std::fs::File;
-use std::io::BufReader;
+use std::io::{BufReader, Seek, SeekFrom};
 use std::path::Path;
 use std::sync::Arc;
 
-use candle_core::quantized::{GgmlDType, QMatMul, QTensor, gguf_file};
-use candle_core::{D, Device, Module, Tensor};
+use candle_core::quantized::{GgmlDType, QTensor, gguf_file};
+use candle_core::{D, Device, Tensor};
+use sluicegate_kernels::{Format, QMatrix};
 
 use super::attention::{self, Heads, KvStore, Rope};
 
@@ -95,22 +97,22 @@ impl LlamaConfig {
 struct Layer {
     attn_norm: Tensor,
     /// Q, K and V projections stacked: `n_head + 2 * n_kv_head` heads out.
-    qkv: QMatMul,
-    wo: QMatMul,
+    qkv: QMatrix,
+    wo: QMatrix,
     ffn_norm: Tensor,
     /// Gate and up projections stacked: `2 * n_ff` out.
-    gate_up: QMatMul,
-    down: QMatMul,
+    gate_up: QMatrix,
+    down: QMatrix,
 }
 
 /// The model's weights, shared by all generations.
 pub struct Weights {
     pub config: LlamaConfig,
     /// Shared with `output` when the embeddings are tied.
-    embedding: Arc<QTensor>,
+    embedding: Arc<QMatrix>,
     layers: Vec<Layer>,
     norm: Tensor,
-    output: QMatMul,
+    output: Arc<QMatrix>,
     rope: Rope,
     device: Device,
 }
@@ -128,33 +130,36 @@ pub fn load(path: &Path) -> Result<(gguf_file::Content, Weights)> {
     let mut reader = BufReader::new(File::open(path)?);
     let content = gguf_file::Content::read(&mut reader)?;
     let config = LlamaConfig::from_gguf(&content)?;
-    let mut tensor = |name: &str| content.tensor(&mut reader, name, &device);
+    let reader = &mut reader;
+    let vector = |reader: &mut BufReader<File>, name: &str| {
+        content.tensor(reader, name, &device)?.dequantize(&device)
+    };
 
+    let embedding = Arc::new(matrix(&content, reader, "token_embd.weight")?);
     let mut layers = Vec::with_capacity(config.n_layer);
     for i in 0..config.n_layer {
-        let mut get = |part: &str| tensor(&format!("blk.{i}.{part}.weight"));
-        let (q, k, v) = (get("attn_q")?, get("attn_k")?, get("attn_v")?);
-        let (gate, up) = (get("ffn_gate")?, get("ffn_up")?);
+        let name = |part: &str| format!("blk.{i}.{part}.weight");
+        let mut get = |part: &str| matrix(&content, reader, &name(part));
+        let qkv = stacked(vec![get("attn_q")?, get("attn_k")?, get("attn_v")?])?;
+        let wo = get("attn_output")?;
+        let gate_up = stacked(vec![get("ffn_gate")?, get("ffn_up")?])?;
+        let down = get("ffn_down")?;
         layers.push(Layer {
-            attn_norm: get("attn_norm")?.dequantize(&device)?,
-            qkv: stacked(&[q, k, v], &device)?,
-            wo: simd_ready(get("attn_output")?, &device)?,
-            ffn_norm: get("ffn_norm")?.dequantize(&device)?,
-            gate_up: stacked(&[gate, up], &device)?,
-            down: simd_ready(get("ffn_down")?, &device)?,
+            attn_norm: vector(reader, &name("attn_norm"))?,
+            qkv,
+            wo,
+            ffn_norm: vector(reader, &name("ffn_norm"))?,
+            gate_up,
+            down,
         });
     }
-    let embedding = Arc::new(tensor("token_embd.weight")?);
-    let output = match tensor("output.weight") {
-        Ok(output) => simd_ready(output, &device)?,
+    let output = if content.tensor_infos.contains_key("output.weight") {
+        Arc::new(matrix(&content, reader, "output.weight")?)
+    } else {
         // Tied embeddings: the output projection is the embedding table.
-        Err(_) if has_simd(embedding.dtype()) => QMatMul::from_arc(Arc::clone(&embedding))?,
-        Err(_) => QMatMul::from_qtensor(QTensor::quantize(
-            &embedding.dequantize(&device)?,
-            GgmlDType::Q8_0,
-        )?)?,
+        Arc::clone(&embedding)
     };
-    let norm = tensor("output_norm.weight")?.dequantize(&device)?;
+    let norm = vector(reader, "output_norm.weight")?;
     let rope = Rope::new(config.head_dim, config.rope_base, config.context_length);
     let weights = Weights {
         config,
@@ -168,47 +173,58 @@ pub fn load(path: &Path) -> Result<(gguf_file::Content, Weights)> {
     Ok((content, weights))
 }
 
-/// Types candle multiplies with SIMD on x86.
-fn has_simd(dtype: GgmlDType) -> bool {
-    !matches!(
-        dtype,
-        GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1 | GgmlDType::Q8_1
-    )
-}
-
-fn simd_ready(weight: QTensor, device: &Device) -> Result<QMatMul> {
-    if has_simd(weight.dtype()) {
-        return QMatMul::from_qtensor(weight);
+/// The kernels' name for a GGUF type they multiply as stored.
+fn kernel_format(dtype: GgmlDType) -> Option<Format> {
+    match dtype {
+        GgmlDType::Q4_1 => Some(Format::Q4_1),
+        GgmlDType::Q8_0 => Some(Format::Q8_0),
+        _ => None,
     }
-    QMatMul::from_qtensor(QTensor::quantize(
-        &weight.dequantize(device)?,
-        GgmlDType::Q8_0,
-    )?)
 }
 
-/// Several projections of the same input as one matrix (rows stacked),
-/// in Q8_0: exact for 8-bit sources, near-exact for 4 and 5 bits.
-fn stacked(parts: &[QTensor], device: &Device) -> Result<QMatMul> {
-    let rows = parts
-        .iter()
-        .map(|p| p.dequantize(device))
-        .collect::<Result<Vec<_>>>()?;
-    QMatMul::from_qtensor(QTensor::quantize(&Tensor::cat(&rows, 0)?, GgmlDType::Q8_0)?)
-}
-
-/// Rows from which a dequantized f32 matmul beats the quantized kernel,
-/// which handles one row at a time.
-const GEMM_ROWS: usize = 8;
-
-/// `x @ Wᵀ`: the quantized kernel for a token or a few, an f32 GEMM over
-/// the dequantized weights for a prompt.
-fn project(weights: &QMatMul, x: &Tensor, rows: usize) -> Result<Tensor> {
-    match weights {
-        QMatMul::QTensor(q) if rows >= GEMM_ROWS => {
-            x.broadcast_matmul(&q.dequantize(&x.device().clone())?.t()?)
+/// A weight matrix as the file stores it when the kernels take its type;
+/// any other type is re-quantized to Q8_0 (near-lossless from 4 to 6 bits).
+fn matrix(
+    content: &gguf_file::Content,
+    reader: &mut BufReader<File>,
+    name: &str,
+) -> Result<QMatrix> {
+    let info = content
+        .tensor_infos
+        .get(name)
+        .ok_or_else(|| candle_core::Error::Msg(format!("missing tensor {name}")))?;
+    let (rows, cols) = info.shape.dims2()?;
+    let bad = |e: sluicegate_kernels::Error| candle_core::Error::Msg(format!("{name}: {e}"));
+    match kernel_format(info.ggml_dtype) {
+        Some(format) => {
+            reader.seek(SeekFrom::Start(content.tensor_data_offset + info.offset))?;
+            QMatrix::read(format, rows, cols, reader).map_err(bad)
         }
-        _ => weights.forward(x),
+        None => {
+            let f32s = content
+                .tensor(reader, name, &Device::Cpu)?
+                .dequantize(&Device::Cpu)?;
+            let q8 = QTensor::quantize(&f32s, GgmlDType::Q8_0)?;
+            QMatrix::from_bytes(Format::Q8_0, rows, cols, &q8.data()?).map_err(bad)
+        }
     }
+}
+
+/// Several projections of the same input as one matrix (rows stacked, as
+/// stored).
+fn stacked(parts: Vec<QMatrix>) -> Result<QMatrix> {
+    QMatrix::stack(parts).map_err(|e| candle_core::Error::Msg(format!("cannot stack: {e}")))
+}
+
+/// `x · Wᵀ` for `rows` rows of `x` (`rows × W.cols()`): `rows × W.rows()`.
+pub fn project_rows(weights: &QMatrix, x: &[f32], rows: usize) -> Vec<f32> {
+    weights.matmul(x, rows)
+}
+
+/// [`project_rows`] on a `(1, rows, in)` tensor.
+fn project(weights: &QMatrix, x: &Tensor, rows: usize) -> Result<Tensor> {
+    let y = project_rows(weights, &x.flatten_all()?.to_vec1::<f32>()?, rows);
+    Tensor::from_vec(y, (1, rows, weights.rows()), x.device())
 }
 
 impl Weights {
@@ -234,8 +250,7 @@ impl Weights {
                 c.context_length
             );
         }
-        let ids = Tensor::new(tokens, &self.device)?;
-        let mut x = self.embedding.embedding(&ids)?.unsqueeze(0)?;
+        let mut x = self.embed(tokens)?;
         for (layer, store) in self.layers.iter().zip(cache.layers.iter_mut()) {
             let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, c.rms_eps)?;
             let qkv = project(&layer.qkv, &h, seq)?
@@ -255,6 +270,21 @@ impl Weights {
         cache.position += seq;
         let last = x.narrow(1, seq - 1, 1)?;
         let h = candle_nn::ops::rms_norm(&last, &self.norm, c.rms_eps)?;
-        self.output.forward(&h)?.flatten_all()?.to_vec1::<f32>()
+        project(&self.output, &h, 1)?
+            .flatten_all()?
+            .to_vec1::<f32>()
+    }
+
+    /// The tokens' rows of the embedding table: `(1, tokens, n_embd)`.
+    fn embed(&self, tokens: &[u32]) -> Result<Tensor> {
+        let n = self.config.n_embd;
+        let mut x = vec![0.0f32; tokens.len() * n];
+        for (&token, row) in tokens.iter().zip(x.chunks_exact_mut(n)) {
+            if token as usize >= self.embedding.rows() {
+                candle_core::bail!("token {token} is outside the vocabulary");
+            }
+            self.embedding.dequantize_row(token as usize, row);
+        }
+        Tensor::from_vec(x, (1, tokens.len(), n), &self.device)
     }
 }

@@ -1,0 +1,321 @@
+//! Matrix products `y = x · Wᵀ` over GGUF Q4_1 and Q8_0 weights as the file
+//! stores them, for one activation row (decode) and many (prefill, batched
+//! steps), with SIMD picked at run time and weight rows split across
+//! rayon's threads.
+//!
+//! Activations are quantized to 8 bits per block of 32 (as llama.cpp does
+//! for its `q4_1 · q8_1` dot), so the inner loop is integer multiply-adds
+//! over bytes: 4-bit weights are read once from memory and never widened to
+//! f32. This is the workspace's only crate that may use `unsafe`: SIMD
+//! loads and calls into `target_feature` functions.
+//!
+//! # Layout
+//! - `blocks`: the GGUF block formats and the activation blocks.
+//! - `scalar`: portable kernels, also the reference for the tests.
+//! - `x86`: AVX2, AVX-VNNI and AVX-512-VNNI kernels from one template.
+
+mod blocks;
+mod scalar;
+#[cfg(target_arch = "x86_64")]
+mod x86;
+
+use std::fmt;
+use std::io::Read;
+
+use rayon::prelude::*;
+
+pub use blocks::{BlockQ4_1, BlockQ8_0, QK};
+use blocks::{BlockQ8, WeightBlock, quantize_block};
+
+/// The instruction set a product runs on. Only `detect` and `available`
+/// make one, so holding a value proves the CPU has it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Isa(IsaKind);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum IsaKind {
+    Scalar,
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+    #[cfg(target_arch = "x86_64")]
+    AvxVnni,
+    #[cfg(target_arch = "x86_64")]
+    Avx512Vnni,
+}
+
+impl Isa {
+    /// The fastest this CPU runs.
+    pub fn detect() -> Self {
+        Self::available().pop().unwrap_or(Self(IsaKind::Scalar))
+    }
+
+    /// Every instruction set this CPU runs, slowest first.
+    pub fn available() -> Vec<Self> {
+        #[allow(unused_mut)] // only x86-64 adds more
+        let mut all = vec![Self(IsaKind::Scalar)];
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::is_x86_feature_detected as has;
+            if has!("avx2") && has!("fma") && has!("f16c") {
+                all.push(Self(IsaKind::Avx2));
+                if has!("avxvnni") {
+                    all.push(Self(IsaKind::AvxVnni));
+                }
+                if has!("avx512f") && has!("avx512vl") && has!("avx512vnni") {
+                    all.push(Self(IsaKind::Avx512Vnni));
+                }
+            }
+        }
+        all
+    }
+
+    pub fn name(self) -> &'static str {
+        match self.0 {
+            IsaKind::Scalar => "scalar",
+            #[cfg(target_arch = "x86_64")]
+            IsaKind::Avx2 => "avx2",
+            #[cfg(target_arch = "x86_64")]
+            IsaKind::AvxVnni => "avxvnni",
+            #[cfg(target_arch = "x86_64")]
+            IsaKind::Avx512Vnni => "avx512vnni",
+        }
+    }
+}
+
+/// A weight format with a kernel per instruction set.
+trait Kernel: WeightBlock {
+    /// `r` weight rows times `n` activation rows into `out` (`r × n`);
+    /// see `scalar`.
+    fn rows(isa: Isa, w: &[Self], kb: usize, x: &[BlockQ8], n: usize, out: &mut [f32]);
+}
+
+macro_rules! dispatch {
+    ($block:ty, $kernel:ident) => {
+        impl Kernel for $block {
+            fn rows(isa: Isa, w: &[Self], kb: usize, x: &[BlockQ8], n: usize, out: &mut [f32]) {
+                match isa.0 {
+                    IsaKind::Scalar => scalar::$kernel(w, kb, x, n, out),
+                    #[cfg(target_arch = "x86_64")]
+                    // SAFETY: an `Isa` of this kind exists only once
+                    // `available` saw AVX2, FMA and F16C.
+                    IsaKind::Avx2 => unsafe { x86::avx2::$kernel(w, kb, x, n, out) },
+                    #[cfg(target_arch = "x86_64")]
+                    // SAFETY: as above, plus AVX-VNNI.
+                    IsaKind::AvxVnni => unsafe { x86::avxvnni::$kernel(w, kb, x, n, out) },
+                    #[cfg(target_arch = "x86_64")]
+                    // SAFETY: as above, plus AVX-512F, VL and VNNI.
+                    IsaKind::Avx512Vnni => unsafe { x86::avx512vnni::$kernel(w, kb, x, n, out) },
+                }
+            }
+        }
+    };
+}
+dispatch!(BlockQ4_1, rows_q4_1);
+dispatch!(BlockQ8_0, rows_q8_0);
+
+/// The storage formats this crate multiplies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Q4_1,
+    Q8_0,
+}
+
+#[derive(Debug)]
+pub struct Error(String);
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Error {}
+
+impl From<std::io::Error> for Error {
+    fn from(e: std::io::Error) -> Self {
+        Self(e.to_string())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum Blocks {
+    Q4_1(Vec<BlockQ4_1>),
+    Q8_0(Vec<BlockQ8_0>),
+}
+
+/// A `rows × cols` weight matrix in a GGUF block format, row-major: row
+/// `r` is blocks `r * cols / 32 ..`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QMatrix {
+    rows: usize,
+    cols: usize,
+    blocks: Blocks,
+}
+
+/// Products below this many block pairs stay on the calling thread: a
+/// rayon round trip costs more than they do.
+const PARALLEL_PAIRS: usize = 4096;
+
+impl QMatrix {
+    /// Reads `rows × cols` weights of `format` as GGUF lays them out,
+    /// a chunk at a time (no second copy of the whole tensor).
+    pub fn read(
+        format: Format,
+        rows: usize,
+        cols: usize,
+        reader: &mut impl Read,
+    ) -> Result<Self, Error> {
+        if !cols.is_multiple_of(QK) {
+            return Err(Error(format!("{cols} columns are not a multiple of {QK}")));
+        }
+        let n = rows * cols / QK;
+        let blocks = match format {
+            Format::Q4_1 => Blocks::Q4_1(read_blocks(reader, n)?),
+            Format::Q8_0 => Blocks::Q8_0(read_blocks(reader, n)?),
+        };
+        Ok(Self { rows, cols, blocks })
+    }
+
+    /// [`QMatrix::read`] from memory.
+    pub fn from_bytes(
+        format: Format,
+        rows: usize,
+        cols: usize,
+        mut bytes: &[u8],
+    ) -> Result<Self, Error> {
+        Self::read(format, rows, cols, &mut bytes)
+    }
+
+    /// The matrices' rows one after the other: several projections of the
+    /// same input as one product.
+    pub fn stack(parts: Vec<QMatrix>) -> Result<Self, Error> {
+        let mut parts = parts.into_iter();
+        let mut all = parts
+            .next()
+            .ok_or_else(|| Error("nothing to stack".into()))?;
+        for part in parts {
+            if part.cols != all.cols {
+                return Err(Error(format!(
+                    "cannot stack {} columns on {}",
+                    part.cols, all.cols
+                )));
+            }
+            match (&mut all.blocks, part.blocks) {
+                (Blocks::Q4_1(a), Blocks::Q4_1(b)) => a.extend(b),
+                (Blocks::Q8_0(a), Blocks::Q8_0(b)) => a.extend(b),
+                _ => return Err(Error("cannot stack matrices of different formats".into())),
+            }
+            all.rows += part.rows;
+        }
+        Ok(all)
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    pub fn format(&self) -> Format {
+        match self.blocks {
+            Blocks::Q4_1(_) => Format::Q4_1,
+            Blocks::Q8_0(_) => Format::Q8_0,
+        }
+    }
+
+    /// Row `row` in f32 (an embedding lookup).
+    ///
+    /// # Panics
+    /// If `row` is out of range or `out` is not `cols` long.
+    pub fn dequantize_row(&self, row: usize, out: &mut [f32]) {
+        assert_eq!(out.len(), self.cols);
+        let kb = self.cols / QK;
+        let blocks = out.chunks_exact_mut(QK);
+        match &self.blocks {
+            Blocks::Q4_1(b) => b[row * kb..][..kb]
+                .iter()
+                .zip(blocks)
+                .for_each(|(b, o)| b.dequantize(o)),
+            Blocks::Q8_0(b) => b[row * kb..][..kb]
+                .iter()
+                .zip(blocks)
+                .for_each(|(b, o)| b.dequantize(o)),
+        }
+    }
+
+    /// `x · Wᵀ` for `n` rows of `x` (`n × cols`, row-major): `n × rows`,
+    /// on the fastest instruction set of this CPU.
+    ///
+    /// # Panics
+    /// If `x` is not `n × cols` long.
+    pub fn matmul(&self, x: &[f32], n: usize) -> Vec<f32> {
+        self.matmul_on(Isa::detect(), x, n)
+    }
+
+    /// [`QMatrix::matmul`] on a chosen instruction set (for tests and
+    /// benches).
+    pub fn matmul_on(&self, isa: Isa, x: &[f32], n: usize) -> Vec<f32> {
+        assert_eq!(x.len(), n * self.cols, "x must be n × cols");
+        let xq: Vec<BlockQ8> = x.chunks_exact(QK).map(quantize_block).collect();
+        match &self.blocks {
+            Blocks::Q4_1(w) => product(isa, w, self.rows, self.cols / QK, &xq, n),
+            Blocks::Q8_0(w) => product(isa, w, self.rows, self.cols / QK, &xq, n),
+        }
+    }
+}
+
+fn read_blocks<B: WeightBlock>(reader: &mut impl Read, n: usize) -> Result<Vec<B>, Error> {
+    const CHUNK: usize = 4096;
+    let mut blocks = Vec::with_capacity(n);
+    let mut buf = vec![0u8; CHUNK * B::BYTES];
+    while blocks.len() < n {
+        let take = (n - blocks.len()).min(CHUNK);
+        let bytes = &mut buf[..take * B::BYTES];
+        reader.read_exact(bytes)?;
+        blocks.extend(bytes.chunks_exact(B::BYTES).map(B::from_bytes));
+    }
+    Ok(blocks)
+}
+
+/// Splits the weight rows across rayon's threads; each computes its rows
+/// for every activation row, then the result is transposed to `n × rows`.
+fn product<B: Kernel>(
+    isa: Isa,
+    w: &[B],
+    rows: usize,
+    kb: usize,
+    x: &[BlockQ8],
+    n: usize,
+) -> Vec<f32> {
+    let mut by_row = vec![0.0f32; rows * n];
+    let threads = rayon::current_num_threads();
+    if threads == 1 || rows * kb * n < PARALLEL_PAIRS {
+        B::rows(isa, w, kb, x, n, &mut by_row);
+    } else {
+        // A few chunks per thread, so a thread slowed by other work on
+        // the machine hands its share over.
+        let chunk = rows.div_ceil(threads * 4).next_multiple_of(4);
+        by_row
+            .par_chunks_mut(chunk * n)
+            .enumerate()
+            .for_each(|(c, out)| {
+                let w = &w[c * chunk * kb..][..out.len() / n * kb];
+                B::rows(isa, w, kb, x, n, out);
+            });
+    }
+    if n == 1 {
+        return by_row;
+    }
+    let mut out = vec![0.0f32; rows * n];
+    for (r, row) in by_row.chunks_exact(n).enumerate() {
+        for (j, &v) in row.iter().enumerate() {
+            out[j * rows + r] = v;
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests;
