@@ -146,6 +146,17 @@ pub(crate) fn post(server: &TestServer, path: &str, body: &Value) -> reqwest::Re
     client().post(server.url(path)).json(body)
 }
 
+/// Posts `body` and reads the JSON answer, whatever its status.
+pub(crate) async fn post_json(server: &TestServer, path: &str, body: &Value) -> Value {
+    post(server, path, body)
+        .send()
+        .await
+        .expect("sent")
+        .json()
+        .await
+        .expect("json")
+}
+
 /// Posts a streaming chat request and checks the SSE headers.
 pub(crate) async fn open_stream(
     server: &TestServer,

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{Value, json};
 
-use crate::common::{post, read_all};
+use crate::common::{post, post_json, read_all};
 use crate::model::server;
 
 const MODEL: &str = "SmolLM2-135M-Instruct";
@@ -74,13 +74,7 @@ async fn logprobs_have_openais_shape_and_greedy_top_one_is_the_emitted_token() {
     // Not streaming: the same list under choices[0].logprobs.
     let mut body = body;
     body["stream"] = json!(false);
-    let answer: Value = post(&server, "/v1/chat/completions", &body)
-        .send()
-        .await
-        .expect("sent")
-        .json()
-        .await
-        .expect("json");
+    let answer: Value = post_json(&server, "/v1/chat/completions", &body).await;
     assert_eq!(answer["choices"][0]["logprobs"]["content"], json!(entries));
 }
 
@@ -195,13 +189,7 @@ async fn fifty_generated_schemas_all_validate() {
             json!({"max_tokens": 160, "response_format": {"type": "json_schema",
                 "json_schema": {"name": "item", "schema": schema, "strict": true}}}),
         );
-        let answer: Value = post(&server, "/v1/chat/completions", &body)
-            .send()
-            .await
-            .expect("sent")
-            .json()
-            .await
-            .expect("json");
+        let answer: Value = post_json(&server, "/v1/chat/completions", &body).await;
         let choice = &answer["choices"][0];
         if choice["finish_reason"] == "length" {
             continue;
