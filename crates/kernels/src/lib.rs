@@ -258,6 +258,9 @@ impl QMatrix {
     /// benches).
     pub fn matmul_on(&self, isa: Isa, x: &[f32], n: usize) -> Vec<f32> {
         assert_eq!(x.len(), n * self.cols, "x must be n × cols");
+        if n == 0 {
+            return Vec::new();
+        }
         let xq: Vec<BlockQ8> = x.chunks_exact(QK).map(quantize_block).collect();
         match &self.blocks {
             Blocks::Q4_1(w) => product(isa, w, self.rows, self.cols / QK, &xq, n),

@@ -201,6 +201,30 @@ fn matmul_matches_f32_product_on_every_isa_and_thread_split() {
     }
 }
 
+/// Batched decoding must pick the tokens each sequence picks alone: a
+/// row's product may not depend on the rows multiplied beside it.
+#[test]
+fn a_row_in_a_batch_is_the_same_to_the_bit_as_alone() {
+    let mut rng = Rng(11);
+    for format in [Format::Q4_1, Format::Q8_0] {
+        let w = random_matrix(&mut rng, format, 301, 576);
+        let n = 9;
+        let x = rng.floats(n * 576);
+        for isa in Isa::available() {
+            let all = w.matmul_on(isa, &x, n);
+            for j in 0..n {
+                let alone = w.matmul_on(isa, &x[j * 576..][..576], 1);
+                assert_eq!(
+                    &all[j * 301..][..301],
+                    &alone[..],
+                    "{} {format:?} row {j}",
+                    isa.name()
+                );
+            }
+        }
+    }
+}
+
 #[test]
 fn stacked_rows_give_the_parts_products() {
     let mut rng = Rng(7);
@@ -211,14 +235,14 @@ fn stacked_rows_give_the_parts_products() {
     let x = rng.floats(3 * 96);
     let stacked = QMatrix::stack(parts.clone()).unwrap();
     assert_eq!(stacked.rows(), 128);
+    assert!(stacked.matmul(&[], 0).is_empty(), "no rows, no product");
     let all = stacked.matmul(&x, 3);
     for j in 0..3 {
         let row: Vec<f32> = parts
             .iter()
             .flat_map(|p| p.matmul(&x[j * 96..][..96], 1))
             .collect();
-        // One row and many sum in different orders: equal up to rounding.
-        close(&all[j * 128..][..128], &row, "stacked");
+        assert_eq!(&all[j * 128..][..128], &row[..], "stacked");
     }
     let other = random_matrix(&mut rng, Format::Q8_0, 4, 96);
     assert!(QMatrix::stack(vec![parts[0].clone(), other]).is_err());

@@ -137,6 +137,11 @@ macro_rules! kernels {
             /// Adds `Σ_b m[r][b] · s[j][b]` to `out` (`r × n`): per weight
             /// row, one multiply-add of a scalar into `n` contiguous sums,
             /// instead of a scalar one per block pair inside the tiles.
+            ///
+            /// The sum starts at zero and is added last, in the order
+            /// `tile_q4_1_all` uses for one row: a row's result is the same
+            /// to the bit whether it is multiplied alone or in a batch, so
+            /// batched decoding picks the same greedy tokens.
             #[target_feature(enable = $features)]
             fn add_mins(w: &[BlockQ4_1], kb: usize, x: &[BlockQ8], n: usize, out: &mut [f32]) {
                 let mut sums = vec![0.0f32; kb * n];
@@ -145,12 +150,17 @@ macro_rules! kernels {
                         sums[b * n + j] = block.s;
                     }
                 }
+                let mut mins = vec![0.0f32; n];
                 for (row, out) in w.chunks_exact(kb).zip(out.chunks_exact_mut(n)) {
+                    mins.fill(0.0);
                     for (block, s) in row.iter().zip(sums.chunks_exact(n)) {
                         let m = _mm_cvtss_f32(halves(block.m, 0));
-                        for (o, &s) in out.iter_mut().zip(s) {
-                            *o = m.mul_add(s, *o);
+                        for (acc, &s) in mins.iter_mut().zip(s) {
+                            *acc = m.mul_add(s, *acc);
                         }
+                    }
+                    for (o, m) in out.iter_mut().zip(&mins) {
+                        *o += m;
                     }
                 }
             }
