@@ -57,7 +57,8 @@ fn render_turn(message: &ChatMessage) -> ChatMessage {
         ),
         "assistant" => {
             let mut content = message.content.clone();
-            for call in message.extra["tool_calls"].as_array().into_iter().flatten() {
+            let calls = message.extra.get("tool_calls").and_then(Value::as_array);
+            for call in calls.into_iter().flatten() {
                 let function = &call["function"];
                 content.push_str(&format!(
                     "{OPEN}{} {}{CLOSE}",
