@@ -46,6 +46,23 @@ pub struct Config {
     #[arg(long, env = "SLUICEGATE_MODEL_NAME")]
     pub model_name: Option<String>,
 
+    /// `local`: KV-cache memory in MiB the running generations may hold
+    /// together; a generation starts while what its prompt and
+    /// `max_tokens` can take fits, and waits otherwise.
+    #[arg(long, env = "SLUICEGATE_KV_CACHE_MEMORY", default_value_t = 2048)]
+    pub kv_cache_memory: usize,
+
+    /// `local`: KV-cache memory in MiB kept after generations end, for the
+    /// next turn of a conversation (or a prompt with the same start, of
+    /// the same caller) to reuse; least recently used first out.
+    #[arg(long, env = "SLUICEGATE_PROMPT_CACHE_MEMORY", default_value_t = 512)]
+    pub prompt_cache_memory: usize,
+
+    /// `local`: tokens per forward pass: each running generation's next
+    /// token, then prompt chunks up to this many.
+    #[arg(long, env = "SLUICEGATE_STEP_TOKENS", default_value_t = 256)]
+    pub step_tokens: usize,
+
     /// `openai`: base URL of an OpenAI-compatible server; repeat for several.
     #[arg(long = "upstream", env = "SLUICEGATE_UPSTREAM", value_delimiter = ',')]
     pub upstreams: Vec<String>,
@@ -243,6 +260,9 @@ impl Config {
         }
         if self.redis_timeout.is_zero() {
             return Err("--redis-timeout must be longer than 0s".into());
+        }
+        if self.step_tokens == 0 || self.kv_cache_memory == 0 {
+            return Err("--step-tokens and --kv-cache-memory must be at least 1".into());
         }
         if self.max_log_bytes < 4096 {
             return Err("--max-log-bytes must be at least 4096".into());

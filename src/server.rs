@@ -22,7 +22,7 @@ use tower_http::trace::TraceLayer;
 use crate::api::{self, ApiError};
 use crate::backend::Backend;
 use crate::backend::echo::EchoBackend;
-use crate::backend::local::LocalBackend;
+use crate::backend::local::{LocalBackend, LocalSettings};
 use crate::backend::upstream::{UpstreamBackend, UpstreamConfig};
 use crate::config::{BackendKind, Config};
 use crate::session::replicas::Epilogue;
@@ -50,7 +50,16 @@ impl AppState {
                     crate::model::load(&path, template.as_deref())
                 })
                 .await??;
-                Arc::new(LocalBackend::start(model, config.model_name.clone())?)
+                let settings = LocalSettings {
+                    kv_cache_memory: config.kv_cache_memory.saturating_mul(1 << 20),
+                    prompt_cache_memory: config.prompt_cache_memory.saturating_mul(1 << 20),
+                    step_tokens: config.step_tokens,
+                };
+                Arc::new(LocalBackend::start(
+                    model,
+                    config.model_name.clone(),
+                    settings,
+                )?)
             }
             BackendKind::Openai => Arc::new(UpstreamBackend::new(UpstreamConfig {
                 urls: config.upstreams.clone(),

@@ -47,6 +47,20 @@ pub fn generation_load(running: usize, queued: usize) {
     gauge!("sluicegate_generations_queued").set(queued as f64);
 }
 
+/// Prompt positions the local model computed and reused from kept caches,
+/// and the bytes those caches hold.
+pub fn prompt_tokens(model: &str, computed: u64, reused: u64, kept_bytes: usize) {
+    if computed > 0 {
+        counter!("sluicegate_prompt_tokens_computed_total", "model" => model.to_owned())
+            .increment(computed);
+    }
+    if reused > 0 {
+        counter!("sluicegate_prompt_tokens_reused_total", "model" => model.to_owned())
+            .increment(reused);
+    }
+    gauge!("sluicegate_prompt_cache_bytes", "model" => model.to_owned()).set(kept_bytes as f64);
+}
+
 pub fn time_to_first_token(elapsed: Duration) {
     histogram!("sluicegate_time_to_first_token_seconds").record(elapsed.as_secs_f64());
 }

@@ -109,6 +109,7 @@ pub fn plan(
             extra: body.extra,
             choices: n,
             features,
+            cache_key: None,
         },
         stream,
         include_usage: stream

@@ -12,6 +12,7 @@ use serde_json::{Value, json};
 use super::error::ApiError;
 use super::params::Plan;
 use super::sse::{self, ChunkEncoder, Flavor, StreamEncoder};
+use crate::backend::CacheKey;
 use crate::session::{Attachment, CallerId, Collected, Generation, LogReader, Start, StartError};
 use crate::state::AppState;
 
@@ -51,11 +52,13 @@ pub(crate) async fn start(
             state.settings.keep_alive,
         ))
     } else {
+        let mut request = plan.request;
+        request.cache_key = Some(cache_key(caller, session.as_deref()));
         let start = Start {
             caller,
             session,
             id_prefix: flavor.id_prefix(),
-            request: plan.request,
+            request,
         };
         let collected = state.generations.collect(start).await?;
         Ok(json_answer(&collected, &answer))
@@ -82,14 +85,24 @@ pub(crate) async fn stream(
     start_stream(state, caller, session, Flavor::Chat, plan, &answer).await
 }
 
+/// What the backend may reuse for this request: the caller's computed
+/// state, its session's first.
+fn cache_key(caller: CallerId, session: Option<&str>) -> CacheKey {
+    CacheKey {
+        caller: caller.0,
+        session: session.map(str::to_owned),
+    }
+}
+
 async fn start_stream(
     state: &AppState,
     caller: CallerId,
     session: Option<String>,
     flavor: Flavor,
-    plan: Plan,
+    mut plan: Plan,
     answer: &Answer,
 ) -> Result<(Arc<Generation>, Attachment), ApiError> {
+    plan.request.cache_key = Some(cache_key(caller, session.as_deref()));
     let include_usage = plan.include_usage;
     let choices = plan.request.choices;
     let start = Start {

@@ -1,9 +1,14 @@
 //! The `local` backend: a GGUF model on this machine's CPU. Decoding runs on
-//! one dedicated thread that takes a step of each running generation in
-//! turn (each with its own KV cache over the shared weights) and checks for
-//! cancellation between steps; the async runtime never waits on compute.
+//! one dedicated thread that batches every running generation into one
+//! forward pass per step (each with its own KV cache over the shared
+//! weights; see `scheduler`) and checks for cancellation at every step; the
+//! async runtime never waits on compute.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+mod prefix;
+mod running;
+mod scheduler;
+
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, mpsc};
 
 use async_stream::stream;
@@ -12,28 +17,52 @@ use tokio::sync::mpsc as tokio_mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::features::{FIELDS, Features};
-use super::shaping::{self, CallReader, Out};
-use super::stop::StopMatcher;
+use super::shaping::{self, CallReader};
 use super::{
-    Accepted, Backend, BackendError, Capabilities, ChoiceDelta, Demand, FinishReason,
-    GenerateRequest, ModelCard, Prompt, Sampling, TokenEvent, Usage,
+    Accepted, Backend, BackendError, CacheKey, Capabilities, Demand, GenerateRequest, ModelCard,
+    Prompt, Sampling, TokenEvent,
 };
 use crate::model::Model;
 use crate::model::constrain::Constraint;
-use crate::model::llama::Cache;
-use crate::model::sampling::Sampler;
 use crate::model::template::{Piece, TemplateError};
-use crate::model::tokenizer::{self, TextStream};
+use crate::model::tokenizer;
+use scheduler::Stats;
 
-/// Generations decoded in turn by default; more wait in the server's queue.
-const DEFAULT_CONCURRENCY: usize = 4;
+/// Run slots by default: generations the backend takes at once. It admits
+/// them into the batch as the KV-cache budget allows; more wait in the
+/// server's queue.
+const DEFAULT_CONCURRENCY: usize = 32;
+
+/// How the decode thread spends memory and compute.
+#[derive(Debug, Clone, Copy)]
+pub struct LocalSettings {
+    /// Bytes of KV cache the running generations may hold together; a
+    /// generation is admitted while what its prompt and `max_tokens` can
+    /// take fits.
+    pub kv_cache_memory: usize,
+    /// Bytes of KV cache kept after generations end, for the next turn of
+    /// their conversation (and prompts that share a prefix) to reuse.
+    pub prompt_cache_memory: usize,
+    /// Tokens per forward pass: every decoding generation's next token,
+    /// then prompt chunks up to this many.
+    pub step_tokens: usize,
+}
+
+impl Default for LocalSettings {
+    fn default() -> Self {
+        Self {
+            kv_cache_memory: 2 << 30,
+            prompt_cache_memory: 512 << 20,
+            step_tokens: 256,
+        }
+    }
+}
 
 pub struct LocalBackend {
     model: Arc<Model>,
     name: String,
     jobs: mpsc::Sender<Msg>,
-    /// Forward passes run so far: shows when decoding stops.
-    steps: Arc<AtomicU64>,
+    stats: Arc<Stats>,
 }
 
 type EventSender = tokio_mpsc::UnboundedSender<Result<TokenEvent, BackendError>>;
@@ -47,6 +76,8 @@ enum Msg {
 
 /// A generation handed to the decode thread.
 struct Job {
+    /// Whose cache it may reuse, and under which name its own is kept.
+    cache_key: Option<CacheKey>,
     prompt: Vec<u32>,
     sampling: Sampling,
     max_tokens: u32,
@@ -70,26 +101,44 @@ struct Shaping {
 
 impl LocalBackend {
     /// Starts the decode thread. `name` overrides the model's own id.
-    pub fn start(model: Model, name: Option<String>) -> std::io::Result<Self> {
+    pub fn start(
+        model: Model,
+        name: Option<String>,
+        settings: LocalSettings,
+    ) -> std::io::Result<Self> {
         let model = Arc::new(model);
+        let name = name.unwrap_or_else(|| model.name.clone());
         let (jobs, queue) = mpsc::channel();
-        let worker = Arc::clone(&model);
-        let steps = Arc::new(AtomicU64::new(0));
-        let counter = Arc::clone(&steps);
+        let stats = Arc::new(Stats::default());
+        let (worker, counts, label) = (Arc::clone(&model), Arc::clone(&stats), name.clone());
         std::thread::Builder::new()
             .name("sluicegate-decode".into())
-            .spawn(move || decode_loop(&worker, &queue, &counter))?;
+            .spawn(move || scheduler::run(&worker, &label, settings, &queue, &counts))?;
         Ok(Self {
-            name: name.unwrap_or_else(|| model.name.clone()),
+            name,
             model,
             jobs,
-            steps,
+            stats,
         })
     }
 
     /// Forward passes run so far, over all generations.
     pub fn decode_steps(&self) -> u64 {
-        self.steps.load(Ordering::Relaxed)
+        self.stats.steps.load(Ordering::Relaxed)
+    }
+
+    /// Generations the decode thread holds: running, paused or waiting
+    /// for KV-cache memory.
+    pub fn generations(&self) -> usize {
+        self.stats.held.load(Ordering::Relaxed)
+    }
+
+    /// Prompt positions computed so far, and those reused from kept caches.
+    pub fn prompt_tokens(&self) -> (u64, u64) {
+        (
+            self.stats.computed.load(Ordering::Relaxed),
+            self.stats.reused.load(Ordering::Relaxed),
+        )
     }
 
     /// The loaded model.
@@ -209,6 +258,7 @@ impl Backend for LocalBackend {
             let _ = waker.send(Msg::Wake);
         });
         let job = Job {
+            cache_key: req.cache_key,
             prompt,
             sampling: req.sampling,
             max_tokens,
@@ -234,237 +284,5 @@ impl Backend for LocalBackend {
             prompt_tokens: Some(prompt_tokens),
             tokens: Box::pin(tokens),
         })
-    }
-}
-
-/// The decode thread: admits jobs, then steps every running generation in
-/// turn until the channel closes.
-fn decode_loop(model: &Model, queue: &mpsc::Receiver<Msg>, steps: &AtomicU64) {
-    let mut running: Vec<Running<'_>> = Vec::new();
-    loop {
-        // Nothing to step (none, or all paused): sleep until told.
-        if !running.iter().any(Running::wants_a_step) {
-            match queue.recv() {
-                Ok(Msg::Job(job)) => running.push(Running::new(model, *job)),
-                Ok(Msg::Wake) => {}
-                Err(_) => return,
-            }
-        }
-        while let Ok(msg) = queue.try_recv() {
-            if let Msg::Job(job) = msg {
-                running.push(Running::new(model, *job));
-            }
-        }
-        running.retain_mut(|generation| {
-            if !generation.wants_a_step() {
-                return true;
-            }
-            steps.fetch_add(1, Ordering::Relaxed);
-            generation.step(model)
-        });
-    }
-}
-
-/// One generation on the decode thread.
-struct Running<'m> {
-    cache: Cache,
-    sampler: Sampler,
-    text: TextStream<'m>,
-    stop: StopMatcher,
-    /// What the next forward pass reads: the prompt, then the last token.
-    input: Vec<u32>,
-    usage: Usage,
-    max_tokens: u32,
-    cancel: CancellationToken,
-    events: EventSender,
-    demand: Demand,
-    shaping: Shaping,
-}
-
-impl<'m> Running<'m> {
-    /// Running, or paused but cancelled (so that it ends and frees its
-    /// cache at once).
-    fn wants_a_step(&self) -> bool {
-        !self.demand.is_paused() || self.cancel.is_cancelled() || self.events.is_closed()
-    }
-
-    fn new(model: &'m Model, job: Job) -> Self {
-        let mut sampler = Sampler::new(&job.sampling);
-        for &token in &job.prompt {
-            sampler.observe_prompt(token);
-        }
-        Self {
-            cache: model.weights.new_cache(),
-            sampler,
-            text: TextStream::new(&model.tokenizer),
-            stop: StopMatcher::new(job.stop),
-            usage: Usage {
-                prompt_tokens: u32::try_from(job.prompt.len()).unwrap_or(u32::MAX),
-                completion_tokens: 0,
-            },
-            input: job.prompt,
-            max_tokens: job.max_tokens,
-            cancel: job.cancel,
-            events: job.events,
-            demand: job.demand,
-            shaping: job.shaping,
-        }
-    }
-
-    /// One forward pass and one token. Returns whether to keep going.
-    fn step(&mut self, model: &Model) -> bool {
-        if self.cancel.is_cancelled() || self.events.is_closed() {
-            return self.finish(FinishReason::Cancelled, String::new());
-        }
-        let mut logits = match model.weights.forward(&self.input, &mut self.cache) {
-            Ok(logits) => logits,
-            Err(err) => return self.fail(format!("decode failed: {err}")),
-        };
-        for &(id, bias) in &self.shaping.bias {
-            if let Some(logit) = logits.get_mut(id as usize) {
-                *logit += bias;
-            }
-        }
-        if let Some(constraint) = &mut self.shaping.constraint
-            && let Err(err) = constraint.mask(&mut logits)
-        {
-            return self.fail(format!("the output grammar failed: {err}"));
-        }
-        let token = self.sampler.sample(&mut logits);
-        self.sampler.observe(token);
-        let logprobs = self
-            .shaping
-            .logprobs
-            .map(|top| shaping::logprobs(&model.vocabulary, &logits, token, top));
-        if let Some(constraint) = &mut self.shaping.constraint
-            && !model.end_tokens.contains(&token)
-            && let Err(err) = constraint.advance(token)
-        {
-            return self.fail(format!("the output grammar failed: {err}"));
-        }
-        if model.end_tokens.contains(&token) {
-            let held = self.stop.finish();
-            let reason = self.ending(FinishReason::Stop);
-            return self.finish(reason, held);
-        }
-        self.usage.completion_tokens += 1;
-        let piece = match self.text.step(token) {
-            Ok(piece) => piece.unwrap_or_default(),
-            Err(err) => return self.fail(format!("detokenizing failed: {err}")),
-        };
-        let outs = match &mut self.shaping.calls {
-            Some(calls) => calls.push(&piece),
-            None => vec![Out::Text(piece)],
-        };
-        let mut logprobs = logprobs;
-        for out in outs {
-            let event = match out {
-                Out::Call(mut delta) => {
-                    delta.logprobs = logprobs.take();
-                    TokenEvent::Delta(Box::new(delta))
-                }
-                Out::Text(text) => {
-                    let released = self.stop.push(text);
-                    if released.stopped {
-                        return self.finish(FinishReason::Stop, released.text);
-                    }
-                    match logprobs.take() {
-                        Some(logprobs) => TokenEvent::Delta(Box::new(ChoiceDelta {
-                            content: Some(released.text),
-                            logprobs: Some(logprobs),
-                            ..ChoiceDelta::default()
-                        })),
-                        // An empty piece still counts the token; the server sends no chunk.
-                        None => TokenEvent::Token {
-                            id: Some(token),
-                            text: released.text,
-                        },
-                    }
-                }
-            };
-            if !self.send(Ok(event)) {
-                return false;
-            }
-        }
-        // A token that completed no output still has its log probability.
-        if let Some(logprobs) = logprobs
-            && !self.send(Ok(TokenEvent::Delta(Box::new(ChoiceDelta {
-                content: Some(String::new()),
-                logprobs: Some(logprobs),
-                ..ChoiceDelta::default()
-            }))))
-        {
-            return false;
-        }
-        if self
-            .shaping
-            .constraint
-            .as_ref()
-            .is_some_and(Constraint::is_done)
-        {
-            let held = self.stop.finish();
-            let reason = self.ending(FinishReason::Stop);
-            return self.finish(reason, held);
-        }
-        if self.usage.completion_tokens >= self.max_tokens {
-            let held = self.stop.finish();
-            return self.finish(FinishReason::Length, held);
-        }
-        self.input.clear();
-        self.input.push(token);
-        true
-    }
-
-    /// How an answer that ended by itself ends: `tool_calls` when it
-    /// called any.
-    fn ending(&self, reason: FinishReason) -> FinishReason {
-        match &self.shaping.calls {
-            Some(calls) if calls.calls > 0 => FinishReason::ToolCalls,
-            _ => reason,
-        }
-    }
-
-    /// Sends any last text and the finish; always ends the generation.
-    fn finish(&mut self, reason: FinishReason, last_text: String) -> bool {
-        let held = self
-            .shaping
-            .calls
-            .as_mut()
-            .map(CallReader::finish)
-            .unwrap_or_default();
-        for out in held {
-            let event = match out {
-                Out::Call(delta) => TokenEvent::Delta(Box::new(delta)),
-                Out::Text(text) => TokenEvent::Token { id: None, text },
-            };
-            if !self.send(Ok(event)) {
-                return false;
-            }
-        }
-        if !last_text.is_empty()
-            && !self.send(Ok(TokenEvent::Token {
-                id: None,
-                text: last_text,
-            }))
-        {
-            return false;
-        }
-        self.send(Ok(TokenEvent::Finished {
-            reason,
-            usage: self.usage,
-        }));
-        false
-    }
-
-    /// Reports a failure on the stream; always ends the generation, whether
-    /// or not anyone still listens.
-    fn fail(&self, detail: String) -> bool {
-        self.send(Err(BackendError::Internal(detail)));
-        false
-    }
-
-    /// False once nobody listens: the generation then stops.
-    fn send(&self, event: Result<TokenEvent, BackendError>) -> bool {
-        self.events.send(event).is_ok()
     }
 }

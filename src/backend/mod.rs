@@ -151,6 +151,18 @@ pub struct GenerateRequest {
     /// Tools, structured output and log probabilities, for a backend that
     /// serves them itself (see [`Capabilities::serves`]).
     pub features: features::Features,
+    /// Whose conversation this is, for a backend that keeps computed
+    /// state between requests (the local model's KV cache).
+    pub cache_key: Option<CacheKey>,
+}
+
+/// Names whose computed state a request may reuse: its caller's, and
+/// first of all its session's. State never crosses callers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CacheKey {
+    pub caller: u32,
+    /// `X-Session-Id`, when the request has one.
+    pub session: Option<String>,
 }
 
 /// Whether anyone reads a generation right now. The session pauses and

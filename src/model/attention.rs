@@ -51,13 +51,79 @@ pub struct Heads {
 /// One layer's keys and values: per KV head, positions one after another.
 #[derive(Default)]
 pub struct KvStore {
+    head_dim: usize,
     keys: Vec<Vec<f32>>,
     values: Vec<Vec<f32>>,
 }
 
+impl KvStore {
+    pub fn new(n_kv_head: usize, head_dim: usize) -> Self {
+        Self {
+            head_dim,
+            keys: vec![Vec::new(); n_kv_head],
+            values: vec![Vec::new(); n_kv_head],
+        }
+    }
+
+    fn all(&mut self) -> impl Iterator<Item = &mut Vec<f32>> {
+        self.keys.iter_mut().chain(self.values.iter_mut())
+    }
+
+    pub fn truncate(&mut self, positions: usize) {
+        let len = positions * self.head_dim;
+        self.all().for_each(|v| v.truncate(len));
+    }
+
+    pub fn prefix(&self, positions: usize) -> Self {
+        let len = positions * self.head_dim;
+        let copy = |vs: &Vec<Vec<f32>>| vs.iter().map(|v| v[..len.min(v.len())].to_vec()).collect();
+        Self {
+            head_dim: self.head_dim,
+            keys: copy(&self.keys),
+            values: copy(&self.values),
+        }
+    }
+
+    /// Room for `positions` in all, allocated exactly.
+    pub fn reserve(&mut self, positions: usize) {
+        let len = positions * self.head_dim;
+        self.all()
+            .for_each(|v| v.reserve_exact(len.saturating_sub(v.len())));
+    }
+
+    pub fn shrink(&mut self) {
+        self.all().for_each(Vec::shrink_to_fit);
+    }
+
+    #[cfg(test)]
+    pub(crate) fn filled(positions: usize, n_kv_head: usize, head_dim: usize) -> Self {
+        let zeros = vec![vec![0.0; positions * head_dim]; n_kv_head];
+        Self {
+            head_dim,
+            keys: zeros.clone(),
+            values: zeros,
+        }
+    }
+
+    pub fn bytes(&self) -> usize {
+        let floats: usize = self
+            .keys
+            .iter()
+            .chain(&self.values)
+            .map(Vec::capacity)
+            .sum();
+        floats * std::mem::size_of::<f32>()
+    }
+}
+
+/// Query rows per parallel task of a prompt's attention.
+const ROWS_PER_TASK: usize = 8;
+
 /// Attention for `seq` new positions after `start` cached ones. `qkv` holds
-/// per position the Q heads, then K heads, then V heads (un-rotated); the
-/// result holds per position the heads' outputs, `n_head * head_dim` wide.
+/// per position the Q heads, then K heads, then V heads (un-rotated); `out`
+/// receives per position the heads' outputs, `n_head * head_dim` wide.
+/// Each query row is computed the same way whatever the rows beside it;
+/// a prompt's rows run in parallel.
 pub fn attend(
     qkv: &[f32],
     seq: usize,
@@ -65,7 +131,8 @@ pub fn attend(
     heads: Heads,
     rope: &Rope,
     store: &mut KvStore,
-) -> Vec<f32> {
+    out: &mut [f32],
+) {
     let Heads {
         n_head,
         n_kv_head,
@@ -74,8 +141,7 @@ pub fn attend(
     let (q_width, kv_width) = (n_head * hd, n_kv_head * hd);
     let width = q_width + 2 * kv_width;
     if store.keys.len() != n_kv_head {
-        store.keys = vec![Vec::new(); n_kv_head];
-        store.values = vec![Vec::new(); n_kv_head];
+        *store = KvStore::new(n_kv_head, hd);
     }
     for s in 0..seq {
         let row = &qkv[s * width..(s + 1) * width];
@@ -90,32 +156,65 @@ pub fn attend(
         }
     }
 
-    let group = n_head / n_kv_head;
+    let store = &*store;
+    let rows = |first: usize, out: &mut [f32]| {
+        let mut scores = vec![0.0f32; start + first + out.len() / q_width];
+        let mut q = vec![0.0f32; hd];
+        for (i, out) in out.chunks_exact_mut(q_width).enumerate() {
+            let s = first + i;
+            attend_row(
+                &qkv[s * width..s * width + q_width],
+                start + s,
+                heads,
+                rope,
+                store,
+                (&mut scores, &mut q),
+                out,
+            );
+        }
+    };
+    let out = &mut out[..seq * q_width];
+    if seq >= 2 * ROWS_PER_TASK {
+        use rayon::prelude::*;
+        out.par_chunks_mut(ROWS_PER_TASK * q_width)
+            .enumerate()
+            .for_each(|(c, out)| rows(c * ROWS_PER_TASK, out));
+    } else {
+        rows(0, out);
+    }
+}
+
+/// One query position's heads against the keys up to and including its
+/// own position.
+fn attend_row(
+    queries: &[f32],
+    pos: usize,
+    heads: Heads,
+    rope: &Rope,
+    store: &KvStore,
+    (scores, q): (&mut [f32], &mut [f32]),
+    out: &mut [f32],
+) {
+    let hd = heads.head_dim;
+    let group = heads.n_head / heads.n_kv_head;
     let scale = 1.0 / (hd as f32).sqrt();
-    let mut out = vec![0.0f32; seq * q_width];
-    let mut scores = vec![0.0f32; start + seq];
-    let mut q = vec![0.0f32; hd];
-    for s in 0..seq {
-        let visible = start + s + 1;
-        let row = &qkv[s * width..(s + 1) * width];
-        for h in 0..n_head {
-            let (keys, values) = (&store.keys[h / group], &store.values[h / group]);
-            q.copy_from_slice(&row[h * hd..(h + 1) * hd]);
-            rope.apply(&mut q, start + s);
-            let scores = &mut scores[..visible];
-            for (score, key) in scores.iter_mut().zip(keys.chunks_exact(hd)) {
-                *score = dot(&q, key) * scale;
-            }
-            softmax(scores);
-            let o = &mut out[s * q_width + h * hd..s * q_width + (h + 1) * hd];
-            for (&weight, value) in scores.iter().zip(values.chunks_exact(hd)) {
-                for (o, v) in o.iter_mut().zip(value) {
-                    *o += weight * v;
-                }
+    let scores = &mut scores[..pos + 1];
+    out.fill(0.0);
+    for h in 0..heads.n_head {
+        let (keys, values) = (&store.keys[h / group], &store.values[h / group]);
+        q.copy_from_slice(&queries[h * hd..(h + 1) * hd]);
+        rope.apply(q, pos);
+        for (score, key) in scores.iter_mut().zip(keys.chunks_exact(hd)) {
+            *score = dot(q, key) * scale;
+        }
+        softmax(scores);
+        let o = &mut out[h * hd..(h + 1) * hd];
+        for (&weight, value) in scores.iter().zip(values.chunks_exact(hd)) {
+            for (o, v) in o.iter_mut().zip(value) {
+                *o += weight * v;
             }
         }
     }
-    out
 }
 
 /// A dot product with independent partial sums, which the compiler turns
@@ -168,26 +267,42 @@ mod tests {
 
     #[test]
     fn decoding_one_position_at_a_time_equals_the_whole_prompt_at_once() {
+        // 40 rows run in parallel tasks; 5 on the calling thread.
+        for seq in [5, 40] {
+            let rope = Rope::new(8, 10_000.0, 64);
+            let all = qkv(seq, 1.0);
+            let mut whole = KvStore::default();
+            let mut at_once = vec![0.0; seq * 32];
+            attend(&all, seq, 0, HEADS, &rope, &mut whole, &mut at_once);
+            let width = all.len() / seq;
+            let mut stepwise = KvStore::default();
+            let mut one_by_one = Vec::new();
+            for s in 0..seq {
+                let mut out = vec![0.0; 32];
+                let row = &all[s * width..(s + 1) * width];
+                attend(row, 1, s, HEADS, &rope, &mut stepwise, &mut out);
+                one_by_one.extend(out);
+            }
+            assert_eq!(at_once, one_by_one, "the same to the bit");
+        }
+    }
+
+    #[test]
+    fn a_kept_prefix_continues_like_the_original() {
         let rope = Rope::new(8, 10_000.0, 16);
-        let all = qkv(5, 1.0);
-        let mut whole = KvStore::default();
-        let at_once = attend(&all, 5, 0, HEADS, &rope, &mut whole);
-        let width = all.len() / 5;
-        let mut stepwise = KvStore::default();
-        let mut one_by_one = Vec::new();
-        for s in 0..5 {
-            one_by_one.extend(attend(
-                &all[s * width..(s + 1) * width],
-                1,
-                s,
-                HEADS,
-                &rope,
-                &mut stepwise,
-            ));
+        let all = qkv(6, 2.0);
+        let width = all.len() / 6;
+        let mut full = KvStore::default();
+        let mut first = vec![0.0; 6 * 32];
+        attend(&all, 6, 0, HEADS, &rope, &mut full, &mut first);
+        let mut copy = full.prefix(4);
+        full.truncate(4);
+        for store in [&mut full, &mut copy] {
+            let mut again = vec![0.0; 2 * 32];
+            attend(&all[4 * width..], 2, 4, HEADS, &rope, store, &mut again);
+            assert_eq!(again, first[4 * 32..], "positions 4 and 5 again");
         }
-        for (a, b) in at_once.iter().zip(&one_by_one) {
-            assert!((a - b).abs() < 1e-5, "{a} vs {b}");
-        }
+        assert!(full.bytes() >= 6 * 2 * 2 * 8 * 4);
     }
 
     #[test]
@@ -195,7 +310,16 @@ mod tests {
         // With one key the softmax weight is 1: the output is the value.
         let rope = Rope::new(8, 10_000.0, 4);
         let input = qkv(1, 3.0);
-        let out = attend(&input, 1, 0, HEADS, &rope, &mut KvStore::default());
+        let mut out = vec![0.0; 32];
+        attend(
+            &input,
+            1,
+            0,
+            HEADS,
+            &rope,
+            &mut KvStore::default(),
+            &mut out,
+        );
         let v0 = &input[(HEADS.n_head + HEADS.n_kv_head) * 8..][..8];
         assert_eq!(&out[..8], v0, "head 0 reads KV head 0");
         assert_eq!(&out[8..16], v0, "head 1 shares KV head 0");

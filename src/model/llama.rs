@@ -13,14 +13,16 @@
 //!   and doubles as the output projection when the two are tied.
 //! - Attention and RoPE run as plain loops over a KV cache kept per KV
 //!   head (see `attention`), instead of a dozen tensor ops per layer.
+//! - Several sequences share one forward pass (`forward_batch`): their
+//!   rows go through every projection together.
 
 use std::fs::File;
 use std::io::{BufReader, Seek, SeekFrom};
 use std::path::Path;
 use std::sync::Arc;
 
+use candle_core::Device;
 use candle_core::quantized::{GgmlDType, QTensor, gguf_file};
-use candle_core::{D, Device, Tensor};
 use sluicegate_kernels::{Format, QMatrix};
 
 use super::attention::{self, Heads, KvStore, Rope};
@@ -95,11 +97,11 @@ impl LlamaConfig {
 }
 
 struct Layer {
-    attn_norm: Tensor,
+    attn_norm: Vec<f32>,
     /// Q, K and V projections stacked: `n_head + 2 * n_kv_head` heads out.
     qkv: QMatrix,
     wo: QMatrix,
-    ffn_norm: Tensor,
+    ffn_norm: Vec<f32>,
     /// Gate and up projections stacked: `2 * n_ff` out.
     gate_up: QMatrix,
     down: QMatrix,
@@ -111,10 +113,9 @@ pub struct Weights {
     /// Shared with `output` when the embeddings are tied.
     embedding: Arc<QMatrix>,
     layers: Vec<Layer>,
-    norm: Tensor,
+    norm: Vec<f32>,
     output: Arc<QMatrix>,
     rope: Rope,
-    device: Device,
 }
 
 /// One generation's attention state.
@@ -132,7 +133,11 @@ pub fn load(path: &Path) -> Result<(gguf_file::Content, Weights)> {
     let config = LlamaConfig::from_gguf(&content)?;
     let reader = &mut reader;
     let vector = |reader: &mut BufReader<File>, name: &str| {
-        content.tensor(reader, name, &device)?.dequantize(&device)
+        content
+            .tensor(reader, name, &device)?
+            .dequantize(&device)?
+            .flatten_all()?
+            .to_vec1::<f32>()
     };
 
     let embedding = Arc::new(matrix(&content, reader, "token_embd.weight")?);
@@ -168,7 +173,6 @@ pub fn load(path: &Path) -> Result<(gguf_file::Content, Weights)> {
         norm,
         output,
         rope,
-        device,
     };
     Ok((content, weights))
 }
@@ -221,70 +225,210 @@ pub fn project_rows(weights: &QMatrix, x: &[f32], rows: usize) -> Vec<f32> {
     weights.matmul(x, rows)
 }
 
-/// [`project_rows`] on a `(1, rows, in)` tensor.
-fn project(weights: &QMatrix, x: &Tensor, rows: usize) -> Result<Tensor> {
-    let y = project_rows(weights, &x.flatten_all()?.to_vec1::<f32>()?, rows);
-    Tensor::from_vec(y, (1, rows, weights.rows()), x.device())
+/// One sequence's share of a batched forward pass: its new tokens, after
+/// the positions its cache holds.
+pub struct Segment<'a> {
+    pub tokens: &'a [u32],
+    pub cache: &'a mut Cache,
+    /// Whether to compute the logits after its last token (a prompt chunk
+    /// that is not the prompt's last needs none).
+    pub logits: bool,
+}
+
+impl Cache {
+    /// Positions kept: the first `positions` (a reused prefix).
+    pub fn truncate(&mut self, positions: usize) {
+        if positions < self.position {
+            for layer in &mut self.layers {
+                layer.truncate(positions);
+            }
+            self.position = positions;
+        }
+    }
+
+    /// A copy of the first `positions` positions.
+    pub fn prefix(&self, positions: usize) -> Cache {
+        let positions = positions.min(self.position);
+        Cache {
+            layers: self.layers.iter().map(|l| l.prefix(positions)).collect(),
+            position: positions,
+        }
+    }
+
+    /// Room for `positions` in all, allocated now: what the cache then
+    /// holds is what its owner accounted for.
+    pub fn reserve(&mut self, positions: usize) {
+        for layer in &mut self.layers {
+            layer.reserve(positions);
+        }
+    }
+
+    /// Bytes the cache holds allocated.
+    pub fn bytes(&self) -> usize {
+        self.layers.iter().map(KvStore::bytes).sum()
+    }
+
+    /// Gives back room allocated beyond the positions held.
+    pub fn shrink(&mut self) {
+        self.layers.iter_mut().for_each(KvStore::shrink);
+    }
+
+    /// A cache of `positions` zeros, for tests of what keeps caches.
+    #[cfg(test)]
+    pub(crate) fn filled(
+        positions: usize,
+        layers: usize,
+        n_kv_head: usize,
+        head_dim: usize,
+    ) -> Self {
+        Cache {
+            layers: (0..layers)
+                .map(|_| KvStore::filled(positions, n_kv_head, head_dim))
+                .collect(),
+            position: positions,
+        }
+    }
 }
 
 impl Weights {
     pub fn new_cache(&self) -> Cache {
+        let c = &self.config;
         Cache {
-            layers: (0..self.config.n_layer)
-                .map(|_| KvStore::default())
+            layers: (0..c.n_layer)
+                .map(|_| KvStore::new(c.n_kv_head, c.head_dim))
                 .collect(),
             position: 0,
         }
     }
 
+    /// Bytes of KV cache one position takes over all layers.
+    pub fn kv_bytes_per_position(&self) -> usize {
+        let c = &self.config;
+        c.n_layer * 2 * c.n_kv_head * c.head_dim * std::mem::size_of::<f32>()
+    }
+
     /// Feeds `tokens` (the prompt, or the last sampled token) and returns
     /// the logits for the next position.
     pub fn forward(&self, tokens: &[u32], cache: &mut Cache) -> Result<Vec<f32>> {
-        let c = &self.config;
-        let seq = tokens.len();
-        let start = cache.position;
-        if seq == 0 || start + seq > c.context_length {
-            candle_core::bail!(
-                "{} positions do not fit the context of {}",
-                start + seq,
-                c.context_length
-            );
-        }
-        let mut x = self.embed(tokens)?;
-        for (layer, store) in self.layers.iter().zip(cache.layers.iter_mut()) {
-            let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, c.rms_eps)?;
-            let qkv = project(&layer.qkv, &h, seq)?
-                .flatten_all()?
-                .to_vec1::<f32>()?;
-            let attn = attention::attend(&qkv, seq, start, c.heads(), &self.rope, store);
-            let attn = Tensor::from_vec(attn, (1, seq, c.n_head * c.head_dim), &self.device)?;
-            x = (x + project(&layer.wo, &attn, seq)?)?;
-
-            let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, c.rms_eps)?;
-            let gate_up = project(&layer.gate_up, &h, seq)?;
-            let gate = gate_up.narrow(D::Minus1, 0, c.n_ff)?;
-            let up = gate_up.narrow(D::Minus1, c.n_ff, c.n_ff)?;
-            let act = (candle_nn::ops::silu(&gate)? * up)?;
-            x = (x + project(&layer.down, &act, seq)?)?;
-        }
-        cache.position += seq;
-        let last = x.narrow(1, seq - 1, 1)?;
-        let h = candle_nn::ops::rms_norm(&last, &self.norm, c.rms_eps)?;
-        project(&self.output, &h, 1)?
-            .flatten_all()?
-            .to_vec1::<f32>()
+        let mut segments = [Segment {
+            tokens,
+            cache,
+            logits: true,
+        }];
+        self.forward_batch(&mut segments)?
+            .pop()
+            .flatten()
+            .ok_or_else(|| candle_core::Error::Msg("no logits".into()))
     }
 
-    /// The tokens' rows of the embedding table: `(1, tokens, n_embd)`.
-    fn embed(&self, tokens: &[u32]) -> Result<Tensor> {
+    /// One forward pass over several sequences: their rows concatenated for
+    /// every projection (the weights are read once for all of them),
+    /// attention per sequence over its own cache, and the output head only
+    /// on the last row of the segments that ask for logits. A row's result
+    /// does not depend on the rows beside it.
+    pub fn forward_batch(&self, segments: &mut [Segment<'_>]) -> Result<Vec<Option<Vec<f32>>>> {
+        let c = &self.config;
+        for segment in segments.iter() {
+            let end = segment.cache.position + segment.tokens.len();
+            if segment.tokens.is_empty() || end > c.context_length {
+                candle_core::bail!(
+                    "{end} positions do not fit the context of {}",
+                    c.context_length
+                );
+            }
+        }
+        let rows: usize = segments.iter().map(|s| s.tokens.len()).sum();
+        let (n_embd, q_width) = (c.n_embd, c.n_head * c.head_dim);
+        let qkv_width = q_width + 2 * c.n_kv_head * c.head_dim;
+        let mut x = self.embed(segments.iter().flat_map(|s| s.tokens.iter().copied()), rows)?;
+        let mut h = vec![0.0f32; rows * n_embd];
+        let mut attn = vec![0.0f32; rows * q_width];
+        for (l, layer) in self.layers.iter().enumerate() {
+            rms_norm(&x, &layer.attn_norm, c.rms_eps, &mut h);
+            let qkv = project_rows(&layer.qkv, &h, rows);
+            let mut at = 0;
+            for segment in segments.iter_mut() {
+                let seq = segment.tokens.len();
+                attention::attend(
+                    &qkv[at * qkv_width..(at + seq) * qkv_width],
+                    seq,
+                    segment.cache.position,
+                    c.heads(),
+                    &self.rope,
+                    &mut segment.cache.layers[l],
+                    &mut attn[at * q_width..(at + seq) * q_width],
+                );
+                at += seq;
+            }
+            add(&mut x, &project_rows(&layer.wo, &attn, rows));
+
+            rms_norm(&x, &layer.ffn_norm, c.rms_eps, &mut h);
+            let gate_up = project_rows(&layer.gate_up, &h, rows);
+            let mut act = vec![0.0f32; rows * c.n_ff];
+            for (row, out) in gate_up
+                .chunks_exact(2 * c.n_ff)
+                .zip(act.chunks_exact_mut(c.n_ff))
+            {
+                let (gate, up) = row.split_at(c.n_ff);
+                for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
+                    *o = g / (1.0 + (-g).exp()) * u;
+                }
+            }
+            add(&mut x, &project_rows(&layer.down, &act, rows));
+        }
+        // The last row of each segment that wants logits, all at once.
+        let mut last = Vec::new();
+        let mut at = 0;
+        for segment in segments.iter_mut() {
+            at += segment.tokens.len();
+            segment.cache.position += segment.tokens.len();
+            if segment.logits {
+                last.extend_from_slice(&x[(at - 1) * n_embd..at * n_embd]);
+            }
+        }
+        let wanted = last.len() / n_embd;
+        if wanted == 0 {
+            return Ok(segments.iter().map(|_| None).collect());
+        }
+        let mut normed = vec![0.0f32; last.len()];
+        rms_norm(&last, &self.norm, c.rms_eps, &mut normed);
+        let logits = project_rows(&self.output, &normed, wanted);
+        let vocab = self.output.rows();
+        let mut rows = logits.chunks_exact(vocab);
+        Ok(segments
+            .iter()
+            .map(|s| s.logits.then(|| rows.next().map(<[f32]>::to_vec)).flatten())
+            .collect())
+    }
+
+    /// The tokens' rows of the embedding table, `rows × n_embd`.
+    fn embed(&self, tokens: impl Iterator<Item = u32>, rows: usize) -> Result<Vec<f32>> {
         let n = self.config.n_embd;
-        let mut x = vec![0.0f32; tokens.len() * n];
-        for (&token, row) in tokens.iter().zip(x.chunks_exact_mut(n)) {
+        let mut x = vec![0.0f32; rows * n];
+        for (token, row) in tokens.zip(x.chunks_exact_mut(n)) {
             if token as usize >= self.embedding.rows() {
                 candle_core::bail!("token {token} is outside the vocabulary");
             }
             self.embedding.dequantize_row(token as usize, row);
         }
-        Tensor::from_vec(x, (1, tokens.len(), n), &self.device)
+        Ok(x)
+    }
+}
+
+/// RMS norm of each row of `x` (rows as wide as `weight`) into `out`.
+fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
+    let n = weight.len();
+    for (row, out) in x.chunks_exact(n).zip(out.chunks_exact_mut(n)) {
+        let mean = row.iter().map(|v| v * v).sum::<f32>() / n as f32;
+        let scale = 1.0 / (mean + eps).sqrt();
+        for ((o, &v), &w) in out.iter_mut().zip(row).zip(weight) {
+            *o = v * scale * w;
+        }
+    }
+}
+
+fn add(x: &mut [f32], y: &[f32]) {
+    for (x, y) in x.iter_mut().zip(y) {
+        *x += y;
     }
 }

@@ -6,6 +6,7 @@ mod auth;
 mod cancel;
 mod clients;
 mod common;
+mod engine;
 mod errors;
 mod hostile;
 mod model;

@@ -6,24 +6,32 @@ use std::time::Duration;
 
 use clap::Parser as _;
 use serde_json::{Value, json};
-use sluicegate::backend::local::LocalBackend;
+use sluicegate::backend::local::{LocalBackend, LocalSettings};
 use sluicegate::config::Config;
 use sluicegate::model::tokenizer;
 
 use crate::common::{Events, TestServer, client, post, read_all, transcript};
 
-fn load_backend() -> LocalBackend {
-    let path = Config::try_parse_from(["sluicegate"])
+pub(crate) fn model_path() -> std::path::PathBuf {
+    Config::try_parse_from(["sluicegate"])
         .expect("defaults")
-        .model_path();
-    let model = sluicegate::model::load(&path, None).unwrap_or_else(|e| {
+        .model_path()
+}
+
+fn load_backend() -> LocalBackend {
+    backend_with(None, LocalSettings::default())
+}
+
+/// A backend of its own, so that other tests' tokens do not count.
+pub(crate) fn backend_with(name: Option<&str>, settings: LocalSettings) -> LocalBackend {
+    let model = sluicegate::model::load(&model_path(), None).unwrap_or_else(|e| {
         panic!("{e}\n(scripts/test fetches the model with scripts/fetch-model)")
     });
-    LocalBackend::start(model, None).expect("decode thread")
+    LocalBackend::start(model, name.map(str::to_owned), settings).expect("decode thread")
 }
 
 /// One model for the whole test binary: loading is the slow part.
-fn shared() -> Arc<LocalBackend> {
+pub(crate) fn shared() -> Arc<LocalBackend> {
     static SHARED: OnceLock<Arc<LocalBackend>> = OnceLock::new();
     Arc::clone(SHARED.get_or_init(|| Arc::new(load_backend())))
 }
@@ -34,7 +42,7 @@ pub(crate) async fn server() -> TestServer {
 
 const FRANCE: &str = "What is the capital of France?";
 
-fn chat(system: Option<&str>, user: &str, extra: Value) -> Value {
+pub(crate) fn chat(system: Option<&str>, user: &str, extra: Value) -> Value {
     let mut messages = Vec::new();
     if let Some(system) = system {
         messages.push(json!({"role": "system", "content": system}));

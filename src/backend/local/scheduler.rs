@@ -1,0 +1,251 @@
+//! The decode thread's loop: continuous batching with chunked prefill.
+//!
+//! Each step is one forward pass over every running generation that is
+//! not paused: each decoding one's next token, then prompt chunks in
+//! admission order up to the step's token budget, so a long prompt
+//! shares steps with running streams instead of stalling them (vLLM's
+//! chunked prefill, llama.cpp server's `n_batch`). Generations join and
+//! leave between steps, and cancellation is checked at every step, also
+//! while a prompt is being fed. A generation is admitted while the KV
+//! cache its prompt and `max_tokens` can take fits the memory budget.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use super::prefix::PromptCache;
+use super::running::Running;
+use super::{Job, LocalSettings, Msg};
+use crate::backend::{FinishReason, TokenEvent, Usage};
+use crate::model::Model;
+use crate::model::llama::Segment;
+use crate::telemetry;
+
+/// What the loop has done so far, for tests, benches and metrics.
+#[derive(Default)]
+pub(super) struct Stats {
+    /// Forward passes.
+    pub(super) steps: AtomicU64,
+    /// Prompt positions computed.
+    pub(super) computed: AtomicU64,
+    /// Prompt positions taken from a kept cache instead.
+    pub(super) reused: AtomicU64,
+    /// Generations on the thread: running, paused or waiting for memory.
+    pub(super) held: AtomicUsize,
+}
+
+/// How long the loop sleeps at most while nothing can step: cancellation
+/// of a paused or waiting generation is noticed within it.
+const IDLE_POLL: Duration = Duration::from_millis(100);
+
+pub(super) fn run(
+    model: &Model,
+    name: &str,
+    settings: LocalSettings,
+    queue: &mpsc::Receiver<Msg>,
+    stats: &Stats,
+) {
+    let mut batch = Batch {
+        model,
+        name,
+        settings,
+        stats,
+        waiting: VecDeque::new(),
+        running: Vec::new(),
+        kept: PromptCache::new(settings.prompt_cache_memory),
+        reserved: 0,
+    };
+    loop {
+        if !batch.can_step() {
+            let msg = if batch.waiting.is_empty() && batch.running.is_empty() {
+                queue
+                    .recv()
+                    .map_err(|_| mpsc::RecvTimeoutError::Disconnected)
+            } else {
+                queue.recv_timeout(IDLE_POLL)
+            };
+            match msg {
+                Ok(Msg::Job(job)) => batch.waiting.push_back(*job),
+                Ok(Msg::Wake) | Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => return,
+            }
+        }
+        while let Ok(msg) = queue.try_recv() {
+            if let Msg::Job(job) = msg {
+                batch.waiting.push_back(*job);
+            }
+        }
+        batch.drop_abandoned();
+        batch.admit();
+        batch.step();
+        let held = batch.running.len() + batch.waiting.len();
+        stats.held.store(held, Ordering::Relaxed);
+    }
+}
+
+struct Batch<'m> {
+    model: &'m Model,
+    name: &'m str,
+    settings: LocalSettings,
+    stats: &'m Stats,
+    waiting: VecDeque<Job>,
+    running: Vec<Running<'m>>,
+    kept: PromptCache,
+    /// KV-cache bytes set aside for the running generations.
+    reserved: usize,
+}
+
+impl<'m> Batch<'m> {
+    fn can_step(&self) -> bool {
+        self.running.iter().any(|r| !r.paused()) || self.admissible()
+    }
+
+    /// Whether the first waiting job fits the KV budget now.
+    fn admissible(&self) -> bool {
+        self.waiting.front().is_some_and(|job| {
+            self.running.is_empty()
+                || self.reserved + self.need(job) <= self.settings.kv_cache_memory
+        })
+    }
+
+    /// KV-cache bytes a job can take: its prompt and answer, within the
+    /// context.
+    fn need(&self, job: &Job) -> usize {
+        let w = &self.model.weights;
+        let positions = (job.prompt.len() + job.max_tokens as usize).min(w.config.context_length);
+        positions * w.kv_bytes_per_position()
+    }
+
+    /// Ends what nobody waits for: queued or running, paused or not.
+    fn drop_abandoned(&mut self) {
+        self.waiting.retain(|job| {
+            let gone = job.cancel.is_cancelled() || job.events.is_closed();
+            if gone {
+                let usage = Usage {
+                    prompt_tokens: u32::try_from(job.prompt.len()).unwrap_or(u32::MAX),
+                    completion_tokens: 0,
+                };
+                // Nobody may listen any more: nothing to tell then.
+                let _ = job.events.send(Ok(TokenEvent::Finished {
+                    reason: FinishReason::Cancelled,
+                    usage,
+                }));
+            }
+            !gone
+        });
+        let mut i = 0;
+        while i < self.running.len() {
+            if self.running[i].abandoned() {
+                self.running[i].cancelled();
+                self.end(i);
+            } else {
+                i += 1;
+            }
+        }
+    }
+
+    /// Admits waiting jobs in order while their KV cache fits, each with
+    /// the longest cached prefix of its prompt the caller has.
+    fn admit(&mut self) {
+        while self.admissible() {
+            let Some(job) = self.waiting.pop_front() else {
+                return;
+            };
+            let need = self.need(&job);
+            let weights = &self.model.weights;
+            let mut cache = job
+                .cache_key
+                .as_ref()
+                .and_then(|key| self.kept.take(key, &job.prompt))
+                .unwrap_or_else(|| weights.new_cache());
+            let reused = cache.position as u64;
+            self.stats.reused.fetch_add(reused, Ordering::Relaxed);
+            telemetry::prompt_tokens(self.name, 0, reused, self.kept.bytes());
+            cache.reserve(need / weights.kv_bytes_per_position());
+            self.reserved += need;
+            self.running
+                .push(Running::new(self.model, job, cache, need));
+        }
+    }
+
+    /// One forward pass: every decoding generation's next token, then
+    /// prompt chunks up to the step budget.
+    fn step(&mut self) {
+        let budget = self.settings.step_tokens.max(1);
+        let mut plan: Vec<(usize, usize)> = Vec::new();
+        let mut used = 0;
+        for (i, r) in self.running.iter().enumerate() {
+            if !r.paused() && !r.prefilling() {
+                plan.push((i, 1));
+                used += 1;
+            }
+        }
+        for (i, r) in self.running.iter().enumerate() {
+            if !r.paused() && r.prefilling() && used < budget {
+                let take = r.pending().len().min(budget - used);
+                plan.push((i, take));
+                used += take;
+            }
+        }
+        if plan.is_empty() {
+            return;
+        }
+        plan.sort_unstable();
+        let mut computed = 0;
+        let mut segments = Vec::with_capacity(plan.len());
+        let mut planned = plan.iter().peekable();
+        for (i, r) in self.running.iter_mut().enumerate() {
+            let Some(&(_, take)) = planned.next_if(|(at, _)| *at == i) else {
+                continue;
+            };
+            let from = r.cache.position;
+            let prompt = r.prompt_len();
+            computed += (from + take).min(prompt).saturating_sub(from);
+            let r = &mut *r;
+            segments.push(Segment {
+                tokens: &r.tokens[from..from + take],
+                logits: from + take == r.tokens.len(),
+                cache: &mut r.cache,
+            });
+        }
+        let result = self.model.weights.forward_batch(&mut segments);
+        drop(segments);
+        self.stats.steps.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .computed
+            .fetch_add(computed as u64, Ordering::Relaxed);
+        telemetry::prompt_tokens(self.name, computed as u64, 0, self.kept.bytes());
+        let mut ended = Vec::new();
+        match result {
+            Ok(all_logits) => {
+                for (&(i, _), logits) in plan.iter().zip(all_logits) {
+                    if let Some(logits) = logits
+                        && !self.running[i].next_token(self.model, logits)
+                    {
+                        ended.push(i);
+                    }
+                }
+            }
+            Err(err) => {
+                for &(i, _) in &plan {
+                    self.running[i].fail(format!("decode failed: {err}"));
+                    ended.push(i);
+                }
+            }
+        }
+        for &i in ended.iter().rev() {
+            self.end(i);
+        }
+    }
+
+    /// Removes a generation that ended, keeping its cache for reuse.
+    fn end(&mut self, i: usize) {
+        let r = self.running.remove(i);
+        self.reserved -= r.reserved;
+        if let Some(key) = r.key {
+            self.kept.put(key, r.tokens, r.cache);
+            telemetry::prompt_tokens(self.name, 0, 0, self.kept.bytes());
+        }
+    }
+}
