@@ -12,7 +12,7 @@
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::prefix::PromptCache;
 use super::running::Running;
@@ -55,6 +55,7 @@ pub(super) fn run(
         running: Vec::new(),
         kept: PromptCache::new(settings.prompt_cache_memory),
         reserved: 0,
+        pacer: Pacer::default(),
     };
     loop {
         if !batch.can_step() {
@@ -94,6 +95,51 @@ struct Batch<'m> {
     kept: PromptCache,
     /// KV-cache bytes set aside for the running generations.
     reserved: usize,
+    pacer: Pacer,
+}
+
+/// How much prompt a step may carry beside decoding generations: it learns
+/// what a step costs (a part for the step, a part per prompt token) and
+/// sizes prompt chunks so that a step beside decoding takes about
+/// `GAP_FACTOR` times a step of decoding alone. Running streams then see
+/// their token gap grow by that much, not stall, while a long prompt is
+/// fed; with nobody decoding, prompts take the whole step budget.
+#[derive(Default)]
+struct Pacer {
+    /// Seconds of a step without prompt tokens (moving average).
+    base: Option<f64>,
+    /// Seconds per prompt token on top of that (moving average).
+    per_token: Option<f64>,
+}
+
+const GAP_FACTOR: f64 = 3.0;
+/// Smallest prompt chunk beside decoding, so a prompt always moves on.
+const MIN_CHUNK: usize = 8;
+
+impl Pacer {
+    fn prompt_budget(&self, decoding: usize, budget: usize) -> usize {
+        if decoding == 0 {
+            return budget;
+        }
+        let chunk = match (self.base, self.per_token) {
+            (Some(base), Some(per)) if per > 0.0 => ((GAP_FACTOR - 1.0) * base / per) as usize,
+            // Not measured yet: a small chunk.
+            _ => 4 * MIN_CHUNK,
+        };
+        chunk.min(budget).max(MIN_CHUNK)
+    }
+
+    fn record(&mut self, prompt_tokens: usize, secs: f64) {
+        fn average(old: Option<f64>, new: f64) -> Option<f64> {
+            Some(old.map_or(new, |old| 0.8 * old + 0.2 * new))
+        }
+        if prompt_tokens == 0 {
+            self.base = average(self.base, secs);
+        } else {
+            let extra = (secs - self.base.unwrap_or(0.0)).max(0.0);
+            self.per_token = average(self.per_token, extra / prompt_tokens as f64);
+        }
+    }
 }
 
 impl<'m> Batch<'m> {
@@ -172,20 +218,20 @@ impl<'m> Batch<'m> {
     /// One forward pass: every decoding generation's next token, then
     /// prompt chunks up to the step budget.
     fn step(&mut self) {
-        let budget = self.settings.step_tokens.max(1);
         let mut plan: Vec<(usize, usize)> = Vec::new();
-        let mut used = 0;
         for (i, r) in self.running.iter().enumerate() {
             if !r.paused() && !r.prefilling() {
                 plan.push((i, 1));
-                used += 1;
             }
         }
+        let decoding = plan.len();
+        let budget = self.settings.step_tokens.max(1).saturating_sub(decoding);
+        let mut left = self.pacer.prompt_budget(decoding, budget);
         for (i, r) in self.running.iter().enumerate() {
-            if !r.paused() && r.prefilling() && used < budget {
-                let take = r.pending().len().min(budget - used);
+            if !r.paused() && r.prefilling() && left > 0 {
+                let take = r.pending().len().min(left);
                 plan.push((i, take));
-                used += take;
+                left -= take;
             }
         }
         if plan.is_empty() {
@@ -209,8 +255,12 @@ impl<'m> Batch<'m> {
                 cache: &mut r.cache,
             });
         }
+        let started = Instant::now();
         let result = self.model.weights.forward_batch(&mut segments);
         drop(segments);
+        let prompt_rows = plan.iter().map(|&(_, n)| n).sum::<usize>() - decoding;
+        self.pacer
+            .record(prompt_rows, started.elapsed().as_secs_f64());
         self.stats.steps.fetch_add(1, Ordering::Relaxed);
         self.stats
             .computed
@@ -247,5 +297,24 @@ impl<'m> Batch<'m> {
             self.kept.put(key, r.tokens, r.cache);
             telemetry::prompt_tokens(self.name, 0, 0, self.kept.bytes());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prompt_chunks_beside_decoding_keep_the_step_near_a_few_decode_steps() {
+        let mut pacer = Pacer::default();
+        assert_eq!(pacer.prompt_budget(0, 256), 256, "nobody decodes: all");
+        assert_eq!(pacer.prompt_budget(4, 252), 32, "unmeasured: small");
+        pacer.record(0, 0.020);
+        pacer.record(100, 0.420);
+        // 4 ms a prompt token beside a 20 ms step: 10 tokens make 60 ms.
+        assert_eq!(pacer.prompt_budget(4, 252), 10);
+        pacer.record(100, 10.0);
+        assert_eq!(pacer.prompt_budget(4, 252), MIN_CHUNK, "never stalls");
+        assert_eq!(pacer.prompt_budget(300, 0), MIN_CHUNK, "never starves");
     }
 }
