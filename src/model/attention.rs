@@ -1,7 +1,10 @@
 //! Rotary embeddings and causal self-attention over one generation's KV
-//! cache, in plain loops. At one query position per step a dozen candle ops
-//! per layer cost more than the arithmetic, and keeping K and V per KV head
-//! lets grouped-query heads read them without copies.
+//! cache. At one query position per step a dozen candle ops per layer cost
+//! more than the arithmetic, and keeping K and V per KV head lets
+//! grouped-query heads read them without copies. The per-head arithmetic
+//! is `sluicegate_kernels::attend`, compiled for this CPU's SIMD.
+
+use sluicegate_kernels::Isa;
 
 /// RoPE tables for the "normal" (interleaved pairs) llama layout.
 pub struct Rope {
@@ -157,21 +160,18 @@ pub fn attend(
     }
 
     let store = &*store;
+    let isa = Isa::detect();
     let rows = |first: usize, out: &mut [f32]| {
-        let mut scores = vec![0.0f32; start + first + out.len() / q_width];
-        let mut q = vec![0.0f32; hd];
-        for (i, out) in out.chunks_exact_mut(q_width).enumerate() {
-            let s = first + i;
-            attend_row(
-                &qkv[s * width..s * width + q_width],
-                start + s,
-                heads,
-                rope,
-                store,
-                (&mut scores, &mut q),
-                out,
-            );
-        }
+        let rows = out.len() / q_width;
+        attend_rows(
+            &qkv[first * width..],
+            rows,
+            start + first,
+            (heads, isa),
+            rope,
+            store,
+            out,
+        );
     };
     let out = &mut out[..seq * q_width];
     if seq >= 2 * ROWS_PER_TASK {
@@ -184,67 +184,57 @@ pub fn attend(
     }
 }
 
-/// One query position's heads against the keys up to and including its
-/// own position.
-fn attend_row(
-    queries: &[f32],
+/// `rows` consecutive query positions from `pos`: for each KV head, the
+/// query heads that share it at all those positions go to the kernel
+/// together, so each cached key and value is read once for all of them.
+fn attend_rows(
+    qkv: &[f32],
+    rows: usize,
     pos: usize,
-    heads: Heads,
+    (heads, isa): (Heads, Isa),
     rope: &Rope,
     store: &KvStore,
-    (scores, q): (&mut [f32], &mut [f32]),
     out: &mut [f32],
 ) {
     let hd = heads.head_dim;
+    let (q_width, kv_width) = (heads.n_head * hd, heads.n_kv_head * hd);
+    let width = q_width + 2 * kv_width;
     let group = heads.n_head / heads.n_kv_head;
     let scale = 1.0 / (hd as f32).sqrt();
-    let scores = &mut scores[..pos + 1];
-    out.fill(0.0);
-    for h in 0..heads.n_head {
-        let (keys, values) = (&store.keys[h / group], &store.values[h / group]);
-        q.copy_from_slice(&queries[h * hd..(h + 1) * hd]);
-        rope.apply(q, pos);
-        for (score, key) in scores.iter_mut().zip(keys.chunks_exact(hd)) {
-            *score = dot(q, key) * scale;
-        }
-        softmax(scores);
-        let o = &mut out[h * hd..(h + 1) * hd];
-        for (&weight, value) in scores.iter().zip(values.chunks_exact(hd)) {
-            for (o, v) in o.iter_mut().zip(value) {
-                *o += weight * v;
+    let queries_n = rows * group;
+    let mut queries = vec![0.0f32; queries_n * hd];
+    let mut visible = vec![0usize; queries_n];
+    let mut outs = vec![0.0f32; queries_n * hd];
+    let mut scores = vec![0.0f32; queries_n * (pos + rows)];
+    for kv in 0..heads.n_kv_head {
+        for r in 0..rows {
+            for g in 0..group {
+                let h = kv * group + g;
+                let i = r * group + g;
+                let q = &mut queries[i * hd..(i + 1) * hd];
+                q.copy_from_slice(&qkv[r * width + h * hd..][..hd]);
+                rope.apply(q, pos + r);
+                visible[i] = pos + r + 1;
             }
         }
-    }
-}
-
-/// A dot product with independent partial sums, which the compiler turns
-/// into SIMD (a single running sum must stay in order, so it would not).
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0.0f32; 8];
-    let (a8, b8) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = a8
-        .remainder()
-        .iter()
-        .zip(b8.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in a8.zip(b8) {
-        for i in 0..8 {
-            acc[i] += x[i] * y[i];
+        let (keys, values) = (&store.keys[kv], &store.values[kv]);
+        sluicegate_kernels::attend(
+            isa,
+            hd,
+            &queries,
+            &visible,
+            keys,
+            values,
+            scale,
+            &mut scores,
+            &mut outs,
+        );
+        for r in 0..rows {
+            for g in 0..group {
+                let (h, i) = (kv * group + g, r * group + g);
+                out[r * q_width + h * hd..][..hd].copy_from_slice(&outs[i * hd..][..hd]);
+            }
         }
-    }
-    acc.iter().sum::<f32>() + tail
-}
-
-fn softmax(xs: &mut [f32]) {
-    let max = xs.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0.0;
-    for x in xs.iter_mut() {
-        *x = (*x - max).exp();
-        sum += *x;
-    }
-    for x in xs.iter_mut() {
-        *x /= sum;
     }
 }
 

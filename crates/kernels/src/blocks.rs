@@ -103,6 +103,7 @@ impl WeightBlock for BlockQ8_0 {
 /// Quantizes one block of 32 activations the scalar way (the reference the
 /// SIMD quantizers are tested against). Rounds half to even, as
 /// `cvtps2dq` does.
+#[inline(always)]
 pub(crate) fn quantize_block(x: &[f32]) -> BlockQ8 {
     let amax = x.iter().fold(0.0f32, |a, v| a.max(v.abs()));
     let d = amax / 127.0;

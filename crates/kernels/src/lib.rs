@@ -13,7 +13,10 @@
 //! - `blocks`: the GGUF block formats and the activation blocks.
 //! - `scalar`: portable kernels, also the reference for the tests.
 //! - `x86`: AVX2, AVX-VNNI and AVX-512-VNNI kernels from one template.
+//! - `attention`: one query head's attention in f32, compiled per
+//!   instruction set.
 
+mod attention;
 mod blocks;
 mod scalar;
 #[cfg(target_arch = "x86_64")]
@@ -24,6 +27,7 @@ use std::io::Read;
 
 use rayon::prelude::*;
 
+pub use attention::attend;
 pub use blocks::{BlockQ4_1, BlockQ8_0, QK};
 use blocks::{BlockQ8, WeightBlock, quantize_block};
 
@@ -261,12 +265,36 @@ impl QMatrix {
         if n == 0 {
             return Vec::new();
         }
-        let xq: Vec<BlockQ8> = x.chunks_exact(QK).map(quantize_block).collect();
+        let xq = quantize(isa, x);
         match &self.blocks {
             Blocks::Q4_1(w) => product(isa, w, self.rows, self.cols / QK, &xq, n),
             Blocks::Q8_0(w) => product(isa, w, self.rows, self.cols / QK, &xq, n),
         }
     }
+}
+
+/// The activations in 8-bit blocks, with the rounding instructions of the
+/// CPU (elsewhere each rounding is a library call).
+fn quantize(isa: Isa, x: &[f32]) -> Vec<BlockQ8> {
+    match isa.0 {
+        IsaKind::Scalar => x.chunks_exact(QK).map(quantize_block).collect(),
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: an `Isa` of these kinds exists only once `available`
+        // saw AVX2.
+        _ => unsafe { quantize_avx2(x) },
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn quantize_avx2(x: &[f32]) -> Vec<BlockQ8> {
+    // A loop, not `map(..).collect()`: the iterator adapters are generic
+    // functions of their own, compiled without AVX2.
+    let mut blocks = Vec::with_capacity(x.len() / QK);
+    for block in x.chunks_exact(QK) {
+        blocks.push(quantize_block(block));
+    }
+    blocks
 }
 
 fn read_blocks<B: WeightBlock>(reader: &mut impl Read, n: usize) -> Result<Vec<B>, Error> {

@@ -1,0 +1,321 @@
+//! One query head's attention over its keys and values, in f32: the
+//! scores `q · k` scaled, their softmax, and the weighted sum of the
+//! values. The main crate builds for any x86-64, so its loops get SSE2
+//! at best; here the same code is compiled once per instruction set (with
+//! FMA where the CPU has it) and picked at run time.
+
+use crate::{Isa, IsaKind};
+
+/// Lanes of independent partial sums in a dot product: one AVX-512
+/// register, two AVX2 ones.
+const LANES: usize = 16;
+
+/// Attention of several queries over the same keys and values, each
+/// query seeing the first `visible[i]` positions (causal prompts): the
+/// queries `i` are `queries[i * hd..][..hd]`, the keys and values
+/// positions × `hd` one after another, the outputs go to
+/// `out[i * hd..][..hd]`. `scores` is scratch, at least `queries ×
+/// positions` long.
+///
+/// Each key and value is read once for all the queries, not once per
+/// query: a prompt's attention is bound by how often the cache is read.
+/// A query's result is the same to the bit whatever queries come with it.
+///
+/// # Panics
+/// If the slices' lengths disagree or a query sees more positions than
+/// there are.
+#[allow(clippy::too_many_arguments)]
+pub fn attend(
+    isa: Isa,
+    hd: usize,
+    queries: &[f32],
+    visible: &[usize],
+    keys: &[f32],
+    values: &[f32],
+    scale: f32,
+    scores: &mut [f32],
+    out: &mut [f32],
+) {
+    let n = visible.len();
+    let positions = visible.iter().copied().max().unwrap_or(0);
+    assert!(hd > 0 && queries.len() == n * hd && out.len() == n * hd);
+    assert!(keys.len() >= positions * hd && values.len() >= positions * hd);
+    assert!(scores.len() >= n * positions);
+    let args = Args {
+        hd,
+        queries,
+        visible,
+        keys,
+        values,
+        scale,
+    };
+    let scores = &mut scores[..n * positions];
+    match isa.0 {
+        IsaKind::Scalar => many::<false>(&args, positions, scores, out),
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: an `Isa` of these kinds exists only once `available`
+        // saw AVX2 and FMA.
+        IsaKind::Avx2 | IsaKind::AvxVnni => unsafe { many_avx2(&args, positions, scores, out) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above, plus AVX-512F.
+        IsaKind::Avx512Vnni => unsafe { many_avx512(&args, positions, scores, out) },
+    }
+}
+
+struct Args<'a> {
+    hd: usize,
+    queries: &'a [f32],
+    visible: &'a [usize],
+    keys: &'a [f32],
+    values: &'a [f32],
+    scale: f32,
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn many_avx2(args: &Args<'_>, positions: usize, scores: &mut [f32], out: &mut [f32]) {
+    many::<true>(args, positions, scores, out);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+fn many_avx512(args: &Args<'_>, positions: usize, scores: &mut [f32], out: &mut [f32]) {
+    many::<true>(args, positions, scores, out);
+}
+
+/// Picks the loops for the head width: the usual 64 gets its vectors
+/// unrolled and each query's output kept in registers.
+#[inline(always)]
+fn many<const FMA: bool>(args: &Args<'_>, positions: usize, scores: &mut [f32], out: &mut [f32]) {
+    if args.hd == 64 {
+        scores_and_softmax::<FMA, 64>(args, positions, scores);
+        weighted_values::<FMA, 64>(args, positions, scores, out);
+    } else {
+        scores_and_softmax::<FMA, 0>(args, positions, scores);
+        weighted_values::<FMA, 0>(args, positions, scores, out);
+    }
+}
+
+/// The head width: `HD`, or the arguments' when `HD` is 0.
+#[inline(always)]
+fn width<const HD: usize>(args: &Args<'_>) -> usize {
+    if HD == 0 { args.hd } else { HD }
+}
+
+#[inline(always)]
+fn scores_and_softmax<const FMA: bool, const HD: usize>(
+    args: &Args<'_>,
+    positions: usize,
+    scores: &mut [f32],
+) {
+    let hd = width::<HD>(args);
+    // Scores, key by key: each key once for every query that sees it.
+    for (j, key) in args.keys.chunks_exact(hd).take(positions).enumerate() {
+        for (i, q) in args.queries.chunks_exact(hd).enumerate() {
+            if j < args.visible[i] {
+                let dot = if HD == 64 {
+                    dot64(q, key)
+                } else {
+                    dot::<FMA>(q, key)
+                };
+                scores[i * positions + j] = dot * args.scale;
+            }
+        }
+    }
+    // Each query's softmax over what it sees.
+    for (i, row) in scores.chunks_exact_mut(positions).enumerate() {
+        let row = &mut row[..args.visible[i]];
+        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut sum = 0.0;
+        for score in row.iter_mut() {
+            *score = (*score - max).exp();
+            sum += *score;
+        }
+        let inv = 1.0 / sum;
+        for score in row.iter_mut() {
+            *score *= inv;
+        }
+    }
+}
+
+/// Each query's weighted sum of the values it sees, accumulated in a
+/// local row (registers, for a fixed width) and stored once.
+#[inline(always)]
+fn weighted_values<const FMA: bool, const HD: usize>(
+    args: &Args<'_>,
+    positions: usize,
+    scores: &[f32],
+    out: &mut [f32],
+) {
+    let hd = width::<HD>(args);
+    let mut acc = vec![0.0f32; hd];
+    for (i, o) in out.chunks_exact_mut(hd).enumerate() {
+        let seen = args.visible[i];
+        let weights = &scores[i * positions..][..seen];
+        if HD == 0 {
+            acc.fill(0.0);
+            for (&w, value) in weights.iter().zip(args.values.chunks_exact(hd)) {
+                for (a, &v) in acc.iter_mut().zip(value) {
+                    *a = madd::<FMA>(w, v, *a);
+                }
+            }
+            o.copy_from_slice(&acc);
+        } else {
+            // Two sums, of even and odd positions, so that each
+            // multiply-add waits on the one two values back, not one.
+            let (mut even, mut odd) = ([0.0f32; 64], [0.0f32; 64]);
+            let (even, odd) = (&mut even[..HD], &mut odd[..HD]);
+            let pairs = weights
+                .chunks_exact(2)
+                .zip(args.values.chunks_exact(2 * HD));
+            for (w, values) in pairs {
+                let (v0, v1) = values.split_at(HD);
+                for d in 0..HD {
+                    even[d] = madd::<FMA>(w[0], v0[d], even[d]);
+                    odd[d] = madd::<FMA>(w[1], v1[d], odd[d]);
+                }
+            }
+            if seen % 2 == 1 {
+                let (w, v) = (weights[seen - 1], &args.values[(seen - 1) * HD..][..HD]);
+                for d in 0..HD {
+                    even[d] = madd::<FMA>(w, v[d], even[d]);
+                }
+            }
+            for ((o, e), d) in o.iter_mut().zip(even.iter()).zip(odd.iter()) {
+                *o = e + d;
+            }
+        }
+    }
+}
+
+/// `a · b + c`, fused where the caller was compiled with FMA (elsewhere a
+/// fused multiply-add is a slow library call).
+#[inline(always)]
+fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
+    if FMA { a.mul_add(b, c) } else { a * b + c }
+}
+
+/// A 64-wide dot product as whole-vector products, then halves added
+/// pairwise: every step a plain vector loop the compiler widens to the
+/// CPU's registers.
+#[inline(always)]
+#[allow(clippy::needless_range_loop)] // index loops of fixed length vectorize
+fn dot64(q: &[f32], k: &[f32]) -> f32 {
+    let (q, k) = (&q[..64], &k[..64]);
+    let mut p = [0.0f32; 64];
+    for i in 0..64 {
+        p[i] = q[i] * k[i];
+    }
+    for half in [32, 16, 8, 4, 2] {
+        for i in 0..half {
+            p[i] += p[i + half];
+        }
+    }
+    p[0] + p[1]
+}
+
+#[inline(always)]
+fn dot<const FMA: bool>(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0.0f32; LANES];
+    let (a16, b16) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let tail: f32 = a16
+        .remainder()
+        .iter()
+        .zip(b16.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in a16.zip(b16) {
+        for i in 0..LANES {
+            acc[i] = madd::<FMA>(x[i], y[i], acc[i]);
+        }
+    }
+    // Halves added pairwise: a few vector adds, where a sum in lane order
+    // is a chain of sixteen scalar ones.
+    let mut w = LANES / 2;
+    while w > 0 {
+        for i in 0..w {
+            acc[i] += acc[i + w];
+        }
+        w /= 2;
+    }
+    acc[0] + tail
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Plain f64 attention, the reference.
+    fn reference(q: &[f32], keys: &[f32], values: &[f32], scale: f32) -> Vec<f32> {
+        let hd = q.len();
+        let scores: Vec<f64> = keys
+            .chunks_exact(hd)
+            .map(|k| q.iter().zip(k).map(|(a, b)| f64::from(a * b)).sum::<f64>() * f64::from(scale))
+            .collect();
+        let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let exps: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+        let sum: f64 = exps.iter().sum();
+        let mut out = vec![0.0f64; hd];
+        for (e, v) in exps.iter().zip(values.chunks_exact(hd)) {
+            for (o, &v) in out.iter_mut().zip(v) {
+                *o += e / sum * f64::from(v);
+            }
+        }
+        out.into_iter().map(|v| v as f32).collect()
+    }
+
+    #[test]
+    fn every_isa_matches_the_reference_and_queries_do_not_disturb_each_other() {
+        let mut seed = 7u32;
+        let mut next = move || {
+            seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            (seed >> 8) as f32 / (1 << 24) as f32 * 2.0 - 1.0
+        };
+        for (hd, positions) in [(64usize, 1usize), (64, 37), (48, 300), (8, 5)] {
+            let keys: Vec<f32> = (0..hd * positions).map(|_| next()).collect();
+            let values: Vec<f32> = (0..hd * positions).map(|_| next()).collect();
+            // Causal: query i sees positions - 2 + i, at least 1.
+            let visible: Vec<usize> = (0..3)
+                .map(|i| (positions + i).saturating_sub(2).clamp(1, positions))
+                .collect();
+            let queries: Vec<f32> = (0..3 * hd).map(|_| next()).collect();
+            for isa in Isa::available() {
+                let mut scores = vec![0.0; 3 * positions];
+                let mut out = vec![0.0; 3 * hd];
+                attend(
+                    isa,
+                    hd,
+                    &queries,
+                    &visible,
+                    &keys,
+                    &values,
+                    0.125,
+                    &mut scores,
+                    &mut out,
+                );
+                for (i, &seen) in visible.iter().enumerate() {
+                    let q = &queries[i * hd..][..hd];
+                    let want = reference(q, &keys[..seen * hd], &values[..seen * hd], 0.125);
+                    let got = &out[i * hd..][..hd];
+                    for (g, w) in got.iter().zip(&want) {
+                        assert!((g - w).abs() < 1e-5, "{} hd {hd}: {g} vs {w}", isa.name());
+                    }
+                    let mut alone = vec![0.0; hd];
+                    let mut scratch = vec![0.0; seen];
+                    attend(
+                        isa,
+                        hd,
+                        q,
+                        &[seen],
+                        &keys,
+                        &values,
+                        0.125,
+                        &mut scratch,
+                        &mut alone,
+                    );
+                    assert_eq!(got, &alone[..], "{} query {i}", isa.name());
+                }
+            }
+        }
+    }
+}
