@@ -47,8 +47,9 @@ pub struct Config {
     pub model_name: Option<String>,
 
     /// `local`: KV-cache memory in MiB the running generations may hold
-    /// together; a generation starts while what its prompt and
-    /// `max_tokens` can take fits, and waits otherwise.
+    /// together; a generation starts while its prompt fits, and the newest
+    /// gives its cache back (to compute it again later) when answers
+    /// outgrow it.
     #[arg(long, env = "SLUICEGATE_KV_CACHE_MEMORY", default_value_t = 2048)]
     pub kv_cache_memory: usize,
 

@@ -37,8 +37,8 @@ const DEFAULT_CONCURRENCY: usize = 32;
 #[derive(Debug, Clone, Copy)]
 pub struct LocalSettings {
     /// Bytes of KV cache the running generations may hold together; a
-    /// generation is admitted while what its prompt and `max_tokens` can
-    /// take fits.
+    /// generation starts while its prompt fits, and the newest gives its
+    /// cache back (to compute it again later) when answers outgrow it.
     pub kv_cache_memory: usize,
     /// Bytes of KV cache kept after generations end, for the next turn of
     /// their conversation (and prompts that share a prefix) to reuse.
@@ -142,6 +142,11 @@ impl LocalBackend {
     /// for KV-cache memory.
     pub fn generations(&self) -> usize {
         self.stats.held.load(Ordering::Relaxed)
+    }
+
+    /// Caches dropped to make room so far (each computed again later).
+    pub fn evictions(&self) -> u64 {
+        self.stats.evictions.load(Ordering::Relaxed)
     }
 
     /// Prompt positions computed so far, and those reused from kept caches.

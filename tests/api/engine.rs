@@ -299,3 +299,41 @@ async fn a_conversations_second_turn_reuses_the_first_turns_cache() {
     let other = answer(&other_server, "SmolLM2-135M-Instruct", other).await;
     assert_eq!(text(&second), text(&other));
 }
+
+/// Answers that outgrow the KV-cache budget together: the newest gives
+/// its cache back and computes it again once there is room, and every
+/// answer is the one it gives alone.
+#[tokio::test]
+async fn answers_that_outgrow_the_kv_budget_are_evicted_and_resumed_unchanged() {
+    let probe = shared();
+    let per_position = probe.model().weights.kv_bytes_per_position();
+    let settings = LocalSettings {
+        kv_cache_memory: 128 * per_position,
+        ..LocalSettings::default()
+    };
+    let backend = Arc::new(backend_with(Some("evict-probe"), settings));
+    let server = TestServer::options()
+        .backend(Arc::clone(&backend) as _)
+        .start()
+        .await;
+    let questions = [
+        "Count from 1 to 40, separated by commas.",
+        "List the months of the year.",
+        "Write a short story about a cat.",
+    ];
+    let body = |q: &str| chat(Some(SYSTEM), q, json!({"temperature": 0, "max_tokens": 48}));
+    let mut alone = Vec::new();
+    for q in questions {
+        alone.push(text(&answer(&server, "evict-probe", body(q)).await));
+    }
+    assert_eq!(backend.evictions(), 0, "each fits alone");
+    let together = join_all(
+        questions
+            .iter()
+            .map(|q| answer(&server, "evict-probe", body(q))),
+    )
+    .await;
+    let together: Vec<String> = together.iter().map(text).collect();
+    assert_eq!(together, alone);
+    assert!(backend.evictions() > 0, "together they outgrew the budget");
+}

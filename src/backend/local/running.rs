@@ -19,8 +19,9 @@ pub(super) struct Running<'m> {
     /// The prompt, then each sampled token: those before
     /// `cache.position` are in the cache, the rest are fed next.
     pub(super) tokens: Vec<u32>,
-    /// KV-cache bytes set aside for it at admission.
-    pub(super) reserved: usize,
+    /// Its cache was dropped to make room: it waits to be let back in,
+    /// then computes its tokens again and goes on where it was.
+    pub(super) evicted: bool,
     pub(super) key: Option<CacheKey>,
     sampler: Sampler,
     text: TextStream<'m>,
@@ -36,14 +37,14 @@ pub(super) struct Running<'m> {
 impl<'m> Running<'m> {
     /// A generation whose cache already holds `cache.position` positions
     /// of its prompt (a reused prefix, or none).
-    pub(super) fn new(model: &'m Model, job: Job, cache: Cache, reserved: usize) -> Self {
+    pub(super) fn new(model: &'m Model, job: Job, cache: Cache) -> Self {
         let mut sampler = Sampler::new(&job.sampling);
         for &token in &job.prompt {
             sampler.observe_prompt(token);
         }
         Self {
             cache,
-            reserved,
+            evicted: false,
             key: job.cache_key,
             sampler,
             text: TextStream::new(&model.tokenizer),
@@ -73,6 +74,18 @@ impl<'m> Running<'m> {
     /// Whether it still has more than one token to feed (its prompt).
     pub(super) fn prefilling(&self) -> bool {
         self.pending().len() > 1
+    }
+
+    /// Drops its cache to free the memory; it keeps its tokens, so that
+    /// feeding them again (the same arithmetic, the same cache) resumes it.
+    pub(super) fn evict(&mut self, model: &Model) {
+        self.cache = model.weights.new_cache();
+        self.evicted = true;
+    }
+
+    /// Whether the next step may carry it.
+    pub(super) fn steppable(&self) -> bool {
+        !self.evicted && !self.paused()
     }
 
     /// Nobody will read what it makes: the client left or it was cancelled.

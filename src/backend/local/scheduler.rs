@@ -6,8 +6,12 @@
 //! shares steps with running streams instead of stalling them (vLLM's
 //! chunked prefill, llama.cpp server's `n_batch`). Generations join and
 //! leave between steps, and cancellation is checked at every step, also
-//! while a prompt is being fed. A generation is admitted while the KV
-//! cache its prompt and `max_tokens` can take fits the memory budget.
+//! while a prompt is being fed. A generation is admitted while its prompt
+//! fits the KV-cache budget beside what the others hold; when answers grow
+//! past it, the newest generation (a paused one first) gives its cache
+//! back and computes it again once there is room (vLLM's preemption by
+//! recomputation), so memory stays bounded without reserving every
+//! answer's `max_tokens` up front.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -33,7 +37,13 @@ pub(super) struct Stats {
     pub(super) reused: AtomicU64,
     /// Generations on the thread: running, paused or waiting for memory.
     pub(super) held: AtomicUsize,
+    /// Caches dropped to make room, to be computed again.
+    pub(super) evictions: AtomicU64,
 }
+
+/// Positions a generation should have room for beyond its tokens to be
+/// worth starting.
+const ROOM: usize = 16;
 
 /// How long the loop sleeps at most while nothing can step: cancellation
 /// of a paused or waiting generation is noticed within it.
@@ -54,7 +64,6 @@ pub(super) fn run(
         waiting: VecDeque::new(),
         running: Vec::new(),
         kept: PromptCache::new(settings.prompt_cache_memory),
-        reserved: 0,
         pacer: Pacer::default(),
     };
     loop {
@@ -93,8 +102,6 @@ struct Batch<'m> {
     waiting: VecDeque<Job>,
     running: Vec<Running<'m>>,
     kept: PromptCache,
-    /// KV-cache bytes set aside for the running generations.
-    reserved: usize,
     pacer: Pacer,
 }
 
@@ -144,23 +151,42 @@ impl Pacer {
 
 impl<'m> Batch<'m> {
     fn can_step(&self) -> bool {
-        self.running.iter().any(|r| !r.paused()) || self.admissible()
+        self.running.iter().any(Running::steppable) || self.admissible()
     }
 
-    /// Whether the first waiting job fits the KV budget now.
+    /// KV-cache positions the budget holds.
+    fn budget(&self) -> usize {
+        self.settings.kv_cache_memory / self.model.weights.kv_bytes_per_position()
+    }
+
+    /// Generations holding a cache.
+    fn holding(&self) -> usize {
+        self.running.iter().filter(|r| !r.evicted).count()
+    }
+
+    /// Whether `more` positions fit beside what the generations holding a
+    /// cache will hold after the next step.
+    fn fits(&self, more: usize) -> bool {
+        let held: usize = self
+            .running
+            .iter()
+            .filter(|r| !r.evicted)
+            .map(|r| r.tokens.len() + 1)
+            .sum();
+        held + more <= self.budget()
+    }
+
+    /// Whether an evicted generation (first) or the first waiting job can
+    /// start now; alone, anything can.
     fn admissible(&self) -> bool {
-        self.waiting.front().is_some_and(|job| {
-            self.running.is_empty()
-                || self.reserved + self.need(job) <= self.settings.kv_cache_memory
-        })
-    }
-
-    /// KV-cache bytes a job can take: its prompt and answer, within the
-    /// context.
-    fn need(&self, job: &Job) -> usize {
-        let w = &self.model.weights;
-        let positions = (job.prompt.len() + job.max_tokens as usize).min(w.config.context_length);
-        positions * w.kv_bytes_per_position()
+        let next = match self.running.iter().find(|r| r.evicted) {
+            Some(r) => r.tokens.len(),
+            None => match self.waiting.front() {
+                Some(job) => job.prompt.len(),
+                None => return false,
+            },
+        };
+        self.holding() == 0 || self.fits(next + ROOM)
     }
 
     /// Ends what nobody waits for: queued or running, paused or not.
@@ -195,12 +221,15 @@ impl<'m> Batch<'m> {
     /// the longest cached prefix of its prompt the caller has.
     fn admit(&mut self) {
         while self.admissible() {
+            if let Some(r) = self.running.iter_mut().find(|r| r.evicted) {
+                r.evicted = false;
+                continue;
+            }
             let Some(job) = self.waiting.pop_front() else {
                 return;
             };
-            let need = self.need(&job);
             let weights = &self.model.weights;
-            let mut cache = job
+            let cache = job
                 .cache_key
                 .as_ref()
                 .and_then(|key| self.kept.take(key, &job.prompt))
@@ -208,19 +237,35 @@ impl<'m> Batch<'m> {
             let reused = cache.position as u64;
             self.stats.reused.fetch_add(reused, Ordering::Relaxed);
             telemetry::prompt_tokens(self.name, 0, reused, self.kept.bytes());
-            cache.reserve(need / weights.kv_bytes_per_position());
-            self.reserved += need;
-            self.running
-                .push(Running::new(self.model, job, cache, need));
+            self.running.push(Running::new(self.model, job, cache));
+        }
+    }
+
+    /// Frees caches until the next step fits the budget: a paused
+    /// generation's first, else the newest's. The last one holding a cache
+    /// keeps it.
+    fn make_room(&mut self) {
+        while self.holding() > 1 && !self.fits(0) {
+            let victim = self
+                .running
+                .iter()
+                .rposition(|r| !r.evicted && r.paused())
+                .or_else(|| self.running.iter().rposition(|r| !r.evicted));
+            let Some(victim) = victim else {
+                return;
+            };
+            self.running[victim].evict(self.model);
+            self.stats.evictions.fetch_add(1, Ordering::Relaxed);
         }
     }
 
     /// One forward pass: every decoding generation's next token, then
     /// prompt chunks up to the step budget.
     fn step(&mut self) {
+        self.make_room();
         let mut plan: Vec<(usize, usize)> = Vec::new();
         for (i, r) in self.running.iter().enumerate() {
-            if !r.paused() && !r.prefilling() {
+            if r.steppable() && !r.prefilling() {
                 plan.push((i, 1));
             }
         }
@@ -228,7 +273,7 @@ impl<'m> Batch<'m> {
         let budget = self.settings.step_tokens.max(1).saturating_sub(decoding);
         let mut left = self.pacer.prompt_budget(decoding, budget);
         for (i, r) in self.running.iter().enumerate() {
-            if !r.paused() && r.prefilling() && left > 0 {
+            if r.steppable() && r.prefilling() && left > 0 {
                 let take = r.pending().len().min(left);
                 plan.push((i, take));
                 left -= take;
@@ -292,7 +337,6 @@ impl<'m> Batch<'m> {
     /// Removes a generation that ended, keeping its cache for reuse.
     fn end(&mut self, i: usize) {
         let r = self.running.remove(i);
-        self.reserved -= r.reserved;
         if let Some(key) = r.key {
             self.kept.put(key, r.tokens, r.cache);
             telemetry::prompt_tokens(self.name, 0, 0, self.kept.bytes());
