@@ -56,6 +56,28 @@ pub(super) fn run(
     queue: &mpsc::Receiver<Msg>,
     stats: &Stats,
 ) {
+    // A bug that panics must not take the model away from every later
+    // request: the generations on the thread end (their streams see the
+    // backend fail) and the loop starts again with the same queue.
+    loop {
+        let served = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            serve(model, name, settings, queue, stats);
+        }));
+        if served.is_ok() {
+            return;
+        }
+        tracing::error!("the decode loop panicked; its generations failed, and it starts again");
+    }
+}
+
+/// The loop, until the backend is dropped.
+fn serve(
+    model: &Model,
+    name: &str,
+    settings: LocalSettings,
+    queue: &mpsc::Receiver<Msg>,
+    stats: &Stats,
+) {
     let mut batch = Batch {
         model,
         name,
