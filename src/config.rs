@@ -56,7 +56,7 @@ pub struct Config {
     /// `local`: KV-cache memory in MiB kept after generations end, for the
     /// next turn of a conversation (or a prompt with the same start, of
     /// the same caller) to reuse; least recently used first out.
-    #[arg(long, env = "SLUICEGATE_PROMPT_CACHE_MEMORY", default_value_t = 512)]
+    #[arg(long, env = "SLUICEGATE_PROMPT_CACHE_MEMORY", default_value_t = 256)]
     pub prompt_cache_memory: usize,
 
     /// `local`: tokens per forward pass: each running generation's next

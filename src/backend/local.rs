@@ -52,7 +52,7 @@ impl Default for LocalSettings {
     fn default() -> Self {
         Self {
             kv_cache_memory: 2 << 30,
-            prompt_cache_memory: 512 << 20,
+            prompt_cache_memory: 256 << 20,
             step_tokens: 256,
         }
     }
