@@ -3,7 +3,7 @@
 
 use serde_json::Value;
 
-use crate::common::{TestServer, chat, client, read_all};
+use crate::common::{TestServer, chat, client, completion_id, read_all};
 
 #[tokio::test]
 async fn keys_are_required_when_configured() {
@@ -65,10 +65,7 @@ async fn another_caller_cannot_cancel_or_resume_a_generation() {
         .send()
         .await
         .expect("sent");
-    let id = resp.headers()["x-completion-id"]
-        .to_str()
-        .expect("ascii")
-        .to_owned();
+    let id = completion_id(&resp);
 
     let cancel = client()
         .post(server.url(&format!("/v1/chat/completions/{id}/cancel")))

@@ -8,15 +8,9 @@ use serde_json::{Value, json};
 use sluicegate::session::{CallerId, EndCause, GenerationId};
 
 use crate::common::{
-    Events, TestServer, chat, client, eventually, open_stream, post, read_all, transcript,
+    Events, TestServer, chat, client, completion_id, eventually, open_stream, post, read_all,
+    transcript,
 };
-
-fn completion_id(resp: &reqwest::Response) -> String {
-    resp.headers()["x-completion-id"]
-        .to_str()
-        .expect("ascii")
-        .to_owned()
-}
 
 #[tokio::test(start_paused = true)]
 async fn a_sessions_next_request_ends_the_unfinished_one_at_once() {

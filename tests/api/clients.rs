@@ -106,14 +106,7 @@ async fn fetch_event_source_retries_through_a_cut_connection() {
     let server = slow_echo().await;
     let out = run(&server, "node", "node/fetch_event_source_retry.mjs", &[]).await;
     assert!(out.contains("fetch-event-source: ok"), "{out}");
-    let metrics = crate::common::client()
-        .get(server.url("/metrics"))
-        .send()
-        .await
-        .expect("sent")
-        .text()
-        .await
-        .expect("text");
+    let metrics = crate::common::metrics_text(server.url("/metrics")).await;
     let sample = |series: &str| {
         metrics
             .lines()

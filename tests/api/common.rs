@@ -157,6 +157,26 @@ pub(crate) async fn post_json(server: &TestServer, path: &str, body: &Value) -> 
         .expect("json")
 }
 
+/// The id a stream's `X-Completion-Id` header names.
+pub(crate) fn completion_id(resp: &reqwest::Response) -> String {
+    resp.headers()["x-completion-id"]
+        .to_str()
+        .expect("ascii")
+        .to_owned()
+}
+
+/// What `/metrics` at `url` renders.
+pub(crate) async fn metrics_text(url: String) -> String {
+    client()
+        .get(url)
+        .send()
+        .await
+        .expect("sent")
+        .text()
+        .await
+        .expect("text")
+}
+
 /// Posts a streaming chat request and checks the SSE headers.
 pub(crate) async fn open_stream(
     server: &TestServer,

@@ -11,9 +11,12 @@ use candle_core::quantized::gguf_file;
 use candle_core::{Device, Tensor};
 use futures_util::future::join_all;
 use serde_json::{Value, json};
-use sluicegate::backend::local::LocalSettings;
+use sluicegate::backend::local::{LocalBackend, LocalSettings};
 
-use crate::common::{Events, TestServer, client, eventually, post, post_json, transcript};
+use crate::common::{
+    Events, TestServer, client, completion_id, eventually, metrics_text, post, post_json,
+    transcript,
+};
 use crate::model::{backend_with, chat, model_path, shared};
 use crate::process::{Process, sample};
 
@@ -128,6 +131,17 @@ fn logits_match_candle_quantized_llama() {
     assert_eq!(argmax(&got), argmax(&want));
 }
 
+/// A backend of its own, so that other tests' work does not count,
+/// behind a server of its own.
+async fn own(name: Option<&str>, settings: LocalSettings) -> (Arc<LocalBackend>, TestServer) {
+    let backend = Arc::new(backend_with(name, settings));
+    let server = TestServer::options()
+        .backend(Arc::clone(&backend) as _)
+        .start()
+        .await;
+    (backend, server)
+}
+
 async fn answer(server: &TestServer, model: &str, body: Value) -> Value {
     let mut body = body;
     body["model"] = json!(model);
@@ -145,11 +159,7 @@ fn text(answer: &Value) -> String {
 /// batch changes no token. And the eight shared forward passes.
 #[tokio::test]
 async fn eight_concurrent_greedy_streams_give_the_sequential_answers() {
-    let backend = Arc::new(backend_with(Some("batch-probe"), LocalSettings::default()));
-    let server = TestServer::options()
-        .backend(Arc::clone(&backend) as _)
-        .start()
-        .await;
+    let (backend, server) = own(Some("batch-probe"), LocalSettings::default()).await;
     let questions = [
         "What is the capital of France?",
         "Name three colours.",
@@ -190,11 +200,7 @@ async fn a_prompt_being_prefilled_is_cancelled_within_one_chunk() {
         step_tokens: CHUNK,
         ..LocalSettings::default()
     };
-    let backend = Arc::new(backend_with(None, settings));
-    let server = TestServer::options()
-        .backend(Arc::clone(&backend) as _)
-        .start()
-        .await;
+    let (backend, server) = own(None, settings).await;
     let long = "The quick brown fox jumps over the lazy dog. ".repeat(150);
     let body = chat(
         None,
@@ -205,10 +211,7 @@ async fn a_prompt_being_prefilled_is_cancelled_within_one_chunk() {
         .send()
         .await
         .expect("sent");
-    let id = resp.headers()["x-completion-id"]
-        .to_str()
-        .expect("ascii")
-        .to_owned();
+    let id = completion_id(&resp);
     let events = Events::of(resp);
     eventually(Duration::from_secs(60), || {
         backend.prompt_tokens().0 >= 2 * CHUNK as u64
@@ -233,14 +236,7 @@ async fn a_prompt_being_prefilled_is_cancelled_within_one_chunk() {
 }
 
 async fn prompt_metrics(server: &Process) -> (f64, f64) {
-    let metrics = client()
-        .get(server.url("/metrics"))
-        .send()
-        .await
-        .expect("sent")
-        .text()
-        .await
-        .expect("text");
+    let metrics = metrics_text(server.url("/metrics")).await;
     (
         sample(&metrics, "sluicegate_prompt_tokens_computed_total", &[]),
         sample(&metrics, "sluicegate_prompt_tokens_reused_total", &[]),
@@ -311,11 +307,7 @@ async fn answers_that_outgrow_the_kv_budget_are_evicted_and_resumed_unchanged() 
         kv_cache_memory: 128 * per_position,
         ..LocalSettings::default()
     };
-    let backend = Arc::new(backend_with(Some("evict-probe"), settings));
-    let server = TestServer::options()
-        .backend(Arc::clone(&backend) as _)
-        .start()
-        .await;
+    let (backend, server) = own(Some("evict-probe"), settings).await;
     let questions = [
         "Count from 1 to 40, separated by commas.",
         "List the months of the year.",

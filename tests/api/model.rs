@@ -10,7 +10,7 @@ use sluicegate::backend::local::{LocalBackend, LocalSettings};
 use sluicegate::config::Config;
 use sluicegate::model::tokenizer;
 
-use crate::common::{Events, TestServer, client, post, read_all, transcript};
+use crate::common::{Events, TestServer, client, completion_id, post, read_all, transcript};
 
 pub(crate) fn model_path() -> std::path::PathBuf {
     Config::try_parse_from(["sluicegate"])
@@ -234,10 +234,7 @@ async fn cancelling_mid_answer_stops_decoding() {
         .send()
         .await
         .expect("sent");
-    let id = resp.headers()["x-completion-id"]
-        .to_str()
-        .expect("ascii")
-        .to_owned();
+    let id = completion_id(&resp);
     let mut events = Events::of(resp);
     for _ in 0..6 {
         events.next_json().await;
@@ -250,9 +247,11 @@ async fn cancelling_mid_answer_stops_decoding() {
     assert_eq!(cancel.status(), 200);
     let rest = transcript(&events.rest().await);
     assert_eq!(rest.finish_reason.as_deref(), Some("cancelled"));
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The decode thread lets the generation go at its next step; poll for
+    // that rather than race a step under way against a sleep.
+    crate::common::eventually(Duration::from_secs(30), || backend.generations() == 0).await;
     let after_cancel = backend.decode_steps();
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(
         backend.decode_steps(),
         after_cancel,
@@ -379,10 +378,7 @@ async fn a_client_that_leaves_pauses_decoding_and_a_resume_continues_the_same_an
     let whole = read_all(ask().await.expect("sent")).await;
 
     let resp = ask().await.expect("sent");
-    let id = resp.headers()["x-completion-id"]
-        .to_str()
-        .expect("ascii")
-        .to_owned();
+    let id = completion_id(&resp);
     let mut events = Events::of(resp);
     let (mut before, mut last) = (String::new(), String::new());
     for _ in 0..6 {

@@ -8,7 +8,7 @@ use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
-use crate::common::{Events, chat, client, read_all, transcript};
+use crate::common::{Events, chat, client, completion_id, metrics_text, read_all, transcript};
 
 /// The binary as users run it, on port 0.
 pub(crate) struct Process {
@@ -227,10 +227,7 @@ async fn metrics_follow_a_known_sequence_of_requests() {
     replaced.next_json().await;
     let next = open("x", Some("s")).await.expect("sent");
     replaced.rest().await;
-    let next_id = next.headers()["x-completion-id"]
-        .to_str()
-        .expect("ascii")
-        .to_owned();
+    let next_id = completion_id(&next);
     read_all(next).await;
     // One resume of a finished generation.
     read_all(
@@ -333,14 +330,7 @@ async fn metrics_follow_a_known_sequence_of_requests() {
     leaving.next_json().await;
     drop(leaving);
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let m = client()
-        .get(server.url("/metrics"))
-        .send()
-        .await
-        .expect("sent")
-        .text()
-        .await
-        .expect("text");
+    let m = metrics_text(server.url("/metrics")).await;
     assert!(
         sample(&m, "sluicegate_disconnects_total", &[]) >= 1.0,
         "{m}"

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::common::{Events, Raw, chat, client, read_all, transcript};
+use crate::common::{Events, Raw, chat, client, completion_id, metrics_text, read_all, transcript};
 use crate::process::{Process, sample};
 use crate::services::{Nginx, Redis, until};
 
@@ -75,14 +75,7 @@ async fn health(p: &Process) -> Value {
 }
 
 async fn metrics(p: &Process) -> String {
-    client()
-        .get(p.url("/metrics"))
-        .send()
-        .await
-        .expect("sent")
-        .text()
-        .await
-        .expect("text")
+    metrics_text(p.url("/metrics")).await
 }
 
 async fn open(
@@ -101,13 +94,6 @@ async fn open(
     let resp = req.send().await.expect("sent");
     assert_eq!(resp.status(), 200);
     resp
-}
-
-fn completion_id(resp: &reqwest::Response) -> String {
-    resp.headers()["x-completion-id"]
-        .to_str()
-        .expect("ascii")
-        .to_owned()
 }
 
 /// A stream on instance A, read to its `owned_read`-th event, and a

@@ -7,7 +7,8 @@ use serde_json::json;
 use sluicegate::session::{CallerId, GenerationId};
 
 use crate::common::{
-    Events, Raw, TestServer, chat, client, eventually, open_stream, post, read_all, transcript,
+    Events, Raw, TestServer, chat, client, completion_id, eventually, open_stream, post, read_all,
+    transcript,
 };
 
 fn words(n: usize) -> String {
@@ -30,10 +31,7 @@ async fn resume(server: &TestServer, id: &str, last: &str) -> reqwest::Response 
 /// Reads the role chunk and `tokens` tokens, then drops the connection.
 /// Returns the generation id, the text so far and the last event id.
 async fn cut_after(resp: reqwest::Response, tokens: usize) -> (String, String, String) {
-    let id = resp.headers()["x-completion-id"]
-        .to_str()
-        .expect("ascii")
-        .to_owned();
+    let id = completion_id(&resp);
     let mut events = Events::of(resp);
     let mut text = String::new();
     let mut last = String::new();
@@ -104,10 +102,7 @@ async fn a_re_sent_post_with_last_event_id_resumes_instead_of_starting_again() {
 async fn replay_from_the_start_repeats_the_very_bytes() {
     let server = TestServer::echo().await;
     let resp = open_stream(&server, "exact bytes \"quoted\" ünïcode 🎉", None).await;
-    let id = resp.headers()["x-completion-id"]
-        .to_str()
-        .expect("ascii")
-        .to_owned();
+    let id = completion_id(&resp);
     let mut original = Raw::of(resp);
     original.read_to_end().await;
     let path = format!("/v1/chat/completions/{id}/events");
@@ -170,10 +165,7 @@ async fn legacy_completion_ids_resume_and_cancel_too() {
     .send()
     .await
     .expect("sent");
-    let id = resp.headers()["x-completion-id"]
-        .to_str()
-        .expect("ascii")
-        .to_owned();
+    let id = completion_id(&resp);
     assert!(id.starts_with("cmpl-"));
     let mut events = Events::of(resp);
     let mut before = String::new();
@@ -271,10 +263,7 @@ async fn two_readers_each_get_everything_and_the_grace_waits_for_the_last() {
         .await;
     let full = words(40);
     let first = open_stream(&server, &full, None).await;
-    let id = first.headers()["x-completion-id"]
-        .to_str()
-        .expect("ascii")
-        .to_owned();
+    let id = completion_id(&first);
     let events_url = server.url(&format!("/v1/chat/completions/{id}/events"));
     let second = client().get(&events_url).send().await.expect("sent");
     let generation = server
@@ -313,10 +302,7 @@ async fn finished_generations_expire_after_the_ttl() {
     options.registry.resume_ttl = Duration::from_millis(300);
     let server = options.start().await;
     let resp = open_stream(&server, "short lived", Some("s")).await;
-    let id = resp.headers()["x-completion-id"]
-        .to_str()
-        .expect("ascii")
-        .to_owned();
+    let id = completion_id(&resp);
     read_all(resp).await;
     // That it is kept until the TTL is the registry's unit test, on paused
     // time; here, that it goes once the TTL has passed, whenever that is.
@@ -341,21 +327,13 @@ async fn the_budget_drops_the_oldest_finished_logs_but_never_a_running_one() {
     let server = options.start().await;
     // 100 s of tokens: it runs through everything below.
     let running = open_stream(&server, &words(100), None).await;
-    let running_id = running.headers()["x-completion-id"]
-        .to_str()
-        .expect("ascii")
-        .to_owned();
+    let running_id = completion_id(&running);
     let running_events = Events::of(running);
 
     let mut finished = Vec::new();
     for _ in 0..12 {
         let resp = open_stream(&server, "one", None).await;
-        finished.push(
-            resp.headers()["x-completion-id"]
-                .to_str()
-                .expect("ascii")
-                .to_owned(),
-        );
+        finished.push(completion_id(&resp));
         read_all(resp).await;
     }
     let status = |id: &str| {
@@ -389,10 +367,7 @@ async fn the_budget_drops_the_oldest_finished_logs_but_never_a_running_one() {
 async fn malformed_or_forged_event_ids_are_treated_as_unknown() {
     let server = TestServer::echo().await;
     let resp = open_stream(&server, "a b c", None).await;
-    let id = resp.headers()["x-completion-id"]
-        .to_str()
-        .expect("ascii")
-        .to_owned();
+    let id = completion_id(&resp);
     read_all(resp).await;
     for forged in [
         "garbage",
@@ -424,10 +399,7 @@ async fn malformed_or_forged_event_ids_are_treated_as_unknown() {
 async fn a_resume_after_the_end_sends_done_again_with_its_id() {
     let server = TestServer::echo().await;
     let resp = open_stream(&server, "a b c", None).await;
-    let id = resp.headers()["x-completion-id"]
-        .to_str()
-        .expect("ascii")
-        .to_owned();
+    let id = completion_id(&resp);
     let first = read_all(resp).await;
     let done_id = first.ids.last().expect("[DONE] has an id").clone();
     for last in [done_id.clone(), first.ids[first.ids.len() - 2].clone()] {
@@ -456,10 +428,7 @@ async fn a_reader_that_stops_reading_holds_nothing_once_the_log_is_dropped() {
     let server = options.start().await;
     let full = words(20_000);
     let resp = open_stream(&server, &full, None).await;
-    let id = resp.headers()["x-completion-id"]
-        .to_str()
-        .expect("ascii")
-        .to_owned();
+    let id = completion_id(&resp);
     let generation = server
         .state
         .registry

@@ -5,16 +5,13 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use crate::common::{Events, Raw, TestServer, chat, open_stream, post, read_all};
+use crate::common::{Events, Raw, TestServer, chat, completion_id, open_stream, post, read_all};
 
 #[tokio::test]
 async fn streams_the_echo_word_by_word_as_openai_chunks() {
     let server = TestServer::echo().await;
     let resp = open_stream(&server, "hello  big\tworld", None).await;
-    let header_id = resp.headers()["x-completion-id"]
-        .to_str()
-        .expect("ascii")
-        .to_owned();
+    let header_id = completion_id(&resp);
     assert_eq!(resp.headers()["cache-control"], "no-cache");
     assert_eq!(resp.headers()["x-accel-buffering"], "no");
     let t = read_all(resp).await;
@@ -116,10 +113,7 @@ async fn json_answers_for_chat_and_legacy() {
         .await
         .expect("sent");
     assert_eq!(resp.status(), 200);
-    let id = resp.headers()["x-completion-id"]
-        .to_str()
-        .expect("ascii")
-        .to_owned();
+    let id = completion_id(&resp);
     let body: Value = resp.json().await.expect("json");
     assert_eq!(body["id"], id.as_str());
     assert_eq!(body["object"], "chat.completion");
@@ -279,10 +273,7 @@ async fn an_answer_that_fills_its_log_ends_with_length() {
     let server = options.start().await;
     let words: Vec<String> = (0..5_000).map(|i| format!("w{i}")).collect();
     let resp = open_stream(&server, &words.join(" "), None).await;
-    let id = resp.headers()["x-completion-id"]
-        .to_str()
-        .expect("ascii")
-        .to_owned();
+    let id = completion_id(&resp);
     let t = read_all(resp).await;
     assert_eq!(t.finish_reason.as_deref(), Some("length"));
     assert!(t.done);

@@ -5,7 +5,7 @@ use std::time::Duration;
 use serde_json::Value;
 
 use crate::common::{
-    Events, Raw, TestServer, chat, client, open_stream, post, read_all, transcript,
+    Events, Raw, TestServer, chat, client, completion_id, open_stream, post, read_all, transcript,
 };
 
 fn limited(running: usize, queue: usize) -> crate::common::Options {
@@ -73,10 +73,7 @@ async fn cancelling_a_queued_request_frees_its_place() {
     let server = limited(1, 1).delay(Duration::from_secs(5)).start().await;
     let _running = open_stream(&server, "a b c", None).await;
     let queued = open_stream(&server, "d", None).await;
-    let id = queued.headers()["x-completion-id"]
-        .to_str()
-        .expect("ascii")
-        .to_owned();
+    let id = completion_id(&queued);
     let refused = post(&server, "/v1/chat/completions", &chat("e", true))
         .send()
         .await

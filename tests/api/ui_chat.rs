@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 use sluicegate::session::{CallerId, EndCause, GenerationId};
 
 use crate::clients::run_at;
-use crate::common::{Events, TestServer, client, eventually, read_all};
+use crate::common::{Events, TestServer, client, completion_id, eventually, read_all};
 use crate::process::Process;
 
 fn words(n: usize, tag: &str) -> String {
@@ -47,13 +47,6 @@ fn assert_ui_headers(resp: &reqwest::Response) {
     assert_eq!(resp.headers()["content-type"], "text/event-stream");
     assert_eq!(resp.headers()["x-vercel-ai-ui-message-stream"], "v1");
     assert_eq!(resp.headers()["cache-control"], "no-cache");
-}
-
-fn completion_id(resp: &reqwest::Response) -> String {
-    resp.headers()["x-completion-id"]
-        .to_str()
-        .expect("ascii")
-        .to_owned()
 }
 
 /// UI parts as an SSE client reads them; `[DONE]` as the string.

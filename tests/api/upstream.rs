@@ -17,8 +17,8 @@ use serde_json::{Value, json};
 use sluicegate::backend::upstream::{UpstreamBackend, UpstreamConfig};
 
 use crate::common::{
-    Events, TestServer, chat, client, eventually, open_stream, post as post_to, read_all,
-    transcript,
+    Events, TestServer, chat, client, completion_id, eventually, open_stream, post as post_to,
+    read_all, transcript,
 };
 
 fn relay_to(urls: Vec<String>, first_byte_timeout: Duration) -> crate::common::Options {
@@ -218,10 +218,7 @@ async fn a_sluicegate_upstream_is_relayed_with_our_own_framing() {
         .start()
         .await;
     let resp = open_stream(&server, "hello big world", None).await;
-    let id = resp.headers()["x-completion-id"]
-        .to_str()
-        .expect("ascii")
-        .to_owned();
+    let id = completion_id(&resp);
     let t = read_all(resp).await;
     assert_eq!(t.text, "hello big world");
     assert_eq!(t.finish_reason.as_deref(), Some("stop"));
@@ -400,10 +397,7 @@ async fn cancel_and_session_replacement_close_the_upstream_connection() {
         .await;
 
     let resp = open_stream(&server, "slow", None).await;
-    let id = resp.headers()["x-completion-id"]
-        .to_str()
-        .expect("ascii")
-        .to_owned();
+    let id = completion_id(&resp);
     let mut events = Events::of(resp);
     events.next_json().await;
     events.next_json().await;
@@ -667,10 +661,7 @@ async fn a_resume_in_the_middle_of_a_tool_call_replays_its_fragments_byte_for_by
         .send()
         .await
         .expect("sent");
-    let id = resp.headers()["x-completion-id"]
-        .to_str()
-        .expect("ascii")
-        .to_owned();
+    let id = completion_id(&resp);
     let mut first = crate::common::Raw::of(resp);
     // Cut after the first argument fragment of the first call.
     first.until("{\\\"city\\\": \\\"Pa").await;
