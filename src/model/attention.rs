@@ -87,13 +87,6 @@ impl KvStore {
         }
     }
 
-    /// Room for `positions` in all, allocated exactly.
-    pub fn reserve(&mut self, positions: usize) {
-        let len = positions * self.head_dim;
-        self.all()
-            .for_each(|v| v.reserve_exact(len.saturating_sub(v.len())));
-    }
-
     pub fn shrink(&mut self) {
         self.all().for_each(Vec::shrink_to_fit);
     }

@@ -255,14 +255,6 @@ impl Cache {
         }
     }
 
-    /// Room for `positions` in all, allocated now: what the cache then
-    /// holds is what its owner accounted for.
-    pub fn reserve(&mut self, positions: usize) {
-        for layer in &mut self.layers {
-            layer.reserve(positions);
-        }
-    }
-
     /// Bytes the cache holds allocated.
     pub fn bytes(&self) -> usize {
         self.layers.iter().map(KvStore::bytes).sum()

@@ -8,8 +8,8 @@ use serde_json::{Value, json};
 use sluicegate::session::{CallerId, EndCause, GenerationId};
 
 use crate::common::{
-    Events, TestServer, chat, client, completion_id, eventually, open_stream, post, read_all,
-    transcript,
+    Events, TestServer, cancel, chat, client, completion_id, eventually, open_stream, post,
+    read_all, transcript,
 };
 
 #[tokio::test(start_paused = true)]
@@ -92,11 +92,7 @@ async fn the_cancel_endpoint_stops_a_generation_promptly() {
     events.next_json().await;
 
     let cancelled_at = tokio::time::Instant::now();
-    let answer = client()
-        .post(server.url(&format!("/v1/chat/completions/{id}/cancel")))
-        .send()
-        .await
-        .expect("sent");
+    let answer = cancel(&server, &id).await;
     assert_eq!(answer.status(), 200);
     assert_eq!(
         answer.json::<Value>().await.expect("json"),
@@ -107,11 +103,7 @@ async fn the_cancel_endpoint_stops_a_generation_promptly() {
     assert_eq!(rest.finish_reason.as_deref(), Some("cancelled"));
     assert!(rest.done);
 
-    let again = client()
-        .post(server.url(&format!("/v1/chat/completions/{id}/cancel")))
-        .send()
-        .await
-        .expect("sent");
+    let again = cancel(&server, &id).await;
     assert_eq!(
         again.json::<Value>().await.expect("json")["cancelled"],
         false

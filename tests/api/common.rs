@@ -165,6 +165,16 @@ pub(crate) fn completion_id(resp: &reqwest::Response) -> String {
         .to_owned()
 }
 
+/// `POST /v1/chat/completions/{id}/cancel` on `server`, as the caller
+/// with no key.
+pub(crate) async fn cancel(server: &TestServer, id: &str) -> reqwest::Response {
+    client()
+        .post(server.url(&format!("/v1/chat/completions/{id}/cancel")))
+        .send()
+        .await
+        .expect("sent")
+}
+
 /// What `/metrics` at `url` renders.
 pub(crate) async fn metrics_text(url: String) -> String {
     client()

@@ -14,7 +14,7 @@ use serde_json::{Value, json};
 use sluicegate::backend::local::{LocalBackend, LocalSettings};
 
 use crate::common::{
-    Events, TestServer, client, completion_id, eventually, metrics_text, post, post_json,
+    Events, TestServer, cancel, client, completion_id, eventually, metrics_text, post, post_json,
     transcript,
 };
 use crate::model::{backend_with, chat, model_path, shared};
@@ -217,12 +217,8 @@ async fn a_prompt_being_prefilled_is_cancelled_within_one_chunk() {
         backend.prompt_tokens().0 >= 2 * CHUNK as u64
     })
     .await;
-    let cancel = client()
-        .post(server.url(&format!("/v1/chat/completions/{id}/cancel")))
-        .send()
-        .await
-        .expect("sent");
-    assert_eq!(cancel.status(), 200);
+    let cancelled = cancel(&server, &id).await;
+    assert_eq!(cancelled.status(), 200);
     let at_cancel = backend.prompt_tokens().0;
     let rest = transcript(&events.rest().await);
     assert_eq!(rest.finish_reason.as_deref(), Some("cancelled"));

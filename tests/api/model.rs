@@ -10,7 +10,9 @@ use sluicegate::backend::local::{LocalBackend, LocalSettings};
 use sluicegate::config::Config;
 use sluicegate::model::tokenizer;
 
-use crate::common::{Events, TestServer, client, completion_id, post, read_all, transcript};
+use crate::common::{
+    Events, TestServer, cancel, client, completion_id, post, read_all, transcript,
+};
 
 pub(crate) fn model_path() -> std::path::PathBuf {
     Config::try_parse_from(["sluicegate"])
@@ -239,12 +241,8 @@ async fn cancelling_mid_answer_stops_decoding() {
     for _ in 0..6 {
         events.next_json().await;
     }
-    let cancel = client()
-        .post(server.url(&format!("/v1/chat/completions/{id}/cancel")))
-        .send()
-        .await
-        .expect("sent");
-    assert_eq!(cancel.status(), 200);
+    let cancelled = cancel(&server, &id).await;
+    assert_eq!(cancelled.status(), 200);
     let rest = transcript(&events.rest().await);
     assert_eq!(rest.finish_reason.as_deref(), Some("cancelled"));
     // The decode thread lets the generation go at its next step; poll for

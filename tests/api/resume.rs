@@ -7,8 +7,8 @@ use serde_json::json;
 use sluicegate::session::{CallerId, GenerationId};
 
 use crate::common::{
-    Events, Raw, TestServer, chat, client, completion_id, eventually, open_stream, post, read_all,
-    transcript,
+    Events, Raw, TestServer, cancel, chat, client, completion_id, eventually, open_stream, post,
+    read_all, transcript,
 };
 
 fn words(n: usize) -> String {
@@ -187,12 +187,8 @@ async fn legacy_completion_ids_resume_and_cancel_too() {
     let next: serde_json::Value =
         serde_json::from_str(&events.next().await.expect("event").data).expect("json");
     before.push_str(next["choices"][0]["text"].as_str().unwrap_or(""));
-    let cancel = client()
-        .post(server.url(&format!("/v1/chat/completions/{id}/cancel")))
-        .send()
-        .await
-        .expect("sent");
-    assert_eq!(cancel.status(), 200);
+    let cancelled = cancel(&server, &id).await;
+    assert_eq!(cancelled.status(), 200);
     let rest = transcript(&events.rest().await);
     assert_eq!(rest.finish_reason.as_deref(), Some("cancelled"));
     assert!(full.starts_with(&format!("{before}{}", rest.text)));

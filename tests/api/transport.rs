@@ -5,7 +5,8 @@ use std::time::Duration;
 use serde_json::Value;
 
 use crate::common::{
-    Events, Raw, TestServer, chat, client, completion_id, open_stream, post, read_all, transcript,
+    Events, Raw, TestServer, cancel, chat, client, completion_id, open_stream, post, read_all,
+    transcript,
 };
 
 fn limited(running: usize, queue: usize) -> crate::common::Options {
@@ -80,11 +81,7 @@ async fn cancelling_a_queued_request_frees_its_place() {
         .expect("sent");
     assert_eq!(refused.status(), 429);
 
-    let cancelled = client()
-        .post(server.url(&format!("/v1/chat/completions/{id}/cancel")))
-        .send()
-        .await
-        .expect("sent");
+    let cancelled = cancel(&server, &id).await;
     assert_eq!(
         cancelled.json::<Value>().await.expect("json")["cancelled"],
         true

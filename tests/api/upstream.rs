@@ -17,8 +17,8 @@ use serde_json::{Value, json};
 use sluicegate::backend::upstream::{UpstreamBackend, UpstreamConfig};
 
 use crate::common::{
-    Events, TestServer, chat, client, completion_id, eventually, open_stream, post as post_to,
-    read_all, transcript,
+    Events, TestServer, cancel, chat, client, completion_id, eventually, open_stream,
+    post as post_to, read_all, transcript,
 };
 
 fn relay_to(urls: Vec<String>, first_byte_timeout: Duration) -> crate::common::Options {
@@ -402,11 +402,7 @@ async fn cancel_and_session_replacement_close_the_upstream_connection() {
     events.next_json().await;
     events.next_json().await;
     assert_eq!(rogue.closed.load(Ordering::SeqCst), 0);
-    client()
-        .post(server.url(&format!("/v1/chat/completions/{id}/cancel")))
-        .send()
-        .await
-        .expect("sent");
+    cancel(&server, &id).await;
     assert_eq!(
         transcript(&events.rest().await).finish_reason.as_deref(),
         Some("cancelled")

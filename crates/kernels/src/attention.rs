@@ -148,7 +148,11 @@ fn weighted_values<const FMA: bool, const HD: usize>(
     out: &mut [f32],
 ) {
     let hd = width::<HD>(args);
-    let mut acc = vec![0.0f32; hd];
+    let mut acc = if HD == 0 {
+        vec![0.0f32; hd]
+    } else {
+        Vec::new()
+    };
     for (i, o) in out.chunks_exact_mut(hd).enumerate() {
         let seen = args.visible[i];
         let weights = &scores[i * positions..][..seen];

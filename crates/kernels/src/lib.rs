@@ -49,8 +49,10 @@ enum IsaKind {
 
 impl Isa {
     /// The fastest this CPU runs.
+    /// Detected once per process: callers ask per product and per layer.
     pub fn detect() -> Self {
-        Self::available().pop().unwrap_or(Self(IsaKind::Scalar))
+        static DETECTED: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
+        *DETECTED.get_or_init(|| Self::available().pop().unwrap_or(Self(IsaKind::Scalar)))
     }
 
     /// Every instruction set this CPU runs, slowest first.

@@ -332,7 +332,9 @@ impl<'m> Batch<'m> {
         self.stats
             .computed
             .fetch_add(computed as u64, Ordering::Relaxed);
-        telemetry::prompt_tokens(self.name, computed as u64, 0, self.kept.bytes());
+        if computed > 0 {
+            telemetry::prompt_tokens(self.name, computed as u64, 0, self.kept.bytes());
+        }
         let mut ended = Vec::new();
         match result {
             Ok(all_logits) => {
