@@ -94,8 +94,10 @@ fn greedy_ids_match_llama_cpp() {
 /// `quantized_llama` on the same GGUF. Both quantize activations to 8
 /// bits for the 4-bit products, but in different ways (candle's Q8_1
 /// blocks, ours with their sums kept in f32), and thirty layers add that
-/// rounding up: the two agree within 2.5 at most and 1.0 on average, over
-/// logits that span about 40, and on the top token.
+/// rounding up. The two differ mostly by one offset over all logits
+/// (measured 0.97), which no softmax sees, so each is taken about its own
+/// mean: then they agree within 1.5 at most and 0.25 on average (measured
+/// 1.04 and 0.15) over logits that span about 37, and on the top token.
 #[test]
 fn logits_match_candle_quantized_llama() {
     use candle_transformers::models::quantized_llama::ModelWeights;
@@ -119,14 +121,19 @@ fn logits_match_candle_quantized_llama() {
         .forward(&prompt, &mut weights.new_cache())
         .expect("forward");
     assert_eq!(got.len(), want.len());
-    let diffs: Vec<f32> = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).collect();
+    let average = |v: &[f32]| v.iter().sum::<f32>() / v.len() as f32;
+    let (offset_got, offset_want) = (average(&got), average(&want));
+    let diffs: Vec<f32> = got
+        .iter()
+        .zip(&want)
+        .map(|(a, b)| ((a - offset_got) - (b - offset_want)).abs())
+        .collect();
     let max = diffs.iter().copied().fold(0.0, f32::max);
-    let mean = diffs.iter().sum::<f32>() / diffs.len() as f32;
-    let span = want.iter().copied().fold(f32::MIN, f32::max)
-        - want.iter().copied().fold(f32::MAX, f32::min);
+    let mean = average(&diffs);
     assert!(
-        max < 2.5 && mean < 1.0,
-        "max {max}, mean {mean}, span {span}"
+        max < 1.5 && mean < 0.25,
+        "max {max}, mean {mean}, offset {}",
+        offset_got - offset_want
     );
     assert_eq!(argmax(&got), argmax(&want));
 }
