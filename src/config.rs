@@ -131,6 +131,17 @@ pub struct Config {
     #[arg(long, env = "SLUICEGATE_REDIS_TIMEOUT", value_parser = duration, default_value = "1s")]
     pub redis_timeout: Duration,
 
+    /// With `--redis`: what every key and channel starts with, so that two
+    /// deployments can share one Redis.
+    #[arg(long, env = "SLUICEGATE_REDIS_PREFIX", default_value = "sg")]
+    pub redis_prefix: String,
+
+    /// With `--redis` and `--api-key`: the secret under which records name
+    /// callers (an HMAC of the key), the same on every instance. Without
+    /// it, anyone who can read Redis can test guesses of a weak API key.
+    #[arg(long, env = "SLUICEGATE_REDIS_SECRET", hide_env_values = true)]
+    pub redis_secret: Option<String>,
+
     /// Request body limit in bytes.
     #[arg(long, env = "SLUICEGATE_MAX_BODY", default_value_t = 1_048_576)]
     pub max_body: usize,
@@ -258,6 +269,16 @@ impl Config {
         }
         if self.redis_lease < Duration::from_millis(300) {
             return Err("--redis-lease must be at least 300ms".into());
+        }
+        if self.redis_prefix.is_empty()
+            || !self
+                .redis_prefix
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        {
+            return Err(
+                "--redis-prefix takes letters, digits, '-', '_' and '.' only, at least one".into(),
+            );
         }
         if self.redis_timeout.is_zero() {
             return Err("--redis-timeout must be longer than 0s".into());

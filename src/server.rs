@@ -102,6 +102,8 @@ impl AppState {
                     lease: config.redis_lease,
                     timeout: config.redis_timeout,
                     resume_ttl: config.resume_ttl,
+                    prefix: config.redis_prefix.clone(),
+                    secret: config.redis_secret.clone(),
                 };
                 state
                     .share(shared, &config.api_keys, epilogue)

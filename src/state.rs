@@ -137,11 +137,17 @@ impl AppState {
         keys: &[String],
         epilogue: Epilogue,
     ) -> Result<Self, String> {
-        let callers = std::iter::once(caller_hash(None))
+        let secret = config.secret.as_deref().unwrap_or_default().as_bytes();
+        if secret.is_empty() && !keys.is_empty() {
+            tracing::warn!(
+                "--redis-secret is not set: records name callers by a hash that anyone who reads Redis can test guessed API keys against"
+            );
+        }
+        let callers = std::iter::once(caller_hash(secret, None))
             .chain(
                 keys.iter()
                     .filter(|k| !k.is_empty())
-                    .map(|k| caller_hash(Some(k))),
+                    .map(|k| caller_hash(secret, Some(k))),
             )
             .collect();
         let replicas = Replicas::start(config, callers, Arc::clone(&self.registry), epilogue)?;

@@ -92,6 +92,12 @@ pub fn redis_error() {
     counter!("sluicegate_redis_errors_total").increment(1);
 }
 
+/// A Redis script that failed or whose answer never came: a change that
+/// did not happen, or is not known to have happened.
+pub fn redis_script_failed(script: &'static str) {
+    counter!("sluicegate_redis_script_failures_total", "script" => script).increment(1);
+}
+
 pub fn redis_up(up: bool) {
     gauge!("sluicegate_redis_up").set(if up { 1.0 } else { 0.0 });
 }

@@ -178,10 +178,10 @@ pub(crate) async fn resume_from_post(
     let Some((id, seq)) = sse::parse_event_id(last) else {
         return Ok(None);
     };
-    let Some(found) = find(state, caller, &id)
-        .await?
-        .filter(|f| f.streamed() && seq < f.written().0)
-    else {
+    let Some(found) = find(state, caller, &id).await?.filter(|f| {
+        let (written, done) = f.written();
+        f.streamed() && (seq < written || !done)
+    }) else {
         return Ok(None);
     };
     tracing::info!(completion_id = %found.id(), "POST resumes a generation");
@@ -256,10 +256,14 @@ pub(crate) async fn open_session_from_start(
     }
 }
 
-/// Where a reader resumes: just after the named event when the id names an
-/// event of this generation that was written; otherwise from the start. A
-/// resume after the last event of a finished generation gets `[DONE]`
-/// again, so a client that missed the end sees it and stops retrying.
+/// Where a reader resumes: just after the named event when the id names
+/// this generation; otherwise from the start. A resume after the last
+/// event of a finished generation gets `[DONE]` again, so a client that
+/// missed the end sees it and stops retrying. A running generation's
+/// position that this instance has not seen yet (another instance's
+/// mirror lags behind what its owner sent) is waited for, never replayed
+/// from the start: the reader ends with an error if the generation ends
+/// before it.
 fn resume_position(
     id: &GenerationId,
     written: usize,
@@ -268,11 +272,11 @@ fn resume_position(
 ) -> usize {
     last_event_id
         .and_then(sse::parse_event_id)
-        .filter(|(named, seq)| named == id && *seq < written)
+        .filter(|(named, _)| named == id)
         .map_or(0, |(_, seq)| {
-            let next = seq + 1;
+            let next = seq.saturating_add(1);
             if done && next >= written {
-                written - 1
+                written.saturating_sub(1)
             } else {
                 next
             }
@@ -289,7 +293,12 @@ mod tests {
         assert_eq!(resume_position(&id, 5, false, None), 0);
         assert_eq!(resume_position(&id, 5, false, Some("chatcmpl-a.2")), 3);
         assert_eq!(resume_position(&id, 5, false, Some("chatcmpl-b.2")), 0);
-        assert_eq!(resume_position(&id, 5, false, Some("chatcmpl-a.9")), 0);
+        assert_eq!(
+            resume_position(&id, 5, false, Some("chatcmpl-a.9")),
+            10,
+            "waits for what a lagging mirror has not written yet"
+        );
+        assert_eq!(resume_position(&id, 5, true, Some("chatcmpl-a.9")), 4);
         assert_eq!(
             resume_position(&id, 5, true, Some("chatcmpl-a.4")),
             4,

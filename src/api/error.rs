@@ -57,6 +57,10 @@ pub enum ApiError {
         "This answer was dropped from the server's memory (its resume time or memory budget ran out) before the stream was read to its end."
     )]
     LogDropped,
+    #[error(
+        "The stream was resumed at event {0}, past the last event this generation wrote; resume from an id it sent."
+    )]
+    EventNotWritten(usize),
     #[error("Internal error.")]
     Internal,
     /// An upstream's own account of a failure after its answer had begun,
@@ -150,6 +154,11 @@ impl ApiError {
                 Some("instance_gone"),
             ),
             Self::LogDropped => (S::GONE, "server_error", Some("answer_dropped")),
+            Self::EventNotWritten(_) => (
+                S::BAD_REQUEST,
+                "invalid_request_error",
+                Some("event_not_written"),
+            ),
             Self::Internal => (S::INTERNAL_SERVER_ERROR, "server_error", None),
             Self::UpstreamFailed(_) => (S::BAD_GATEWAY, "server_error", Some("upstream_error")),
             Self::Upstream { status, .. } => {

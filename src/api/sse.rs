@@ -388,6 +388,7 @@ pub fn framed_stream<H: Send + 'static>(
                         let cause = match err {
                             LogError::Unreachable(_) => ApiError::SharedStateUnavailable,
                             LogError::Dropped => ApiError::LogDropped,
+                            LogError::NotWritten(n) => ApiError::EventNotWritten(n),
                         };
                         yield Ok(framing.unreadable(&generation, reader.position(), &cause));
                         left_early.0 = false;

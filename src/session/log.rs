@@ -43,6 +43,9 @@ pub enum LogError {
     /// the room) before this reader got to the end.
     #[error("the log was dropped before it was read to its end")]
     Dropped,
+    /// The reader asked for an event past the end of the finished log.
+    #[error("event {0} was never written: the generation ended before it")]
+    NotWritten(usize),
 }
 
 /// Somewhere a generation's events can be read from.
@@ -231,7 +234,11 @@ impl LogSource for MemoryLog {
                     return Ok(Read::Events(state.window(from, limit)));
                 }
                 if state.closed {
-                    return Ok(Read::End);
+                    return if from == state.ends.len() {
+                        Ok(Read::End)
+                    } else {
+                        Err(LogError::NotWritten(from))
+                    };
                 }
             }
             // The sender lives as long as `self`.
@@ -277,11 +284,15 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_reader_past_the_end_of_a_closed_log_ends_at_once() {
+    async fn a_reader_past_the_end_of_a_closed_log_is_told_at_once() {
         let log = Arc::new(MemoryLog::default());
         log.push(b"a");
         log.close();
-        assert_eq!(next(&mut reader(&log, 5)).await, None);
+        assert_eq!(next(&mut reader(&log, 1)).await, None);
+        assert!(matches!(
+            reader(&log, 5).next().await,
+            Err(LogError::NotWritten(5))
+        ));
     }
 
     #[tokio::test]

@@ -83,6 +83,9 @@ pub enum EndCause {
     ClientGone,
     Shutdown,
     Error,
+    /// Another instance ended it while this one, its owner, was out of
+    /// reach and taken for dead.
+    EndedElsewhere,
 }
 
 impl EndCause {
@@ -95,6 +98,7 @@ impl EndCause {
             Self::ClientGone => "client_gone",
             Self::Shutdown => "shutdown",
             Self::Error => "error",
+            Self::EndedElsewhere => "ended_elsewhere",
         }
     }
 }

@@ -175,6 +175,20 @@ impl GenerationRegistry {
         self.lock().generations.get(id).cloned()
     }
 
+    /// The finished generations kept for resume, oldest first.
+    pub fn retained(&self) -> Vec<Arc<Generation>> {
+        let ids: Vec<GenerationId> = self
+            .lock_retained()
+            .queue
+            .iter()
+            .map(|e| e.id.clone())
+            .collect();
+        let inner = self.lock();
+        ids.iter()
+            .filter_map(|id| inner.generations.get(id).cloned())
+            .collect()
+    }
+
     /// The caller's latest generation in a session.
     pub fn latest_in_session(&self, owner: CallerId, session: &str) -> Option<Arc<Generation>> {
         let inner = self.lock();

@@ -8,6 +8,7 @@ mod clients;
 mod common;
 mod engine;
 mod errors;
+mod faults;
 mod hostile;
 mod model;
 mod process;

@@ -11,21 +11,21 @@ use crate::process::{Process, sample};
 use crate::services::{Nginx, Redis, until};
 
 /// Long enough that nothing here ends on its own before the test acts.
-fn words(n: usize) -> String {
+pub(crate) fn words(n: usize) -> String {
     (0..n)
         .map(|i| format!("w{i}"))
         .collect::<Vec<_>>()
         .join(" ")
 }
 
-struct Cluster {
-    redis: Redis,
-    a: Process,
-    b: Process,
+pub(crate) struct Cluster {
+    pub(crate) redis: Redis,
+    pub(crate) a: Process,
+    pub(crate) b: Process,
 }
 
 impl Cluster {
-    async fn start(extra: &[&str]) -> Self {
+    pub(crate) async fn start(extra: &[&str]) -> Self {
         let redis = Redis::start().await;
         let a = instance(&redis, extra).await;
         let b = instance(&redis, extra).await;
@@ -38,7 +38,7 @@ impl Cluster {
     }
 }
 
-async fn instance(redis: &Redis, extra: &[&str]) -> Process {
+pub(crate) async fn instance(redis: &Redis, extra: &[&str]) -> Process {
     let url = redis.url();
     let mut args = vec![
         "--backend",
@@ -54,7 +54,7 @@ async fn instance(redis: &Redis, extra: &[&str]) -> Process {
     Process::start(&args, &[]).await
 }
 
-async fn redis_ok(p: &Process) -> bool {
+pub(crate) async fn redis_ok(p: &Process) -> bool {
     // A first command makes the lazy connection; /health then reports it.
     let _ = client()
         .get(p.url("/v1/sessions/warm-up/stream"))
@@ -74,11 +74,11 @@ async fn health(p: &Process) -> Value {
         .expect("json")
 }
 
-async fn metrics(p: &Process) -> String {
+pub(crate) async fn metrics(p: &Process) -> String {
     metrics_text(p.url("/metrics")).await
 }
 
-async fn open(
+pub(crate) async fn open(
     url: &str,
     text: &str,
     session: Option<&str>,
@@ -98,7 +98,7 @@ async fn open(
 
 /// A stream on instance A, read to its `owned_read`-th event, and a
 /// reader of the same generation on instance B, read to its first.
-async fn owned_and_followed(
+pub(crate) async fn owned_and_followed(
     cluster: &Cluster,
     text: &str,
     session: Option<&str>,
@@ -122,7 +122,7 @@ async fn owned_and_followed(
 }
 
 /// Everything to the end of a stream, or a failure instead of a hang.
-async fn rest(events: Events) -> crate::common::Transcript {
+pub(crate) async fn rest(events: Events) -> crate::common::Transcript {
     let all = tokio::time::timeout(Duration::from_secs(20), events.rest())
         .await
         .expect("the stream ends");
@@ -130,7 +130,7 @@ async fn rest(events: Events) -> crate::common::Transcript {
 }
 
 /// The first `n` whole events of a raw body, and the id of the last one.
-fn first_events(raw: &str, n: usize) -> (String, String) {
+pub(crate) fn first_events(raw: &str, n: usize) -> (String, String) {
     let events: Vec<&str> = raw.split_inclusive("\n\n").take(n).collect();
     assert_eq!(events.len(), n, "{raw:?}");
     let last = events[n - 1]
@@ -141,7 +141,7 @@ fn first_events(raw: &str, n: usize) -> (String, String) {
     (events.concat(), last)
 }
 
-async fn raw_body(resp: reqwest::Response) -> String {
+pub(crate) async fn raw_body(resp: reqwest::Response) -> String {
     assert_eq!(resp.status(), 200);
     let mut raw = Raw::of(resp);
     tokio::time::timeout(Duration::from_secs(20), raw.read_to_end())

@@ -1,0 +1,286 @@
+//! The Redis key schema and the scripts that change it. Every change that
+//! touches more than one key, or that must not run twice, is one script,
+//! so that a retried call, a late reply or two instances at once can
+//! never leave a half-done state.
+//!
+//! Per generation `g`, all keys share the hash tag `{g}`:
+//!
+//! - `<p>{g}:m`, a hash: `caller` (the caller's HMAC), `inst` (the owner),
+//!   `streamed`, `state` (`run` or `done`), `n` (events in the log),
+//!   `cancel` once some instance asked the owner to stop, and `end`
+//!   (`orphan`) when another instance ended it for a dead owner.
+//! - `<p>{g}:l`, a stream: each entry is a batch of whole events; entry
+//!   `0-(k+1)` starts with event `k` and holds them in field `f`. Explicit
+//!   ids and `n` make every append a compare-and-set.
+//! - `<p>{g}:lease`, renewed by the owner while the generation runs.
+//! - `<p>{g}:rd`, renewed by instances that have readers of `g`.
+//!
+//! A session's latest generation is `<p>s:{<caller>}:<session>`. Owners
+//! listen on `<p>ctl:<instance>` for cancels, readers on `<p>ev:<g>` for
+//! appends, and `<p>inst:<instance>` tells an instance whether Redis kept
+//! its data since the last look. Every key has an expiry from its first
+//! write.
+
+use redis::Script;
+
+use super::super::GenerationId;
+
+/// Names every key and channel under one prefix, so that deployments can
+/// share a Redis.
+#[derive(Debug, Clone)]
+pub(super) struct Keys {
+    prefix: String,
+}
+
+impl Keys {
+    /// `prefix` without its trailing colon (`sg`).
+    pub(super) fn new(prefix: &str) -> Self {
+        Self {
+            prefix: format!("{prefix}:"),
+        }
+    }
+
+    pub(super) fn meta(&self, id: &GenerationId) -> String {
+        format!("{}{{{id}}}:m", self.prefix)
+    }
+
+    pub(super) fn log(&self, id: &GenerationId) -> String {
+        format!("{}{{{id}}}:l", self.prefix)
+    }
+
+    pub(super) fn lease(&self, id: &GenerationId) -> String {
+        format!("{}{{{id}}}:lease", self.prefix)
+    }
+
+    pub(super) fn readers(&self, id: &GenerationId) -> String {
+        format!("{}{{{id}}}:rd", self.prefix)
+    }
+
+    pub(super) fn session(&self, caller: &str, session: &str) -> String {
+        format!("{}s:{{{caller}}}:{session}", self.prefix)
+    }
+
+    pub(super) fn events_channel(&self, id: &GenerationId) -> String {
+        format!("{}ev:{id}", self.prefix)
+    }
+
+    pub(super) fn control_channel(&self, instance: &str) -> String {
+        format!("{}ctl:{instance}", self.prefix)
+    }
+
+    /// The generation whose appends a channel announces, if it is one.
+    pub(super) fn events_of<'a>(&self, channel: &'a str) -> Option<&'a str> {
+        channel
+            .strip_prefix(self.prefix.as_str())
+            .and_then(|c| c.strip_prefix("ev:"))
+    }
+
+    /// The instance a control channel belongs to, if it is one.
+    pub(super) fn control_of<'a>(&self, channel: &'a str) -> Option<&'a str> {
+        channel
+            .strip_prefix(self.prefix.as_str())
+            .and_then(|c| c.strip_prefix("ctl:"))
+    }
+
+    pub(super) fn instance_marker(&self, instance: &str) -> String {
+        format!("{}inst:{instance}", self.prefix)
+    }
+}
+
+/// The stream entry that starts with event `seq`.
+pub(super) fn entry_id(seq: usize) -> String {
+    format!("0-{}", seq + 1)
+}
+
+/// The number of the first event in the entry with this id.
+pub(super) fn entry_start(id: &str) -> Option<usize> {
+    id.strip_prefix("0-")?.parse::<usize>().ok()?.checked_sub(1)
+}
+
+/// The whole events of an entry: each ends with a blank line, and no
+/// event holds one inside (data is one JSON line).
+pub(super) fn split_events(blob: &[u8]) -> impl Iterator<Item = &[u8]> {
+    let mut rest = blob;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let end = rest
+            .windows(2)
+            .position(|w| w == b"\n\n")
+            .map_or(rest.len(), |p| p + 2);
+        let (event, tail) = rest.split_at(end);
+        rest = tail;
+        Some(event)
+    })
+}
+
+/// (Re)writes a running generation's record and lease. Refuses (-1) when
+/// the generation was ended elsewhere: an owner back from a partition
+/// must not revive it. `n` is kept when the record exists and starts at
+/// 0 when Redis lost it.
+///
+/// KEYS: meta, lease. ARGV: caller, instance, streamed, running TTL ms,
+/// lease ms.
+const RECORD: &str = r"
+if redis.call('HGET', KEYS[1], 'state') == 'done' then return -1 end
+redis.call('HSET', KEYS[1], 'caller', ARGV[1], 'inst', ARGV[2], 'streamed', ARGV[3], 'state', 'run')
+redis.call('HSETNX', KEYS[1], 'n', 0)
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+redis.call('SET', KEYS[2], 1, 'PX', ARGV[5])
+return tonumber(redis.call('HGET', KEYS[1], 'n'))
+";
+
+/// Appends a batch of events that starts at event `first`, only if the
+/// log holds exactly `first` events: a retry of an append that did run
+/// changes nothing. Returns the log's length after (the caller goes on
+/// from there), -1 when the generation was ended elsewhere, -2 when
+/// Redis lost the record.
+///
+/// KEYS: meta, log. ARGV: channel, first, events in the batch, log TTL
+/// ms, the batch.
+const APPEND: &str = r"
+local m = redis.call('HMGET', KEYS[1], 'state', 'n')
+if not m[1] then return -2 end
+if m[1] == 'done' then return -1 end
+local n = tonumber(m[2] or '0')
+local first = tonumber(ARGV[2])
+if first ~= n then return n end
+redis.call('XADD', KEYS[2], '0-' .. (first + 1), 'f', ARGV[5])
+n = first + tonumber(ARGV[3])
+redis.call('HSET', KEYS[1], 'n', n)
+redis.call('PEXPIRE', KEYS[2], ARGV[4])
+redis.call('PUBLISH', ARGV[1], n)
+return n
+";
+
+/// Ends a log whose owner died, at its current end, with the given
+/// events, once: only while the record says it runs, its lease is gone
+/// and its length is still the one the epilogue was numbered from.
+///
+/// KEYS: meta, log, lease. ARGV: channel, expected length, events in the
+/// epilogue, TTL ms, the epilogue.
+const END_ORPHAN: &str = r"
+if redis.call('EXISTS', KEYS[3]) == 1 then return 0 end
+local m = redis.call('HMGET', KEYS[1], 'state', 'n')
+if m[1] ~= 'run' then return 0 end
+local n = tonumber(m[2] or '0')
+if n ~= tonumber(ARGV[2]) then return 0 end
+redis.call('XADD', KEYS[2], '0-' .. (n + 1), 'f', ARGV[5])
+n = n + tonumber(ARGV[3])
+redis.call('HSET', KEYS[1], 'state', 'done', 'n', n, 'end', 'orphan')
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+redis.call('PEXPIRE', KEYS[2], ARGV[4])
+redis.call('PUBLISH', ARGV[1], n)
+return 1
+";
+
+/// Asks a running generation's owner to stop: -1 when the caller does not
+/// own it (or it is unknown), 0 when it already ended or was already
+/// asked, 1 when this call asked.
+///
+/// KEYS: meta. ARGV: caller, cause, generation id, control channel
+/// prefix.
+const CANCEL: &str = r"
+local m = redis.call('HMGET', KEYS[1], 'caller', 'inst', 'state')
+if not m[1] or m[1] ~= ARGV[1] then return -1 end
+if m[3] ~= 'run' then return 0 end
+if redis.call('HSETNX', KEYS[1], 'cancel', ARGV[2]) == 0 then return 0 end
+redis.call('PUBLISH', ARGV[4] .. m[2], 'cancel ' .. ARGV[3] .. ' ' .. ARGV[2])
+return 1
+";
+
+/// Compiled once per process.
+pub(super) struct Scripts {
+    pub(super) record: Script,
+    pub(super) append: Script,
+    pub(super) end_orphan: Script,
+    pub(super) cancel: Script,
+}
+
+impl Default for Scripts {
+    fn default() -> Self {
+        Self {
+            record: Script::new(RECORD),
+            append: Script::new(APPEND),
+            end_orphan: Script::new(END_ORPHAN),
+            cancel: Script::new(CANCEL),
+        }
+    }
+}
+
+/// The caller as records name it: an HMAC of the API key under the
+/// deployment's secret, the same on every instance whatever the order of
+/// its `--api-key` flags, and no help to someone who reads Redis and
+/// wants the key back.
+pub fn caller_hash(secret: &[u8], key: Option<&str>) -> String {
+    match key {
+        None => "anonymous".to_owned(),
+        Some(key) => {
+            let mac = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret);
+            let tag = ring::hmac::sign(&mac, key.as_bytes());
+            tag.as_ref()[..16]
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn caller_hashes_are_stable_keyed_and_reveal_nothing_of_the_key() {
+        let a = caller_hash(b"one secret", Some("sekrit-one"));
+        assert_eq!(a, caller_hash(b"one secret", Some("sekrit-one")));
+        assert_ne!(a, caller_hash(b"one secret", Some("sekrit-two")));
+        assert_ne!(a, caller_hash(b"another secret", Some("sekrit-one")));
+        assert_eq!(a.len(), 32);
+        assert!(!a.contains("sekrit"));
+        assert_eq!(caller_hash(b"one secret", None), "anonymous");
+    }
+
+    #[test]
+    fn keys_of_one_generation_share_a_hash_tag_under_the_prefix() {
+        let keys = Keys::new("tenant-a");
+        let id = GenerationId::from("chatcmpl-abc");
+        for key in [
+            keys.meta(&id),
+            keys.log(&id),
+            keys.lease(&id),
+            keys.readers(&id),
+        ] {
+            assert!(key.starts_with("tenant-a:{chatcmpl-abc}:"), "{key}");
+        }
+        assert_eq!(
+            keys.events_of(&keys.events_channel(&id)),
+            Some("chatcmpl-abc")
+        );
+        assert_eq!(keys.control_of(&keys.control_channel("i-x")), Some("i-x"));
+        assert_eq!(Keys::new("sg").events_of("tenant-a:ev:x"), None);
+    }
+
+    #[test]
+    fn entry_ids_name_their_first_event() {
+        assert_eq!(entry_id(0), "0-1");
+        assert_eq!(entry_start(&entry_id(41)), Some(41));
+        assert_eq!(entry_start("0-0"), None);
+        assert_eq!(entry_start("1-5"), None);
+    }
+
+    #[test]
+    fn an_entry_splits_into_its_whole_events() {
+        let blob = b"retry: 1000\ndata: {}\nid: a.0\n\ndata: {\"x\":1}\nid: a.1\n\n";
+        let events: Vec<&[u8]> = split_events(blob).collect();
+        assert_eq!(
+            events,
+            [
+                &b"retry: 1000\ndata: {}\nid: a.0\n\n"[..],
+                b"data: {\"x\":1}\nid: a.1\n\n"
+            ]
+        );
+        assert_eq!(split_events(b"").count(), 0);
+    }
+}

@@ -1,0 +1,183 @@
+//! Keeping shared state alive and true: owners renew their leases and
+//! session records, readers renew their marks, a cancel whose message was
+//! lost is picked up, and an instance that finds Redis emptied (a restart,
+//! an eviction) writes back what it holds.
+
+use std::sync::Arc;
+use std::sync::Weak;
+use std::sync::atomic::Ordering;
+
+use redis::{PushInfo, PushKind, Value};
+use tokio::sync::mpsc;
+
+use super::super::{EndCause, GenerationId};
+use super::follow::text;
+use super::mirror::own;
+use super::{Replicas, cause_from};
+use crate::telemetry;
+
+/// Pushes from the subscriber connection: appends and cancels.
+pub(super) async fn listen(
+    replicas: Weak<Replicas>,
+    mut pushes: mpsc::UnboundedReceiver<PushInfo>,
+) {
+    while let Some(push) = pushes.recv().await {
+        let Some(replicas) = replicas.upgrade() else {
+            return;
+        };
+        match push.kind {
+            PushKind::Message => {
+                let mut data = push.data.into_iter();
+                let (Some(channel), Some(payload)) = (data.next(), data.next()) else {
+                    continue;
+                };
+                replicas.on_message(&text(channel), &text(payload));
+            }
+            PushKind::Disconnection => {
+                replicas.up.store(false, Ordering::Relaxed);
+                telemetry::redis_up(false);
+            }
+            _ => {}
+        }
+    }
+}
+
+/// The renewal task: three rounds a lease.
+pub(super) async fn renew(replicas: Weak<Replicas>) {
+    let every = match replicas.upgrade() {
+        Some(r) => r.config.lease / 3,
+        None => return,
+    };
+    let mut ticks = tokio::time::interval(every);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        let Some(replicas) = replicas.upgrade() else {
+            return;
+        };
+        replicas.listen_for_control().await;
+        replicas.renew_once().await;
+    }
+}
+
+impl Replicas {
+    pub(super) fn on_message(&self, channel: &str, payload: &str) {
+        if let Some(id) = self.keys.events_of(channel) {
+            if let Some(followed) = self.lock_followed().get(&GenerationId::from(id)) {
+                followed.wake.send_modify(|n| *n += 1);
+            }
+        } else if self.keys.control_of(channel) == Some(self.instance.as_str()) {
+            let mut words = payload.split(' ');
+            if let (Some("cancel"), Some(id), Some(cause)) =
+                (words.next(), words.next(), words.next())
+                && let Some(generation) = self.registry.get_any(&GenerationId::from(id))
+                && generation.cancel(cause_from(cause))
+            {
+                tracing::info!(completion_id = %generation.id, cause, "cancelled from another instance");
+            }
+        }
+    }
+
+    /// Makes sure this instance hears cancels for what it owns.
+    async fn listen_for_control(&self) {
+        if self.listening.get().is_some() {
+            return;
+        }
+        let mut subscriber = self.subscriber.clone();
+        let channel = self.keys.control_channel(&self.instance);
+        if self.call(subscriber.subscribe(channel)).await.is_ok() {
+            let _ = self.listening.set(());
+        }
+    }
+
+    /// One renewal round: this instance's marker (whose absence says Redis
+    /// lost its data), leases and session records of what runs here, reader
+    /// marks of what is read here, and cancels whose message was lost.
+    async fn renew_once(self: &Arc<Self>) {
+        let owned: Vec<_> = self.lock_owned().values().cloned().collect();
+        let followed: Vec<_> = self
+            .lock_followed()
+            .iter()
+            .filter(|(_, f)| f.readers > 0)
+            .map(|(id, _)| id.clone())
+            .collect();
+        let running: Vec<_> = owned.iter().filter(|g| !g.is_done()).collect();
+        let mut pipe = redis::pipe();
+        pipe.cmd("SET")
+            .arg(self.keys.instance_marker(&self.instance))
+            .arg(1)
+            .arg("PX")
+            .arg(self.readers_mark_ms())
+            .arg("GET");
+        for generation in &running {
+            let id = &generation.id;
+            pipe.cmd("SET")
+                .arg(self.keys.lease(id))
+                .arg(1)
+                .arg("PX")
+                .arg(self.lease_ms())
+                .ignore();
+            for key in [self.keys.meta(id), self.keys.log(id)] {
+                pipe.cmd("PEXPIRE")
+                    .arg(key)
+                    .arg(self.running_ttl_ms())
+                    .ignore();
+            }
+            if let Some(session) = self.session_key(generation) {
+                pipe.cmd("PEXPIRE")
+                    .arg(session)
+                    .arg(self.running_ttl_ms())
+                    .ignore();
+            }
+            pipe.cmd("HGET").arg(self.keys.meta(id)).arg("cancel");
+        }
+        for id in &followed {
+            pipe.cmd("SET")
+                .arg(self.keys.readers(id))
+                .arg(1)
+                .arg("PX")
+                .arg(self.readers_mark_ms())
+                .ignore();
+        }
+        let mut conn = self.conn.clone();
+        let Ok(replies) = self.call(pipe.query_async::<Vec<Value>>(&mut conn)).await else {
+            return;
+        };
+        let mut replies = replies.into_iter();
+        let marker = replies.next();
+        let kept = !matches!(marker, Some(Value::Nil) | None);
+        if self.marked.swap(true, Ordering::Relaxed) && !kept {
+            tracing::warn!("Redis lost this instance's data; writing it back");
+            self.write_back().await;
+        }
+        for (generation, cancel) in running.iter().zip(replies) {
+            if let Ok(Some(cause)) = redis::from_redis_value::<Option<String>>(cancel) {
+                generation.cancel(cause_from(&cause));
+            }
+        }
+    }
+
+    /// After Redis lost its data: the record of each generation running
+    /// here again (its mirror then writes its log from the start), and
+    /// each retained one whole, with its end.
+    async fn write_back(self: &Arc<Self>) {
+        let owned: Vec<_> = self.lock_owned().values().cloned().collect();
+        for generation in owned.iter().filter(|g| !g.is_done()) {
+            match self.rewrite_record(generation).await {
+                Ok(Some(_)) => {}
+                Ok(None) => {
+                    generation.cancel(EndCause::EndedElsewhere);
+                }
+                Err(_) => return,
+            }
+        }
+        for generation in self.registry.retained() {
+            if !generation.streamed || self.lock_owned().contains_key(&generation.id) {
+                continue;
+            }
+            self.lock_owned()
+                .insert(generation.id.clone(), Arc::clone(&generation));
+            self.tasks.spawn(own(Arc::clone(self), generation));
+        }
+    }
+}

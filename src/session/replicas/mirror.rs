@@ -1,0 +1,172 @@
+//! The owner's side: a generation that runs here is mirrored into Redis
+//! batch by batch, its record is written back when Redis lost it, and its
+//! end is marked with the resume TTL.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::time::Instant;
+
+use super::super::{EndCause, Generation};
+use super::Replicas;
+
+/// How long the mirror gathers events before one append: a fast stream
+/// costs one script call per window, not one per token, and a reader
+/// elsewhere is this much later at most.
+pub(super) const BATCH_WINDOW: Duration = Duration::from_millis(5);
+
+/// The most bytes of events in one append (and one stream entry).
+const BATCH_BYTES: usize = 64 * 1024;
+
+/// How a mirror ended.
+#[derive(Debug, PartialEq, Eq)]
+enum Mirrored {
+    /// Every event is in Redis.
+    Whole,
+    /// Another instance ended the generation (it took this one for dead).
+    EndedElsewhere,
+    /// Redis stayed away for longer than the log would have been kept.
+    GaveUp,
+}
+
+/// What an append's script answered.
+enum Appended {
+    /// The log's length now; where the next append starts.
+    Len(usize),
+    EndedElsewhere,
+    RecordLost,
+}
+
+impl Appended {
+    fn from_reply(reply: i64) -> Self {
+        match reply {
+            -1 => Self::EndedElsewhere,
+            n => usize::try_from(n).map_or(Self::RecordLost, Self::Len),
+        }
+    }
+}
+
+/// Mirrors a generation that runs here into Redis, then marks it done
+/// with what is left of the resume TTL. Also the write-back of a retained
+/// generation after Redis lost its data: the same steps from event 0.
+pub(super) async fn own(replicas: Arc<Replicas>, generation: Arc<Generation>) {
+    let mirrored = if generation.streamed {
+        mirror(&replicas, &generation).await
+    } else {
+        generation.finished().await;
+        Mirrored::Whole
+    };
+    if mirrored == Mirrored::Whole {
+        finish(&replicas, &generation).await;
+    }
+    replicas.lock_owned().remove(&generation.id);
+}
+
+/// Marks the end: state `done`, the TTL on what is kept, no lease.
+async fn finish(replicas: &Replicas, generation: &Generation) {
+    let id = &generation.id;
+    let keys = &replicas.keys;
+    let ttl = generation
+        .ended_at()
+        .map_or(replicas.config.resume_ttl, |ended| {
+            replicas.config.resume_ttl.saturating_sub(ended.elapsed())
+        });
+    let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
+    let mut pipe = redis::pipe();
+    pipe.atomic();
+    pipe.cmd("HSET")
+        .arg(keys.meta(id))
+        .arg("state")
+        .arg("done")
+        .ignore();
+    for key in [keys.meta(id), keys.log(id)] {
+        pipe.cmd("PEXPIRE").arg(key).arg(ttl_ms).ignore();
+    }
+    pipe.cmd("DEL").arg(keys.lease(id)).ignore();
+    let mut conn = replicas.conn.clone();
+    for attempt in 0..5u32 {
+        if replicas
+            .call(pipe.query_async::<()>(&mut conn))
+            .await
+            .is_ok()
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100) * 2u32.pow(attempt)).await;
+    }
+    tracing::warn!(completion_id = %id, "the end of a generation could not be written to Redis");
+}
+
+async fn mirror(replicas: &Replicas, generation: &Generation) -> Mirrored {
+    let id = &generation.id;
+    let (meta, log) = (replicas.keys.meta(id), replicas.keys.log(id));
+    let channel = replicas.keys.events_channel(id);
+    // Events Redis holds, as its last answer said.
+    let mut written = 0usize;
+    let mut backoff = Duration::from_millis(50);
+    let mut conn = replicas.conn.clone();
+    let mut last_append: Option<Instant> = None;
+    loop {
+        if let Some(last) = last_append {
+            tokio::time::sleep_until(last + BATCH_WINDOW).await;
+        }
+        let Some(frames) = generation.log.frames_from(written, BATCH_BYTES).await else {
+            return Mirrored::Whole;
+        };
+        let batch: Bytes = frames.concat().into();
+        let mut append = replicas.scripts.append.key(&meta);
+        append
+            .key(&log)
+            .arg(&channel)
+            .arg(written)
+            .arg(frames.len())
+            .arg(replicas.running_ttl_ms())
+            .arg(batch.as_ref());
+        let reply = replicas
+            .script_call("append", append.invoke_async::<i64>(&mut conn))
+            .await;
+        match reply.map(Appended::from_reply) {
+            Ok(Appended::Len(len)) => {
+                // Past what was sent: an earlier try that timed out had run.
+                // Short of it: Redis lost events; write them again.
+                written = len;
+                backoff = Duration::from_millis(50);
+                last_append = Some(Instant::now());
+                continue;
+            }
+            Ok(Appended::EndedElsewhere) => {
+                if generation.cancel(EndCause::EndedElsewhere) {
+                    tracing::warn!(completion_id = %id, "ended by another instance while out of reach; stopped");
+                }
+                return Mirrored::EndedElsewhere;
+            }
+            Ok(Appended::RecordLost) => match replicas.rewrite_record(generation).await {
+                Ok(Some(len)) => {
+                    tracing::info!(completion_id = %id, "Redis lost this generation; writing it back");
+                    written = len;
+                    continue;
+                }
+                Ok(None) => {
+                    generation.cancel(EndCause::EndedElsewhere);
+                    return Mirrored::EndedElsewhere;
+                }
+                Err(_) => {}
+            },
+            Err(err) => tracing::debug!(%err, completion_id = %id, "mirroring paused"),
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(1));
+        if give_up(generation, replicas) {
+            return Mirrored::GaveUp;
+        }
+    }
+}
+
+/// A finished generation whose log could not reach Redis for a whole TTL
+/// is not worth writing any more.
+fn give_up(generation: &Generation, replicas: &Replicas) -> bool {
+    generation
+        .ended_at()
+        .is_some_and(|ended| ended.elapsed() > replicas.config.resume_ttl)
+}

@@ -1,0 +1,531 @@
+//! `Replicas`: the state that several instances share through Redis, so
+//! that every guarantee holds whichever instance a request reaches.
+//!
+//! The instance that runs a generation (its owner) keeps it in its own
+//! registry as before and mirrors it into Redis ([`mirror`]); any other
+//! instance finds it there and reads its log by entry id ([`follow`]).
+//! Leases, reader marks and write-backs live in [`lease`]; the key schema
+//! and the scripts in [`keys`].
+//!
+//! Redis is a network: every reply can be late, lost or duplicated. Every
+//! write carries its own position, so a retry is harmless; every change
+//! to several keys is one script; every key expires. With Redis away,
+//! generations still run and end on their owner, what needs the shared
+//! state fails fast, and the mirror catches up once Redis is back.
+
+mod follow;
+mod keys;
+mod lease;
+mod mirror;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{IntoConnectionInfo, ProtocolVersion, Value};
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+use tokio_util::task::TaskTracker;
+
+use super::generation::RemoteReaders;
+use super::{CallerId, EndCause, Generation, GenerationId, GenerationRegistry};
+use crate::telemetry;
+pub use follow::{Follow, RemoteReader};
+pub use keys::caller_hash;
+use keys::{Keys, Scripts};
+
+/// How a Redis connection and its timing are set.
+#[derive(Debug, Clone)]
+pub struct ReplicaConfig {
+    /// `redis://` or `rediss://`, with user and password if any.
+    pub url: String,
+    /// How long an owner's lease lasts; it is renewed three times a lease.
+    pub lease: Duration,
+    /// Longest wait for one Redis command.
+    pub timeout: Duration,
+    /// How long finished generations stay in Redis.
+    pub resume_ttl: Duration,
+    /// What every key and channel starts with (before its colon).
+    pub prefix: String,
+    /// The key of the HMAC that names callers in records.
+    pub secret: Option<String>,
+}
+
+/// Redis could not be asked, so the answer is unknown.
+#[derive(Debug, thiserror::Error)]
+#[error("Redis is unreachable: {0}")]
+pub struct SharedStateError(String);
+
+/// What another instance's generation looks like from here.
+#[derive(Debug, Clone)]
+pub struct RemoteGeneration {
+    pub id: GenerationId,
+    pub streamed: bool,
+    /// Events in its log now.
+    pub len: usize,
+    /// Its log ends with `[DONE]`.
+    pub done: bool,
+}
+
+/// The events that end a log whose owner died: an error, then `[DONE]`,
+/// numbered from the given position. Encoding is the API's business.
+pub type Epilogue = Arc<dyn Fn(&GenerationId, usize) -> [Bytes; 2] + Send + Sync>;
+
+pub struct Replicas {
+    /// This process, as owners are named in records.
+    instance: String,
+    conn: ConnectionManager,
+    subscriber: ConnectionManager,
+    config: ReplicaConfig,
+    keys: Keys,
+    scripts: Scripts,
+    /// The caller hashes, by `CallerId` index.
+    callers: Vec<String>,
+    registry: Arc<GenerationRegistry>,
+    epilogue: Epilogue,
+    /// Generations run here and not yet fully mirrored.
+    owned: Mutex<HashMap<GenerationId, Arc<Generation>>>,
+    /// Other instances' logs followed here, with their readers.
+    followed: Mutex<HashMap<GenerationId, Followed>>,
+    up: AtomicBool,
+    errors: AtomicU64,
+    tasks: TaskTracker,
+    /// Set once the subscriber listens on this instance's control channel.
+    listening: OnceLock<()>,
+    /// This instance's marker was written once: finding it gone means
+    /// Redis lost its data.
+    marked: AtomicBool,
+}
+
+struct Followed {
+    wake: watch::Sender<u64>,
+    readers: usize,
+}
+
+fn cause_from(name: &str) -> EndCause {
+    match name {
+        "session_replaced" => EndCause::SessionReplaced,
+        "shutdown" => EndCause::Shutdown,
+        _ => EndCause::CancelEndpoint,
+    }
+}
+
+impl Replicas {
+    /// Connects lazily (an instance starts while Redis is away) and starts
+    /// the tasks that listen, renew leases and reconnect.
+    pub fn start(
+        config: ReplicaConfig,
+        callers: Vec<String>,
+        registry: Arc<GenerationRegistry>,
+        epilogue: Epilogue,
+    ) -> Result<Arc<Self>, String> {
+        let info = config
+            .url
+            .as_str()
+            .into_connection_info()
+            .map_err(|e| format!("--redis: {e}"))?;
+        let settings = info
+            .redis_settings()
+            .clone()
+            .set_protocol(ProtocolVersion::RESP3);
+        let info = info.set_redis_settings(settings);
+        let client = redis::Client::open(info).map_err(|e| format!("--redis: {e}"))?;
+        let manager = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(config.timeout))
+            .set_response_timeout(Some(config.timeout))
+            .set_number_of_retries(2)
+            .set_max_delay(Duration::from_millis(500));
+        let conn = ConnectionManager::new_lazy_with_config(client.clone(), manager.clone())
+            .map_err(|e| format!("--redis: {e}"))?;
+        let (pushes, received) = mpsc::unbounded_channel();
+        let subscriber = ConnectionManager::new_lazy_with_config(
+            client,
+            manager
+                .set_push_sender(pushes)
+                .set_automatic_resubscription(),
+        )
+        .map_err(|e| format!("--redis: {e}"))?;
+        let replicas = Arc::new(Self {
+            instance: GenerationId::new("i-").as_str().to_owned(),
+            conn,
+            subscriber,
+            keys: Keys::new(&config.prefix),
+            config,
+            scripts: Scripts::default(),
+            callers,
+            registry,
+            epilogue,
+            owned: Mutex::new(HashMap::new()),
+            followed: Mutex::new(HashMap::new()),
+            up: AtomicBool::new(false),
+            errors: AtomicU64::new(0),
+            tasks: TaskTracker::new(),
+            listening: OnceLock::new(),
+            marked: AtomicBool::new(false),
+        });
+        let weak = Arc::downgrade(&replicas);
+        replicas.registry.on_evict(Box::new(move |ids| {
+            if let Some(replicas) = weak.upgrade() {
+                replicas.forget(ids.to_vec());
+            }
+        }));
+        tokio::spawn(lease::listen(Arc::downgrade(&replicas), received));
+        tokio::spawn(lease::renew(Arc::downgrade(&replicas)));
+        Ok(replicas)
+    }
+
+    pub fn instance(&self) -> &str {
+        &self.instance
+    }
+
+    /// Whether the last command reached Redis.
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::Relaxed)
+    }
+
+    /// Commands that failed since start.
+    pub fn errors(&self) -> u64 {
+        self.errors.load(Ordering::Relaxed)
+    }
+
+    fn caller(&self, caller: CallerId) -> &str {
+        self.callers
+            .get(caller.0 as usize)
+            .map_or("unknown", String::as_str)
+    }
+
+    fn session_key(&self, generation: &Generation) -> Option<String> {
+        let session = generation.session.as_ref()?;
+        Some(self.keys.session(self.caller(generation.owner), session))
+    }
+
+    fn lock_owned(&self) -> MutexGuard<'_, HashMap<GenerationId, Arc<Generation>>> {
+        self.owned.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn lock_followed(&self) -> MutexGuard<'_, HashMap<GenerationId, Followed>> {
+        self.followed.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Runs one Redis exchange with the timeout, keeping the health flag
+    /// and the error count.
+    async fn call<T>(
+        &self,
+        exchange: impl Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T, SharedStateError> {
+        let result = match tokio::time::timeout(self.config.timeout, exchange).await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(err)) => Err(SharedStateError(err.to_string())),
+            Err(_) => Err(SharedStateError(format!(
+                "no answer within {:?}",
+                self.config.timeout
+            ))),
+        };
+        match &result {
+            Ok(_) => {
+                if !self.up.swap(true, Ordering::Relaxed) {
+                    tracing::info!("Redis reachable");
+                }
+                telemetry::redis_up(true);
+            }
+            Err(err) => {
+                self.errors.fetch_add(1, Ordering::Relaxed);
+                telemetry::redis_error();
+                if self.up.swap(false, Ordering::Relaxed) {
+                    tracing::warn!(%err, "Redis unreachable");
+                }
+                telemetry::redis_up(false);
+            }
+        }
+        result
+    }
+
+    /// [`Self::call`] for a script: a failure is counted by script and
+    /// logged with its reason, since it means a change did not happen (or
+    /// is not known to have happened).
+    async fn script_call<T>(
+        &self,
+        script: &'static str,
+        exchange: impl Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T, SharedStateError> {
+        let result = self.call(exchange).await;
+        if let Err(err) = &result {
+            telemetry::redis_script_failed(script);
+            tracing::warn!(script, %err, "a Redis script failed");
+        }
+        result
+    }
+
+    /// Publishes a generation that starts here: its record, its lease, and
+    /// (with a session) the session's latest. The session's previous
+    /// generation, wherever it runs, is cancelled. Without Redis this
+    /// fails and the generation runs on, known to this instance only; its
+    /// mirror writes the record once Redis is back.
+    pub async fn activate(self: &Arc<Self>, generation: &Arc<Generation>) {
+        generation.watch_remote_readers(Arc::clone(self) as Arc<dyn RemoteReaders>);
+        self.lock_owned()
+            .insert(generation.id.clone(), Arc::clone(generation));
+        let mut pipe = redis::pipe();
+        // Loaded in the same round trip: Redis may have restarted empty.
+        pipe.load_script(&self.scripts.record).ignore();
+        pipe.invoke_script(&self.record_invocation(generation))
+            .ignore();
+        let session_key = self.session_key(generation);
+        if let Some(key) = &session_key {
+            pipe.cmd("SET")
+                .arg(key)
+                .arg(generation.id.as_str())
+                .arg("GET")
+                .arg("PX")
+                .arg(self.running_ttl_ms());
+        }
+        let mut conn = self.conn.clone();
+        let replies: Result<Vec<Value>, _> = self
+            .script_call("record", pipe.query_async(&mut conn))
+            .await;
+        self.tasks
+            .spawn(mirror::own(Arc::clone(self), Arc::clone(generation)));
+        let previous = match replies {
+            Ok(mut replies) if session_key.is_some() => replies.pop(),
+            Ok(_) => None,
+            Err(err) => {
+                tracing::warn!(%err, "generation not shared yet: it is known to this instance only");
+                None
+            }
+        };
+        let previous = previous
+            .and_then(|v| redis::from_redis_value::<Option<String>>(v).ok())
+            .flatten()
+            .map(|id| GenerationId::from(id.as_str()))
+            .filter(|id| *id != generation.id);
+        if let Some(previous) = previous {
+            if let Some(local) = self.registry.get_any(&previous) {
+                local.cancel(EndCause::SessionReplaced);
+            } else if let Err(err) = self
+                .ask_to_cancel(generation.owner, &previous, EndCause::SessionReplaced)
+                .await
+            {
+                tracing::warn!(%err, replaced = %previous, "cannot cancel the session's previous generation");
+            }
+        }
+    }
+
+    fn record_invocation(&self, generation: &Generation) -> redis::ScriptInvocation<'_> {
+        let mut invocation = self.scripts.record.key(self.keys.meta(&generation.id));
+        invocation
+            .key(self.keys.lease(&generation.id))
+            .arg(self.caller(generation.owner))
+            .arg(&self.instance)
+            .arg(if generation.streamed { "1" } else { "0" })
+            .arg(self.running_ttl_ms())
+            .arg(self.lease_ms());
+        invocation
+    }
+
+    /// Writes a running generation's record again after Redis lost it,
+    /// with its session's latest if nothing newer took that place.
+    /// `Ok(None)`: it was ended elsewhere meanwhile. Otherwise the length
+    /// of its log in Redis.
+    async fn rewrite_record(
+        &self,
+        generation: &Generation,
+    ) -> Result<Option<usize>, SharedStateError> {
+        let mut pipe = redis::pipe();
+        pipe.load_script(&self.scripts.record).ignore();
+        pipe.invoke_script(&self.record_invocation(generation));
+        if let Some(key) = self.session_key(generation) {
+            pipe.cmd("SET")
+                .arg(key)
+                .arg(generation.id.as_str())
+                .arg("NX")
+                .arg("PX")
+                .arg(self.running_ttl_ms())
+                .ignore();
+        }
+        let mut conn = self.conn.clone();
+        let (len,): (i64,) = self
+            .script_call("record", pipe.query_async(&mut conn))
+            .await?;
+        Ok(usize::try_from(len).ok())
+    }
+
+    fn lease_ms(&self) -> u64 {
+        u64::try_from(self.config.lease.as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// A reader mark lasts three leases, renewed every third of one: a
+    /// renewal round delayed on a busy machine does not make a reader
+    /// elsewhere look gone to the owner's grace.
+    fn readers_mark_ms(&self) -> u64 {
+        self.lease_ms().saturating_mul(3)
+    }
+
+    /// Keys of a running generation outlive a dead owner by the TTL.
+    fn running_ttl_ms(&self) -> u64 {
+        u64::try_from((self.config.resume_ttl + self.config.lease).as_millis()).unwrap_or(u64::MAX)
+    }
+
+    fn ttl_ms(&self) -> u64 {
+        u64::try_from(self.config.resume_ttl.as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1)
+    }
+
+    /// Asks the owner of another instance's generation to stop, without
+    /// waiting for it. `Ok(None)`: no such generation for this caller;
+    /// `Ok(Some(asked))`: whether this call was the one that asked.
+    async fn ask_to_cancel(
+        &self,
+        caller: CallerId,
+        id: &GenerationId,
+        cause: EndCause,
+    ) -> Result<Option<bool>, SharedStateError> {
+        let mut conn = self.conn.clone();
+        let mut invocation = self.scripts.cancel.key(self.keys.meta(id));
+        invocation
+            .arg(self.caller(caller))
+            .arg(cause.as_str())
+            .arg(id.as_str())
+            .arg(self.keys.control_channel(""));
+        let outcome: i64 = self
+            .script_call("cancel", invocation.invoke_async(&mut conn))
+            .await?;
+        Ok(match outcome {
+            -1 => None,
+            n => Some(n == 1),
+        })
+    }
+
+    /// Stops another instance's generation and says what happened, as the
+    /// cancel endpoint reports it: `Ok(Some(true))` once its owner (or,
+    /// for a dead owner, the orphan ending) has ended it after this call
+    /// asked; `Ok(Some(false))` when it had already ended or was being
+    /// stopped; `Ok(None)` when this caller has no such generation.
+    pub async fn cancel(
+        &self,
+        caller: CallerId,
+        id: &GenerationId,
+        cause: EndCause,
+    ) -> Result<Option<bool>, SharedStateError> {
+        match self.ask_to_cancel(caller, id, cause).await? {
+            Some(true) => self.until_ended(id).await.map(|()| Some(true)),
+            other => Ok(other),
+        }
+    }
+
+    /// Waits until a generation's record says it ended, ending it for its
+    /// owner when the owner is gone. Bounded: an owner that neither ends
+    /// it nor loses its lease within two leases is reported unreachable.
+    async fn until_ended(&self, id: &GenerationId) -> Result<(), SharedStateError> {
+        let lease = self.config.lease;
+        let deadline = Instant::now() + 2 * lease + self.config.timeout;
+        let mut unleased_since: Option<Instant> = None;
+        loop {
+            let mut pipe = redis::pipe();
+            pipe.cmd("HMGET")
+                .arg(self.keys.meta(id))
+                .arg("state")
+                .arg("n");
+            pipe.cmd("EXISTS").arg(self.keys.lease(id));
+            let mut conn = self.conn.clone();
+            let ((state, len), leased): ((Option<String>, Option<usize>), bool) =
+                self.call(pipe.query_async(&mut conn)).await?;
+            match state.as_deref() {
+                Some("run") if !leased => {
+                    let since = *unleased_since.get_or_insert_with(Instant::now);
+                    if since.elapsed() >= lease {
+                        self.end_orphan(id, len.unwrap_or(0)).await?;
+                        continue;
+                    }
+                }
+                Some("run") => unleased_since = None,
+                // Done, or gone with its TTL: either way it does not run.
+                _ => return Ok(()),
+            }
+            if Instant::now() >= deadline {
+                return Err(SharedStateError(
+                    "the generation's owner did not confirm the cancel".into(),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// The caller's generation with this id, as Redis knows it.
+    pub async fn find(
+        &self,
+        caller: CallerId,
+        id: &GenerationId,
+    ) -> Result<Option<RemoteGeneration>, SharedStateError> {
+        let mut conn = self.conn.clone();
+        let mut get = redis::cmd("HMGET");
+        get.arg(self.keys.meta(id))
+            .arg("caller")
+            .arg("streamed")
+            .arg("state")
+            .arg("n");
+        let fields: Vec<Option<String>> = self.call(get.query_async(&mut conn)).await?;
+        let [Some(owner), streamed, state, len] = fields.as_slice() else {
+            return Ok(None);
+        };
+        if owner != self.caller(caller) {
+            return Ok(None);
+        }
+        Ok(Some(RemoteGeneration {
+            id: id.clone(),
+            streamed: streamed.as_deref() == Some("1"),
+            len: len.as_deref().and_then(|n| n.parse().ok()).unwrap_or(0),
+            done: state.as_deref() == Some("done"),
+        }))
+    }
+
+    /// The caller's latest generation in a session, as Redis knows it.
+    pub async fn latest_in_session(
+        &self,
+        caller: CallerId,
+        session: &str,
+    ) -> Result<Option<RemoteGeneration>, SharedStateError> {
+        let key = self.keys.session(self.caller(caller), session);
+        let mut conn = self.conn.clone();
+        let latest: Option<String> = self
+            .call(redis::cmd("GET").arg(key).query_async(&mut conn))
+            .await?;
+        match latest {
+            Some(id) => self.find(caller, &GenerationId::from(id.as_str())).await,
+            None => Ok(None),
+        }
+    }
+
+    /// Deletes what the resume budget evicted here from Redis too, so that
+    /// Redis holds no more than the instances' budgets (and each log no
+    /// more than `--max-log-bytes`, for no longer than the TTL).
+    fn forget(self: &Arc<Self>, ids: Vec<GenerationId>) {
+        let replicas = Arc::clone(self);
+        self.tasks.spawn(async move {
+            let mut pipe = redis::pipe();
+            for id in &ids {
+                pipe.cmd("DEL")
+                    .arg(replicas.keys.meta(id))
+                    .arg(replicas.keys.log(id))
+                    .ignore();
+            }
+            let mut conn = replicas.conn.clone();
+            // Redis away: the TTL removes them instead.
+            let _ = replicas.call(pipe.query_async::<()>(&mut conn)).await;
+        });
+    }
+
+    /// Waits until every mirror has written its last event, or `deadline`.
+    pub async fn flush(&self, deadline: Instant) {
+        self.tasks.close();
+        if tokio::time::timeout_at(deadline, self.tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("some generations were not fully written to Redis before exit");
+        }
+    }
+}

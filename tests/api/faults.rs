@@ -1,0 +1,264 @@
+//! Replicas under faults injected for real: a Redis paused, restarted or
+//! emptied, an instance killed or frozen. Each test asserts what clients
+//! see (the exact text, one `[DONE]`, the right finish) and what Redis
+//! holds afterwards (every key with an expiry).
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::common::{Events, Raw, client, completion_id, read_all, transcript};
+use crate::replicas::{Cluster, first_events, open, owned_and_followed, raw_body, rest, words};
+use crate::services::{Redis, until};
+
+/// Every key in Redis has an expiry: nothing a generation wrote stays
+/// forever.
+async fn every_key_expires(redis: &Redis) {
+    let keys = redis.cli(&["--scan"]).await;
+    for key in keys.lines().filter(|k| !k.is_empty()) {
+        let ttl: i64 = redis.cli(&["PTTL", key]).await.parse().expect("a number");
+        // -2: expired between the scan and the look.
+        assert!(ttl > 0 || ttl == -2, "{key} has no expiry ({ttl})");
+    }
+}
+
+/// Event ids with no repeat.
+fn assert_no_repeat(ids: &[String]) {
+    let unique: HashSet<&String> = ids.iter().collect();
+    assert_eq!(unique.len(), ids.len(), "an event came twice: {ids:?}");
+}
+
+async fn pause_writes(redis: &Redis, ms: u64) {
+    let reply = redis
+        .cli(&["CLIENT", "PAUSE", &ms.to_string(), "WRITE"])
+        .await;
+    assert_eq!(reply, "OK");
+}
+
+#[tokio::test]
+async fn a_redis_stall_mid_stream_loses_and_repeats_nothing() {
+    let cluster = Cluster::start(&[]).await;
+    let text = words(80);
+    let (id, owned, mut follow) = owned_and_followed(&cluster, &text, None, 0).await;
+    follow.next_json().await;
+    // Longer than a command's timeout (1 s): the owner's appends time out
+    // and are retried while the first tries still wait inside Redis.
+    pause_writes(&cluster.redis, 1500).await;
+    let (owned, follow) = tokio::join!(rest(owned), rest(follow));
+    assert_eq!(owned.text, text, "the owner's client got the whole answer");
+    assert_eq!(owned.finish_reason.as_deref(), Some("stop"));
+    assert!(owned.done && follow.done);
+    assert_eq!(follow.finish_reason.as_deref(), Some("stop"));
+    assert_no_repeat(&follow.ids);
+    assert!(
+        owned.ids.ends_with(&follow.ids),
+        "the reader elsewhere got the same events"
+    );
+
+    // Replayed from the start on the other instance: the whole log, once.
+    let replay = client()
+        .get(cluster.b.url(&format!("/v1/chat/completions/{id}/events")))
+        .send()
+        .await
+        .expect("sent");
+    let replay = read_all(replay).await;
+    assert_eq!(replay.text, text);
+    assert_eq!(replay.ids, owned.ids);
+    every_key_expires(&cluster.redis).await;
+}
+
+#[tokio::test]
+async fn a_resume_on_a_lagging_instance_waits_for_its_position_and_repeats_nothing() {
+    let cluster = Cluster::start(&[]).await;
+    let text = words(60);
+    let resp = open(&cluster.a.url("/v1/chat/completions"), &text, None, None).await;
+    let id = completion_id(&resp);
+    let mut raw = Raw::of(resp);
+    raw.until(".1\n\n").await;
+    // The owner's client reads on while nothing reaches Redis.
+    pause_writes(&cluster.redis, 800).await;
+    raw.until(".8\n\n").await;
+    let (before, last) = first_events(&raw.seen, 9);
+    drop(raw);
+
+    let resp = client()
+        .get(cluster.b.url(&format!("/v1/chat/completions/{id}/events")))
+        .header("last-event-id", &last)
+        .send()
+        .await
+        .expect("sent");
+    let after = raw_body(resp).await;
+    assert!(
+        after.starts_with("data: ") && after.contains(&format!("id: {id}.9\n\n")),
+        "the next event first: {after:?}"
+    );
+    let full = raw_body(
+        client()
+            .get(cluster.a.url(&format!("/v1/chat/completions/{id}/events")))
+            .send()
+            .await
+            .expect("sent"),
+    )
+    .await;
+    assert_eq!(format!("{before}{after}"), full, "no gap, no repeat");
+    let whole = transcript(
+        &Events::of(
+            client()
+                .get(cluster.b.url(&format!("/v1/chat/completions/{id}/events")))
+                .send()
+                .await
+                .expect("sent"),
+        )
+        .rest()
+        .await,
+    );
+    assert_eq!(whole.text, text);
+}
+
+#[tokio::test]
+async fn a_session_that_outlives_the_resume_ttl_stays_visible_and_cancellable_elsewhere() {
+    let cluster = Cluster::start(&["--resume-ttl", "3s"]).await;
+    let owned = open(
+        &cluster.a.url("/v1/chat/completions"),
+        &words(2000),
+        Some("long"),
+        None,
+    )
+    .await;
+    let id = completion_id(&owned);
+    let mut owned = Events::of(owned);
+    // 200 tokens at no less than 30 ms each: the generation has run past
+    // the resume TTL plus a lease, when an unrenewed record is gone.
+    for _ in 0..200 {
+        owned.next_json().await;
+    }
+    let session = client()
+        .get(cluster.b.url("/v1/sessions/long/stream"))
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(session.status(), 200, "the session is still known");
+    assert_eq!(completion_id(&session), id);
+    drop(session);
+
+    let next = open(
+        &cluster.b.url("/v1/chat/completions"),
+        "the next question",
+        Some("long"),
+        None,
+    )
+    .await;
+    let owned = rest(owned).await;
+    assert_eq!(owned.finish_reason.as_deref(), Some("cancelled"));
+    assert!(owned.done);
+    assert_eq!(read_all(next).await.text, "the next question");
+    every_key_expires(&cluster.redis).await;
+}
+
+#[tokio::test]
+async fn a_frozen_owner_is_ended_elsewhere_and_stops_when_it_thaws() {
+    let cluster = Cluster::start(&[]).await;
+    let (id, owned, follow) = owned_and_followed(&cluster, &words(1000), Some("f"), 3).await;
+    cluster.a.signal("STOP");
+    let after = rest(follow).await;
+    assert!(after.done, "[DONE] while the owner is frozen");
+    let error = after.chunks.last().expect("an error event");
+    assert_eq!(error["error"]["code"], "instance_gone", "{error}");
+
+    // A cancel now ends nothing: it has ended.
+    let cancel: Value = client()
+        .post(cluster.b.url(&format!("/v1/chat/completions/{id}/cancel")))
+        .send()
+        .await
+        .expect("sent")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(cancel["cancelled"], false, "{cancel}");
+
+    cluster.a.signal("CONT");
+    // The owner learns it was ended elsewhere and stops its own client's
+    // stream rather than run on alone.
+    let owned = rest(owned).await;
+    assert!(owned.done);
+    let ended = owned.chunks.last().expect("a last chunk");
+    assert!(
+        owned.finish_reason.as_deref() == Some("cancelled") || ended.get("error").is_some(),
+        "{ended}"
+    );
+    // What Redis holds did not change after the orphan ending: one end.
+    let replay = client()
+        .get(cluster.b.url(&format!("/v1/chat/completions/{id}/events")))
+        .send()
+        .await
+        .expect("sent");
+    let replay = read_all(replay).await;
+    assert!(
+        replay.ids.ends_with(&after.ids),
+        "{:?} {:?}",
+        replay.ids,
+        after.ids
+    );
+    assert_eq!(replay.chunks.last(), after.chunks.last());
+    every_key_expires(&cluster.redis).await;
+}
+
+#[tokio::test]
+async fn a_cancel_of_a_dead_owners_generation_says_true_once_it_has_ended() {
+    let mut cluster = Cluster::start(&[]).await;
+    let (id, owned, _follow) = owned_and_followed(&cluster, &words(1000), None, 2).await;
+    cluster.a.child.start_kill().expect("kill -9");
+    drop(owned);
+    let cancel: Value = client()
+        .post(cluster.b.url(&format!("/v1/chat/completions/{id}/cancel")))
+        .send()
+        .await
+        .expect("sent")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(cancel["cancelled"], true, "{cancel}");
+    let meta = cluster
+        .redis
+        .cli(&["HGET", &format!("sg:{{{id}}}:m"), "state"])
+        .await;
+    assert_eq!(meta, "done", "ended when the answer came");
+    every_key_expires(&cluster.redis).await;
+}
+
+#[tokio::test]
+async fn after_redis_restarts_empty_the_owner_writes_back_what_it_holds() {
+    let mut cluster = Cluster::start(&[]).await;
+    let finished = open(
+        &cluster.a.url("/v1/chat/completions"),
+        "kept before",
+        None,
+        None,
+    )
+    .await;
+    let finished_id = completion_id(&finished);
+    assert_eq!(read_all(finished).await.text, "kept before");
+    let text = words(100);
+    let (running_id, owned, mut follow) = owned_and_followed(&cluster, &text, Some("w"), 1).await;
+    follow.next_json().await;
+
+    cluster.redis.restart().await;
+    let (owned, follow) = tokio::join!(rest(owned), rest(follow));
+    assert_eq!(owned.text, text);
+    assert_eq!(follow.finish_reason.as_deref(), Some("stop"));
+    assert_no_repeat(&follow.ids);
+
+    // Both are back in Redis: the other instance replays them whole.
+    for (id, expected) in [(&finished_id, "kept before"), (&running_id, text.as_str())] {
+        let url = cluster.b.url(&format!("/v1/chat/completions/{id}/events"));
+        until(Duration::from_secs(10), || async {
+            client().get(&url).send().await.expect("sent").status() == 200
+        })
+        .await;
+        let replay = read_all(client().get(&url).send().await.expect("sent")).await;
+        assert_eq!(replay.text, expected);
+        assert!(replay.done);
+    }
+    every_key_expires(&cluster.redis).await;
+}
