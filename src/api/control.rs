@@ -259,11 +259,12 @@ pub(crate) async fn open_session_from_start(
 /// Where a reader resumes: just after the named event when the id names
 /// this generation; otherwise from the start. A resume after the last
 /// event of a finished generation gets `[DONE]` again, so a client that
-/// missed the end sees it and stops retrying. A running generation's
-/// position that this instance has not seen yet (another instance's
-/// mirror lags behind what its owner sent) is waited for, never replayed
-/// from the start: the reader ends with an error if the generation ends
-/// before it.
+/// missed the end sees it and stops retrying; a position a finished
+/// generation never wrote is unknown, so its log replays from the start.
+/// A running generation's position that this instance has not seen yet
+/// (another instance's mirror lags behind what its owner sent) is waited
+/// for, never replayed from the start: the reader ends with an error if
+/// the generation ends before it.
 fn resume_position(
     id: &GenerationId,
     written: usize,
@@ -273,13 +274,10 @@ fn resume_position(
     last_event_id
         .and_then(sse::parse_event_id)
         .filter(|(named, _)| named == id)
-        .map_or(0, |(_, seq)| {
-            let next = seq.saturating_add(1);
-            if done && next >= written {
-                written.saturating_sub(1)
-            } else {
-                next
-            }
+        .map_or(0, |(_, seq)| match (done, seq.saturating_add(1)) {
+            (false, next) => next,
+            (true, _) if seq >= written => 0,
+            (true, next) => next.min(written - 1),
         })
 }
 
@@ -298,7 +296,7 @@ mod tests {
             10,
             "waits for what a lagging mirror has not written yet"
         );
-        assert_eq!(resume_position(&id, 5, true, Some("chatcmpl-a.9")), 4);
+        assert_eq!(resume_position(&id, 5, true, Some("chatcmpl-a.9")), 0);
         assert_eq!(
             resume_position(&id, 5, true, Some("chatcmpl-a.4")),
             4,

@@ -55,7 +55,12 @@ impl GuardedRun {
                     }
                     return Some(Step::Delta(delta));
                 }
-                Some(Ok(TokenEvent::Finished { reason, usage })) => Step::Finished(reason, usage),
+                Some(Ok(TokenEvent::Finished { reason, usage })) => {
+                    // The backend's own figures are the ones everybody gets:
+                    // the client's usage, the log line and the metrics.
+                    self.usage = usage;
+                    Step::Finished(reason, usage)
+                }
                 Some(Err(err)) => Step::Failed(err),
                 None => Step::Failed(BackendError::Internal(
                     "the token stream ended without a finish".into(),
@@ -66,7 +71,7 @@ impl GuardedRun {
         Some(step)
     }
 
-    /// Usage as counted so far.
+    /// Usage as counted so far, or as the backend reported it at its end.
     pub fn usage(&self) -> Usage {
         self.usage
     }

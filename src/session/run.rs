@@ -144,15 +144,9 @@ impl Generations {
         let mut encoder = encoder(&generation.id);
         let mut request = start.request;
         request.demand = generation.demand.clone();
-        let accepted = if ticket.try_run() {
-            Some(
-                self.backend
-                    .generate(request.clone(), generation.cancel_token())
-                    .await?,
-            )
-        } else {
-            None
-        };
+        let accepted = self
+            .accept_if_running(&mut ticket, &generation, &request)
+            .await?;
         self.activate(&generation).await;
         generation.log.push(&encoder.opening());
         // Attach this connection before the task can finish.
@@ -172,74 +166,110 @@ impl Generations {
     /// is dropped and the generation is cancelled and retired.
     pub async fn collect(self: &Arc<Self>, start: Start) -> Result<Collected, StartError> {
         let (mut ticket, generation) = self.admit(&start, false)?;
-        let start_choices = start.request.choices;
         let _retire = RetireOnDrop {
             registry: Arc::clone(&self.registry),
             generation: Arc::clone(&generation),
         };
-        let mut clock = TokenClock::start();
+        let request = start.request;
+        let accepted = self
+            .accept_if_running(&mut ticket, &generation, &request)
+            .await?;
+        // Visible while queued too, so that its session's next request or
+        // the cancel endpoint can stop it.
+        self.activate(&generation).await;
+        let mut answer = Answer::new(request.choices);
+        let mut failure = None;
+        let mut finish = FinishReason::Stop;
+        let ran = self
+            .run(
+                &generation,
+                &mut ticket,
+                Opening { accepted, request },
+                |step| match step {
+                    Step::Text(piece) => answer.text(&piece),
+                    Step::Delta(delta) => answer.delta(&delta),
+                    Step::Finished(reason, _) => {
+                        answer.finish(reason);
+                        finish = reason;
+                    }
+                    Step::Failed(err) => failure = Some(err),
+                },
+            )
+            .await;
+        let (cause, usage) = ran
+            .as_ref()
+            .map_or((EndCause::Error, Usage::default()), |e| *e);
+        end(&generation, ticket, cause, usage);
+        match (ran, failure) {
+            (Err(err), _) | (Ok(_), Some(err)) => Err(err.into()),
+            (Ok(_), None) => Ok(Collected {
+                generation,
+                answer,
+                reason: finish,
+                usage,
+            }),
+        }
+    }
+
+    /// Calls the backend at once when a run slot is free, so that its
+    /// refusal can still be the response's status; `None` when queued.
+    async fn accept_if_running(
+        &self,
+        ticket: &mut Ticket,
+        generation: &Generation,
+        request: &GenerateRequest,
+    ) -> Result<Option<Accepted>, BackendError> {
+        if !ticket.try_run() {
+            return Ok(None);
+        }
+        let accepted = self
+            .backend
+            .generate(request.clone(), generation.cancel_token())
+            .await?;
+        Ok(Some(accepted))
+    }
+
+    /// The one way a generation runs, streamed or not: wait for a run slot
+    /// if it has none (a cancel while queued ends it at once), call the
+    /// backend, and hand each step on. Returns why it ended and the usage
+    /// (the backend's own figures), or the backend's refusal.
+    async fn run(
+        &self,
+        generation: &Generation,
+        ticket: &mut Ticket,
+        opening: Opening,
+        mut on_step: impl FnMut(Step),
+    ) -> Result<(EndCause, Usage), BackendError> {
         let cancel = generation.cancel_token();
-        let accepted = if ticket.try_run() {
-            let accepted = self
-                .backend
-                .generate(start.request, generation.cancel_token())
-                .await?;
-            self.activate(&generation).await;
-            accepted
-        } else {
-            // Visible while queued, so that its session's next request or
-            // the cancel endpoint can stop it.
-            self.activate(&generation).await;
-            tokio::select! {
-                biased;
-                () = cancel.cancelled() => {}
-                () = ticket.run() => {}
-            }
-            if cancel.is_cancelled() {
-                never_started()
-            } else {
-                self.backend
-                    .generate(start.request, generation.cancel_token())
-                    .await?
+        let accepted = match opening.accepted {
+            Some(accepted) => accepted,
+            None => {
+                tokio::select! {
+                    biased;
+                    () = cancel.cancelled() => {}
+                    () = ticket.run() => {}
+                }
+                if cancel.is_cancelled() {
+                    never_started()
+                } else {
+                    self.backend
+                        .generate(opening.request, generation.cancel_token())
+                        .await?
+                }
             }
         };
-        let mut run = GuardedRun::new(accepted, generation.cancel_token());
-        let mut answer = Answer::new(start_choices);
-        let mut outcome = Err(BackendError::Internal("no end".into()));
+        let mut clock = TokenClock::start();
+        let mut run = GuardedRun::new(accepted, cancel);
+        let mut cause = EndCause::Error;
         while let Some(step) = run.next().await {
-            match step {
-                Step::Text(piece) => {
-                    clock.tick();
-                    answer.text(&piece);
-                }
-                Step::Delta(delta) => {
-                    clock.tick();
-                    answer.delta(&delta);
-                }
-                Step::Finished(reason, usage) => {
-                    answer.finish(reason);
-                    outcome = Ok((reason, usage));
-                }
-                Step::Failed(err) => outcome = Err(err),
+            match &step {
+                Step::Text(_) | Step::Delta(_) => clock.tick(),
+                Step::Finished(reason, _) => cause = end_cause(generation, *reason),
+                Step::Failed(_) => cause = EndCause::Error,
             }
+            on_step(step);
         }
-        generation.mark_done();
-        drop(ticket);
-        match outcome {
-            Ok((reason, usage)) => {
-                log_end(&generation, end_cause(&generation, reason), usage);
-                Ok(Collected {
-                    generation,
-                    answer,
-                    reason,
-                    usage,
-                })
-            }
-            Err(err) => {
-                log_end(&generation, EndCause::Error, run.usage());
-                Err(err.into())
-            }
-        }
+        Ok((cause, run.usage()))
     }
 }
 
@@ -252,8 +282,8 @@ fn never_started() -> Accepted {
     }
 }
 
-/// How a streamed generation begins: already accepted by its backend, or
-/// still to be called once it holds a slot.
+/// How a generation begins: already accepted by its backend, or still to
+/// be called once it holds a slot.
 struct Opening {
     accepted: Option<Accepted>,
     request: GenerateRequest,
@@ -267,75 +297,69 @@ async fn drive(
     opening: Opening,
     mut encoder: impl EventEncoder,
 ) {
-    let mut clock = TokenClock::start();
     let log = &generation.log;
-    let cancel = generation.cancel_token();
-    let accepted = match opening.accepted {
-        Some(accepted) => Ok(accepted),
-        None => {
-            tokio::select! {
-                biased;
-                () = cancel.cancelled() => {}
-                () = ticket.run() => {}
-            }
-            if cancel.is_cancelled() {
-                Ok(never_started())
-            } else {
-                generations
-                    .backend
-                    .generate(opening.request, generation.cancel_token())
-                    .await
-            }
-        }
-    };
     let max_log_bytes = generations.registry.config().max_log_bytes;
-    let mut cause = EndCause::Error;
-    let mut usage = Usage::default();
-    match accepted {
-        Err(err) => log.push(&encoder.error(err)),
-        Ok(accepted) => {
-            let mut run = GuardedRun::new(accepted, generation.cancel_token());
-            let mut cut = false;
-            while let Some(step) = run.next().await {
-                match step {
-                    Step::Text(text) => {
-                        clock.tick();
-                        if !text.is_empty() {
-                            log.push(&encoder.text(&text));
-                        }
-                        // A log at its cap ends the answer as `max_tokens` would.
-                        if log.bytes() >= max_log_bytes && !cut {
-                            cut = generation.cancel(EndCause::Length);
-                        }
-                    }
-                    Step::Delta(delta) => {
-                        clock.tick();
-                        log.push(&encoder.delta(&delta));
-                        if log.bytes() >= max_log_bytes && !cut {
-                            cut = generation.cancel(EndCause::Length);
-                        }
-                    }
-                    Step::Finished(reason, counted) => {
-                        let reason = if cut { FinishReason::Length } else { reason };
-                        for event in encoder.finish(reason) {
-                            log.push(&event);
-                        }
-                        if let Some(event) = encoder.usage(counted) {
-                            log.push(&event);
-                        }
-                        cause = end_cause(&generation, reason);
-                    }
-                    Step::Failed(err) => log.push(&encoder.error(err)),
+    let mut cut = false;
+    // A log at its cap ends the answer as `max_tokens` would.
+    let mut cap = |bytes: usize| {
+        if bytes >= max_log_bytes && !cut {
+            cut = generation.cancel(EndCause::Length);
+        }
+        cut
+    };
+    let ran = generations
+        .run(&generation, &mut ticket, opening, |step| match step {
+            Step::Text(text) => {
+                if !text.is_empty() {
+                    log.push(&encoder.text(&text));
+                }
+                cap(log.bytes());
+            }
+            Step::Delta(delta) => {
+                log.push(&encoder.delta(&delta));
+                cap(log.bytes());
+            }
+            Step::Finished(_, _) if generation.cancel_cause() == Some(EndCause::EndedElsewhere) => {
+            }
+            Step::Finished(reason, counted) => {
+                let reason = if cap(0) { FinishReason::Length } else { reason };
+                for event in encoder.finish(reason) {
+                    log.push(&event);
+                }
+                if let Some(event) = encoder.usage(counted) {
+                    log.push(&event);
                 }
             }
-            usage = run.usage();
+            Step::Failed(err) => log.push(&encoder.error(err)),
+        })
+        .await;
+    let (cause, usage) = match ran {
+        Ok((cause, usage)) => (cause, usage),
+        Err(err) => {
+            log.push(&encoder.error(err));
+            (EndCause::Error, Usage::default())
         }
+    };
+    match generations.replicas() {
+        // Ended by another instance that took this one for dead: its own
+        // client gets the ending the readers elsewhere got.
+        Some(replicas) if cause == EndCause::EndedElsewhere => {
+            for event in replicas.epilogue(&generation.id, log.len()) {
+                log.push(&event);
+            }
+        }
+        _ => log.push(&encoder.done()),
     }
-    log.push(&encoder.done());
+    end(&generation, ticket, cause, usage);
+    generations.registry.retire(&generation);
+}
+
+/// Records the end: the log closes, the run slot frees, the end is
+/// logged and counted once.
+fn end(generation: &Generation, ticket: Ticket, cause: EndCause, usage: Usage) {
     generation.mark_done();
     drop(ticket);
-    log_end(&generation, cause, usage);
-    generations.registry.retire(&generation);
+    log_end(generation, cause, usage);
 }
 
 fn end_cause(generation: &Generation, reason: FinishReason) -> EndCause {

@@ -191,6 +191,12 @@ impl Replicas {
         self.errors.load(Ordering::Relaxed)
     }
 
+    /// The events that end a log at event `seq` when its owner is gone:
+    /// what readers elsewhere get from the orphan ending.
+    pub fn epilogue(&self, id: &GenerationId, seq: usize) -> [Bytes; 2] {
+        (self.epilogue)(id, seq)
+    }
+
     fn caller(&self, caller: CallerId) -> &str {
         self.callers
             .get(caller.0 as usize)
