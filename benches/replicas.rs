@@ -5,6 +5,8 @@
 //!
 //! - server CPU per streamed token, 32 streams, with and without `--redis`
 //!   (and Redis's own CPU);
+//! - Redis commands and stream entries per streamed token;
+//! - request to first byte of a new stream, with and without `--redis`;
 //! - a resume on another instance: request to first replayed byte;
 //! - cancel-previous across instances: request to the old stream's `[DONE]`;
 //! - Redis memory per retained 500-token generation;
@@ -56,6 +58,33 @@ impl Redis {
         cpu_seconds_of(self.child.id().expect("running"))
     }
 
+    /// Calls of every command so far, and of `XADD` (one per stream
+    /// entry), scripts' own calls included.
+    async fn command_calls(&self) -> (u64, u64) {
+        let out = Command::new("redis-cli")
+            .args(["-p", &self.port.to_string(), "INFO", "commandstats"])
+            .output()
+            .await
+            .expect("redis-cli");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let calls = |line: &str| {
+            line.split_once("calls=")
+                .and_then(|(_, rest)| rest.split(',').next())
+                .and_then(|n| n.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        let all = text
+            .lines()
+            .filter(|l| l.starts_with("cmdstat_"))
+            .map(calls)
+            .sum();
+        let xadd = text
+            .lines()
+            .find(|l| l.starts_with("cmdstat_xadd:"))
+            .map_or(0, calls);
+        (all, xadd)
+    }
+
     async fn used_memory(&self) -> u64 {
         let out = Command::new("redis-cli")
             .args(["-p", &self.port.to_string(), "INFO", "memory"])
@@ -94,10 +123,54 @@ async fn throughput() {
     drop(local);
     let redis = Redis::start().await;
     let shared = Server::start(&["--max-queue", "1024", "--redis", &redis.url()]).await;
+    let calls_before = redis.command_calls().await;
+    let started = Instant::now();
     let (rate_r, cpu_r, redis_cpu) = cpu_per_token(&shared, Some(&redis)).await;
+    let tokens = rate_r * started.elapsed().as_secs_f64();
+    let calls_after = redis.command_calls().await;
     println!(
-        "with --redis: 32 streams, {rate_r:.0} tokens/s, server CPU {cpu_r:.2} us/token ({:.2}x), redis-server CPU {redis_cpu:.2} us/token",
+        "with --redis: 32 streams, {rate_r:.0} tokens/s ({:.2}x), server CPU {cpu_r:.2} us/token ({:.2}x), redis-server CPU {redis_cpu:.2} us/token",
+        rate_r / rate,
         cpu_r / cpu
+    );
+    println!(
+        "with --redis: about {:.3} Redis commands and {:.3} stream entries per token",
+        (calls_after.0 - calls_before.0) as f64 / tokens,
+        (calls_after.1 - calls_before.1) as f64 / tokens,
+    );
+}
+
+/// Request to first byte of a new stream, one request at a time.
+async fn first_byte_of(server: &Server) -> (f64, f64) {
+    let url = format!("{}/v1/chat/completions", server.base);
+    let http = client();
+    let mut times = Vec::new();
+    for _ in 0..300 {
+        let started = Instant::now();
+        let resp = http
+            .post(&url)
+            .json(&chat("a b c"))
+            .send()
+            .await
+            .expect("sent");
+        let mut body = resp.bytes_stream();
+        body.next().await.expect("a first byte").expect("bytes");
+        times.push(ms(started.elapsed()));
+        while body.next().await.is_some() {}
+    }
+    times.sort_by(f64::total_cmp);
+    (quantile(&times, 0.5), quantile(&times, 0.99))
+}
+
+async fn first_byte() {
+    let local = Server::start(&[]).await;
+    let (p50, p99) = first_byte_of(&local).await;
+    drop(local);
+    let redis = Redis::start().await;
+    let shared = Server::start(&["--redis", &redis.url()]).await;
+    let (r50, r99) = first_byte_of(&shared).await;
+    println!(
+        "first byte, 300 streams one at a time: in-process p50 {p50:.2} ms p99 {p99:.2} ms; with --redis p50 {r50:.2} ms p99 {r99:.2} ms"
     );
 }
 
@@ -256,6 +329,9 @@ async fn main() {
     let wanted = |name: &str| filter.is_empty() || filter.iter().any(|f| name.contains(f.as_str()));
     if wanted("throughput") {
         throughput().await;
+    }
+    if wanted("first_byte") {
+        first_byte().await;
     }
     if wanted("resume") {
         resume_elsewhere().await;

@@ -111,6 +111,16 @@ pub struct Config {
     #[arg(long, env = "SLUICEGATE_RESUME_BUDGET", default_value_t = 64 << 20)]
     pub resume_budget: usize,
 
+    /// How long a stored Responses API response and its items are kept.
+    #[arg(long, env = "SLUICEGATE_RESPONSE_TTL", value_parser = duration, default_value = "30m")]
+    pub response_ttl: Duration,
+
+    /// Bytes of stored Responses API responses kept in this process (with
+    /// `--redis`, Redis keeps them under its own memory limit); the oldest
+    /// go first.
+    #[arg(long, env = "SLUICEGATE_RESPONSE_BUDGET", default_value_t = 64 << 20)]
+    pub response_budget: usize,
+
     /// Largest event log of one generation in bytes; an answer that reaches
     /// it ends with `finish_reason: "length"`.
     #[arg(long, env = "SLUICEGATE_MAX_LOG_BYTES", default_value_t = 16 << 20)]

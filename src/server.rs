@@ -26,7 +26,7 @@ use crate::backend::local::{LocalBackend, LocalSettings};
 use crate::backend::upstream::{UpstreamBackend, UpstreamConfig};
 use crate::config::{BackendKind, Config};
 use crate::session::replicas::Epilogue;
-use crate::session::{EndCause, RegistryConfig, ReplicaConfig};
+use crate::session::{EndCause, RegistryConfig, ReplicaConfig, StoredConfig};
 use crate::telemetry;
 use crate::transport::{self, Connections, Limits};
 
@@ -91,6 +91,10 @@ impl AppState {
             allowed_hosts: std::iter::once(config.host.clone())
                 .chain(config.allowed_hosts.iter().cloned())
                 .collect(),
+            stored: StoredConfig {
+                ttl: config.response_ttl,
+                budget: config.response_budget,
+            },
         };
         let state = Self::new(backend, registry, config.api_keys.clone(), settings).await;
         let epilogue: Epilogue =

@@ -13,6 +13,7 @@ use crate::backend::Backend;
 use crate::session::replicas::{Epilogue, caller_hash};
 use crate::session::{
     Admission, GenerationRegistry, Generations, PerCaller, RegistryConfig, ReplicaConfig, Replicas,
+    Stored, StoredConfig,
 };
 
 /// Settings the request path reads.
@@ -43,6 +44,8 @@ pub struct Settings {
     /// Names accepted in `Host` when no API key is set, besides IP
     /// addresses and `localhost`; `*` for any.
     pub allowed_hosts: Vec<String>,
+    /// How long stored Responses API responses are kept, within what.
+    pub stored: StoredConfig,
 }
 
 impl Default for Settings {
@@ -61,6 +64,10 @@ impl Default for Settings {
             idle_timeout: Duration::from_secs(60),
             max_connections: None,
             allowed_hosts: Vec::new(),
+            stored: StoredConfig {
+                ttl: Duration::from_secs(30 * 60),
+                budget: 64 << 20,
+            },
         }
     }
 }
@@ -84,6 +91,8 @@ pub struct AppState {
     /// The state shared with other instances (`--redis`); `None`: all
     /// state is in this process.
     pub replicas: Option<Arc<Replicas>>,
+    /// Stored Responses API responses, here or (with `--redis`) shared.
+    pub stored: Arc<Stored>,
 }
 
 impl AppState {
@@ -112,6 +121,7 @@ impl AppState {
             Arc::clone(&admission),
             Arc::clone(&backend),
         ));
+        let stored = Arc::new(Stored::new(settings.stored, None));
         Self {
             admission,
             backend,
@@ -125,6 +135,7 @@ impl AppState {
             shutdown: CancellationToken::new(),
             metrics: None,
             replicas: None,
+            stored,
         }
     }
 
@@ -152,6 +163,10 @@ impl AppState {
             .collect();
         let replicas = Replicas::start(config, callers, Arc::clone(&self.registry), epilogue)?;
         self.generations.share(Arc::clone(&replicas));
+        self.stored = Arc::new(Stored::new(
+            self.settings.stored,
+            Some(Arc::clone(&replicas)),
+        ));
         self.replicas = Some(replicas);
         Ok(self)
     }

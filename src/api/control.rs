@@ -13,6 +13,7 @@ use serde::Deserialize;
 
 use super::error::ApiError;
 use super::extract::{Caller, OpenAiPath as Path, OpenAiQuery as Query};
+use super::responses;
 use super::sse;
 use super::wire::CancelResult;
 use crate::session::{CallerId, EndCause, Generation, GenerationId, LogReader, RemoteGeneration};
@@ -20,20 +21,20 @@ use crate::state::AppState;
 use crate::telemetry;
 
 /// A caller's generation, here or on another instance.
-enum Found {
+pub(crate) enum Found {
     Local(Arc<Generation>),
     Remote(RemoteGeneration),
 }
 
 impl Found {
-    fn streamed(&self) -> bool {
+    pub(crate) fn streamed(&self) -> bool {
         match self {
             Self::Local(g) => g.streamed,
             Self::Remote(r) => r.streamed,
         }
     }
 
-    fn id(&self) -> &GenerationId {
+    pub(crate) fn id(&self) -> &GenerationId {
         match self {
             Self::Local(g) => &g.id,
             Self::Remote(r) => &r.id,
@@ -41,7 +42,7 @@ impl Found {
     }
 
     /// Events written so far, and whether the last one is `[DONE]`.
-    fn written(&self) -> (usize, bool) {
+    pub(crate) fn written(&self) -> (usize, bool) {
         match self {
             Self::Local(g) => (g.log.len(), g.log.is_closed()),
             Self::Remote(r) => (r.len, r.done),
@@ -52,10 +53,13 @@ impl Found {
 /// Ids are generated here: anything else (say, a key pattern aimed at
 /// Redis) is unknown without asking anyone.
 fn plausible(id: &str) -> bool {
-    (1..=64).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+    (1..=64).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
-async fn find(
+pub(crate) async fn find(
     state: &AppState,
     caller: CallerId,
     id: &GenerationId,
@@ -180,7 +184,8 @@ pub(crate) async fn resume_from_post(
     };
     let Some(found) = find(state, caller, &id).await?.filter(|f| {
         let (written, done) = f.written();
-        f.streamed() && (seq < written || !done)
+        // A Responses id numbers its own events, not the log's.
+        f.streamed() && (seq < written || !done || responses::is_response(f.id()))
     }) else {
         return Ok(None);
     };
@@ -195,7 +200,19 @@ fn last_event_id<'a>(headers: &'a HeaderMap, query: &'a ResumeQuery) -> Option<&
         .or(query.last_event_id.as_deref())
 }
 
+/// A stream of the generation after `last_event_id`, in the dialect it was
+/// started in.
 async fn attach(state: &AppState, found: Found, last_event_id: Option<&str>) -> Response {
+    if responses::is_response(found.id()) {
+        let after = last_event_id
+            .and_then(sse::parse_event_id)
+            .filter(|(named, _)| named == found.id())
+            .map(|(_, seq)| seq as u64);
+        return match open(state, found, 0).await {
+            Ok(opened) => responses::event_stream(opened, after, state.settings.keep_alive),
+            Err(err) => err.into_response(),
+        };
+    }
     let (written, done) = found.written();
     let from = resume_position(found.id(), written, done, last_event_id);
     match open(state, found, from).await {
@@ -217,7 +234,7 @@ pub(crate) struct Opened {
     pub(crate) hold: Box<dyn Send>,
 }
 
-async fn open(state: &AppState, found: Found, from: usize) -> Result<Opened, ApiError> {
+pub(crate) async fn open(state: &AppState, found: Found, from: usize) -> Result<Opened, ApiError> {
     let id = found.id().clone();
     tracing::Span::current().record("completion_id", id.as_str());
     telemetry::resumed();
@@ -308,6 +325,7 @@ mod tests {
     #[test]
     fn only_ids_of_our_shape_are_looked_up() {
         assert!(plausible("chatcmpl-abc123"));
+        assert!(plausible("resp_abc123"));
         for bad in ["", "a}b", "a*", "a b", &"x".repeat(65)] {
             assert!(!plausible(bad), "{bad:?}");
         }

@@ -182,6 +182,11 @@ impl ApiError {
         }
     }
 
+    /// The `code` of the error body, if it has one.
+    pub fn code(&self) -> Option<&'static str> {
+        self.parts().2
+    }
+
     /// The JSON body, also sent as the error event once a stream has begun.
     pub fn body(&self) -> Vec<u8> {
         let (_, kind, code) = self.parts();

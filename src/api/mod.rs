@@ -9,6 +9,7 @@ pub mod head;
 mod models;
 mod page;
 pub mod params;
+mod responses;
 mod run;
 pub mod sse;
 mod ui;
@@ -33,6 +34,16 @@ pub fn routes() -> Router<AppState> {
         .route(
             "/v1/sessions/{session_id}/stream",
             get(control::session_stream),
+        )
+        .route("/v1/responses", post(responses::create))
+        .route(
+            "/v1/responses/{id}",
+            get(responses::retrieve).delete(responses::delete),
+        )
+        .route("/v1/responses/{id}/cancel", post(responses::cancel))
+        .route(
+            "/v1/responses/{id}/input_items",
+            get(responses::input_items),
         )
         .route("/v1/ui/chat", post(ui::chat))
         .route("/v1/ui/chat/{chat_id}/stream", get(ui::resume))

@@ -42,8 +42,16 @@ pub(crate) async fn start(
         flavor,
     };
     if plan.stream {
-        let (generation, attachment) =
-            start_stream(state, caller, session, flavor, plan, &answer).await?;
+        let (generation, attachment) = start_stream(
+            state,
+            caller,
+            session,
+            flavor,
+            plan,
+            &answer,
+            Dialect::default(),
+        )
+        .await?;
         let reader = LogReader::new(generation.log.clone(), 0);
         Ok(sse::event_stream(
             &generation.id,
@@ -59,10 +67,23 @@ pub(crate) async fn start(
             session,
             id_prefix: flavor.id_prefix(),
             request,
+            background: false,
         };
         let collected = state.generations.collect(start).await?;
         Ok(json_answer(&collected, &answer))
     }
+}
+
+/// What a generation started for another dialect (which transcodes its
+/// log on read) carries beyond a chat completion's.
+#[derive(Debug, Default)]
+pub(crate) struct Dialect {
+    /// `resp_` for a Responses API response; `chatcmpl-` by default.
+    pub(crate) id_prefix: Option<&'static str>,
+    /// Carried by the opening chunk (the Response object's fixed part).
+    pub(crate) skeleton: Option<Value>,
+    /// Runs to its end whether anyone reads it or not.
+    pub(crate) background: bool,
 }
 
 /// Starts a streamed generation whose log holds OpenAI chunks, whichever
@@ -73,6 +94,7 @@ pub(crate) async fn stream(
     caller: CallerId,
     session: Option<String>,
     plan: Plan,
+    dialect: Dialect,
 ) -> Result<(Arc<Generation>, Attachment), ApiError> {
     if state.is_shutting_down() {
         return Err(ApiError::ShuttingDown);
@@ -82,7 +104,7 @@ pub(crate) async fn stream(
         created: unix_now(),
         flavor: Flavor::Chat,
     };
-    start_stream(state, caller, session, Flavor::Chat, plan, &answer).await
+    start_stream(state, caller, session, Flavor::Chat, plan, &answer, dialect).await
 }
 
 /// What the backend may reuse for this request: the caller's computed
@@ -101,6 +123,7 @@ async fn start_stream(
     flavor: Flavor,
     mut plan: Plan,
     answer: &Answer,
+    dialect: Dialect,
 ) -> Result<(Arc<Generation>, Attachment), ApiError> {
     plan.request.cache_key = Some(cache_key(caller, session.as_deref()));
     let include_usage = plan.include_usage;
@@ -108,14 +131,17 @@ async fn start_stream(
     let start = Start {
         caller,
         session,
-        id_prefix: flavor.id_prefix(),
+        id_prefix: dialect.id_prefix.unwrap_or(flavor.id_prefix()),
         request: plan.request,
+        background: dialect.background,
     };
+    let skeleton = dialect.skeleton;
     Ok(state
         .generations
         .stream(start, |id| StreamEncoder {
             chunks: ChunkEncoder::new(id, &answer.model, answer.created, flavor)
-                .with_choices(choices),
+                .with_choices(choices)
+                .with_skeleton(skeleton),
             include_usage,
         })
         .await?)

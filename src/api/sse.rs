@@ -56,6 +56,8 @@ pub struct ChunkEncoder {
     seq: usize,
     /// Per choice, whether it has had its finish.
     finished: Vec<bool>,
+    /// Carried by the opening chunk; see [`ChatChunk::x_response`].
+    skeleton: Option<serde_json::Value>,
 }
 
 impl ChunkEncoder {
@@ -67,12 +69,20 @@ impl ChunkEncoder {
             flavor,
             seq: 0,
             finished: vec![false],
+            skeleton: None,
         }
     }
 
     /// For a request of `n` choices, each with its own finish.
     pub fn with_choices(mut self, n: u32) -> Self {
         self.finished = vec![false; n.max(1) as usize];
+        self
+    }
+
+    /// For a Responses API generation: the opening chunk carries the
+    /// Response object's fixed part.
+    pub fn with_skeleton(mut self, skeleton: Option<serde_json::Value>) -> Self {
+        self.skeleton = skeleton;
         self
     }
 
@@ -115,6 +125,11 @@ impl ChunkEncoder {
                     model: &self.model,
                     choices: &choices,
                     usage: None,
+                    x_response: if seq == 0 {
+                        self.skeleton.as_ref()
+                    } else {
+                        None
+                    },
                 };
                 json_frame(&self.id, seq, &chunk)
             }
@@ -206,6 +221,7 @@ impl ChunkEncoder {
             model: &self.model,
             choices: &[],
             usage,
+            x_response: None,
         };
         json_frame(&self.id, seq, &chunk)
     }
@@ -310,7 +326,7 @@ pub fn parse_event_id(id: &str) -> Option<(GenerationId, usize)> {
     let valid = !generation.is_empty()
         && generation
             .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-');
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
     valid.then(|| (GenerationId::from(generation), seq))
 }
 

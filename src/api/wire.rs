@@ -113,6 +113,10 @@ pub struct ChatChunk<'a> {
     pub choices: &'a [ChunkChoice<'a>],
     #[serde(skip_serializing_if = "Option::is_none")]
     pub usage: Option<UsageBody>,
+    /// On the opening chunk of a Responses API generation only: the
+    /// Response object's fixed part, for whoever transcodes the log.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub x_response: Option<&'a serde_json::Value>,
 }
 
 #[derive(Debug, Serialize)]

@@ -50,6 +50,9 @@ pub struct Generation {
     remote_readers: OnceLock<Arc<dyn RemoteReaders>>,
     /// Visible in the registry and not yet retired.
     active: AtomicBool,
+    /// Runs to its end whether anyone reads it or not (a Responses API
+    /// `background` response): no pause, no reattach grace.
+    background: AtomicBool,
     /// Paused while no connection reads it (a backend that can stops
     /// computing then); handed to the backend with the request.
     pub demand: Demand,
@@ -85,6 +88,7 @@ impl Generation {
             reattach_grace,
             remote_readers: OnceLock::new(),
             active: AtomicBool::new(false),
+            background: AtomicBool::new(false),
             demand: Demand::default(),
         })
     }
@@ -98,6 +102,11 @@ impl Generation {
     /// time, and only if it was active.
     pub(super) fn take_active(&self) -> bool {
         self.active.swap(false, Ordering::AcqRel)
+    }
+
+    /// Makes it run to its end with nobody attached.
+    pub fn run_in_background(&self) {
+        self.background.store(true, Ordering::Release);
     }
 
     /// Makes the reattach grace ask other instances before cancelling.
@@ -178,7 +187,7 @@ impl Generation {
             let mut state = self.attached.lock().unwrap_or_else(|e| e.into_inner());
             state.count -= 1;
             state.epoch += 1;
-            if state.count > 0 || self.is_done() {
+            if state.count > 0 || self.is_done() || self.background.load(Ordering::Acquire) {
                 return;
             }
             // Nobody reads: no compute until someone is back (decided under
@@ -304,6 +313,16 @@ mod tests {
         assert!(!g.cancel_token().is_cancelled());
         tokio::time::sleep(Duration::from_millis(2)).await;
         assert_eq!(g.cancel_cause(), Some(EndCause::ClientGone));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_background_generation_runs_on_with_nobody_attached() {
+        let g = generation(Duration::ZERO);
+        g.run_in_background();
+        drop(g.attach());
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+        assert!(!g.cancel_token().is_cancelled());
+        assert!(!g.demand.is_paused());
     }
 
     #[tokio::test]

@@ -55,6 +55,10 @@ pub trait LogSource: Send + Sync {
     /// least one). Waits while there is none yet and the log is open.
     /// Cancel-safe: dropping the future loses nothing.
     async fn read(&self, from: usize, limit: usize) -> Result<Read, LogError>;
+
+    /// Like [`Self::read`] without waiting: `None` while nothing after
+    /// `from` is there yet.
+    async fn read_now(&self, from: usize, limit: usize) -> Result<Option<Read>, LogError>;
 }
 
 /// One connection's place in a log.
@@ -71,6 +75,18 @@ impl LogReader {
     /// The number of the next event this reader will get.
     pub fn position(&self) -> usize {
         self.pos
+    }
+
+    /// What [`Self::next`] would give now, without waiting; `Ok(None)`
+    /// both at the end and while nothing new is there yet (see `ended`).
+    pub async fn next_now(&mut self) -> Result<Option<Bytes>, LogError> {
+        match self.source.read_now(self.pos, READ_LIMIT).await? {
+            Some(Read::Events(batch)) => {
+                self.pos += batch.events;
+                Ok(Some(batch.bytes))
+            }
+            Some(Read::End) | None => Ok(None),
+        }
     }
 
     /// The next events, as one buffer so a fast producer costs one write
@@ -222,6 +238,17 @@ impl MemoryLog {
 
 #[async_trait]
 impl LogSource for MemoryLog {
+    async fn read_now(&self, from: usize, limit: usize) -> Result<Option<Read>, LogError> {
+        let state = self.state.borrow();
+        if state.dropped {
+            return Err(LogError::Dropped);
+        }
+        if from < state.ends.len() {
+            return Ok(Some(Read::Events(state.window(from, limit))));
+        }
+        Ok(state.closed.then_some(Read::End))
+    }
+
     async fn read(&self, from: usize, limit: usize) -> Result<Read, LogError> {
         let mut rx = self.state.subscribe();
         loop {

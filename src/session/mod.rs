@@ -8,6 +8,7 @@ pub mod log;
 pub mod registry;
 pub mod replicas;
 pub mod run;
+pub mod stored;
 
 use std::fmt;
 
@@ -20,6 +21,7 @@ pub use log::{LogError, LogReader, LogSource, MemoryLog, READ_LIMIT};
 pub use registry::{GenerationRegistry, RegistryConfig, RetireOnDrop};
 pub use replicas::{RemoteGeneration, ReplicaConfig, Replicas, SharedStateError};
 pub use run::{Collected, EventEncoder, Generations, Start, StartError};
+pub use stored::{Stored, StoredConfig};
 
 /// Who is asking: one per configured API key, or the one anonymous caller.
 /// Generations, sessions and ids are visible to their owner only.

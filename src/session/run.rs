@@ -47,9 +47,11 @@ pub trait EventEncoder: Send + 'static {
 pub struct Start {
     pub caller: CallerId,
     pub session: Option<String>,
-    /// `chatcmpl-` or `cmpl-`.
+    /// `chatcmpl-`, `cmpl-` or `resp_`.
     pub id_prefix: &'static str,
     pub request: GenerateRequest,
+    /// Runs to its end whether anyone reads it or not.
+    pub background: bool,
 }
 
 /// Why a generation did not start.
@@ -117,6 +119,9 @@ impl Generations {
             start.session.clone(),
             streamed,
         );
+        if start.background {
+            generation.run_in_background();
+        }
         tracing::Span::current().record("completion_id", generation.id.as_str());
         Ok((ticket, generation))
     }

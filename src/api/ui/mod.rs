@@ -41,7 +41,8 @@ pub(crate) async fn chat(
         &state.default_model(),
         state.backend.capabilities(),
     )?;
-    let (generation, attachment) = run::stream(&state, caller, Some(chat_id), plan).await?;
+    let (generation, attachment) =
+        run::stream(&state, caller, Some(chat_id), plan, run::Dialect::default()).await?;
     let reader = LogReader::new(generation.log.clone(), 0);
     Ok(ui_stream(
         &generation.id,

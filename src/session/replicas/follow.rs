@@ -247,6 +247,17 @@ impl Replicas {
 
 #[async_trait]
 impl LogSource for RedisLog {
+    async fn read_now(&self, from: usize, limit: usize) -> Result<Option<Read>, LogError> {
+        let look = self
+            .look(from, limit)
+            .await
+            .map_err(|e| LogError::Unreachable(e.to_string()))?;
+        if !look.frames.is_empty() {
+            return Ok(Some(Read::Events(batch(look.frames, limit))));
+        }
+        Ok((look.state == RecordState::Done && from >= look.len).then_some(Read::End))
+    }
+
     async fn read(&self, from: usize, limit: usize) -> Result<Read, LogError> {
         let lease = self.replicas.config.lease;
         let poll = lease / 3;

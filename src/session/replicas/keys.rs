@@ -56,6 +56,11 @@ impl Keys {
         format!("{}{{{id}}}:rd", self.prefix)
     }
 
+    /// A stored document (a stored response), in its generation's slot.
+    pub(super) fn document(&self, id: &str) -> String {
+        format!("{}{{{id}}}:doc", self.prefix)
+    }
+
     pub(super) fn session(&self, caller: &str, session: &str) -> String {
         format!("{}s:{{{caller}}}:{session}", self.prefix)
     }

@@ -505,6 +505,57 @@ impl Replicas {
         }
     }
 
+    /// Keeps a caller's document under `id` for `ttl`, for every instance.
+    pub async fn put_document(
+        &self,
+        owner: CallerId,
+        id: &str,
+        document: &serde_json::Value,
+        ttl: Duration,
+    ) -> Result<(), SharedStateError> {
+        let record = serde_json::json!({"owner": self.caller(owner), "doc": document});
+        let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
+        let mut set = redis::cmd("SET");
+        set.arg(self.keys.document(id))
+            .arg(record.to_string())
+            .arg("PX")
+            .arg(ttl_ms);
+        let mut conn = self.conn.clone();
+        self.call(set.query_async::<()>(&mut conn)).await
+    }
+
+    /// The caller's document under `id`; another caller's is `None`.
+    pub async fn get_document(
+        &self,
+        owner: CallerId,
+        id: &str,
+    ) -> Result<Option<serde_json::Value>, SharedStateError> {
+        let mut conn = self.conn.clone();
+        let mut get = redis::cmd("GET");
+        get.arg(self.keys.document(id));
+        let record: Option<String> = self.call(get.query_async(&mut conn)).await?;
+        Ok(record
+            .and_then(|r| serde_json::from_str::<serde_json::Value>(&r).ok())
+            .filter(|r| r["owner"].as_str() == Some(self.caller(owner)))
+            .map(|mut r| r["doc"].take()))
+    }
+
+    /// Deletes the caller's document; whether there was one.
+    pub async fn delete_document(
+        &self,
+        owner: CallerId,
+        id: &str,
+    ) -> Result<bool, SharedStateError> {
+        if self.get_document(owner, id).await?.is_none() {
+            return Ok(false);
+        }
+        let mut conn = self.conn.clone();
+        let mut del = redis::cmd("DEL");
+        del.arg(self.keys.document(id));
+        let deleted: u64 = self.call(del.query_async(&mut conn)).await?;
+        Ok(deleted > 0)
+    }
+
     /// Deletes what the resume budget evicted here from Redis too, so that
     /// Redis holds no more than the instances' budgets (and each log no
     /// more than `--max-log-bytes`, for no longer than the TTL).
