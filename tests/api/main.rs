@@ -13,6 +13,7 @@ mod hostile;
 mod model;
 mod process;
 mod replicas;
+mod responses;
 mod resume;
 mod services;
 mod streaming;

@@ -247,14 +247,16 @@ fn tools(tools: &[Value], relays: bool) -> Result<Vec<Value>, ApiError> {
                 }
                 out.push(json!({"type": "function", "function": function}));
             }
-            Some(kind) if HOSTED_TOOLS.contains(&kind) => {
+            Some(kind) => {
                 if relays {
                     out.push(tool.clone());
+                } else if !HOSTED_TOOLS.contains(&kind) {
+                    tracing::debug!(kind, "a tool type this backend cannot run is dropped");
                 }
             }
-            _ => {
+            None => {
                 return Err(invalid(
-                    format!("`tools[{i}].type` must be `function` (or a hosted tool type)."),
+                    format!("`tools[{i}].type` is required."),
                     format!("tools[{i}].type"),
                 ));
             }

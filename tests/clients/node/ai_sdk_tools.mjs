@@ -1,17 +1,26 @@
-// The Vercel AI SDK's OpenAI-compatible provider, unmodified: streamText
-// with tools over two steps (the call, then the answer after its result).
-// Env: SLUICEGATE_URL; MODEL (default: the server's first model);
-// PROMPT; TOOL_CHOICE ("auto", "required" or a tool name); EXPECT_CALLS
-// (default 1); EXPECT_REASONING ("1" when the model reasons first).
+// The Vercel AI SDK's providers, unmodified: streamText with tools over
+// two steps (the call, then the answer after its result).
+// Env: SLUICEGATE_URL; PROVIDER ("compatible", the default: chat
+// completions; "openai": the Responses API; "anthropic": the Messages
+// API); MODEL (default: the server's first model); PROMPT; TOOL_CHOICE
+// ("auto", "required" or a tool name); EXPECT_CALLS (default 1);
+// EXPECT_REASONING ("1" when the model reasons first).
 import assert from "node:assert/strict";
 import { streamText, tool, stepCountIs } from "ai";
 import { createOpenAICompatible } from "@ai-sdk/openai-compatible";
+import { createOpenAI } from "@ai-sdk/openai";
+import { createAnthropic } from "@ai-sdk/anthropic";
 import { z } from "zod";
 
 const base = process.env.SLUICEGATE_URL;
 const models = await (await fetch(`${base}/v1/models`)).json();
 const modelId = process.env.MODEL ?? models.data[0].id;
-const provider = createOpenAICompatible({ name: "sluicegate", baseURL: `${base}/v1`, apiKey: "not-needed" });
+const model = {
+  compatible: () =>
+    createOpenAICompatible({ name: "sluicegate", baseURL: `${base}/v1`, apiKey: "not-needed" }).chatModel(modelId),
+  openai: () => createOpenAI({ baseURL: `${base}/v1`, apiKey: "not-needed" })(modelId),
+  anthropic: () => createAnthropic({ baseURL: `${base}/v1`, apiKey: "not-needed" })(modelId),
+}[process.env.PROVIDER ?? "compatible"]();
 
 const executed = [];
 const tools = {
@@ -36,7 +45,7 @@ const choice = process.env.TOOL_CHOICE ?? "required";
 const toolChoice = ["auto", "required", "none"].includes(choice) ? choice : { type: "tool", toolName: choice };
 
 const result = streamText({
-  model: provider.chatModel(modelId),
+  model,
   system: "You are a helpful assistant.",
   prompt: process.env.PROMPT ?? "What is the weather in Paris?",
   tools,
