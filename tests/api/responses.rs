@@ -370,3 +370,171 @@ async fn cancelling_a_background_response_stops_its_compute() {
         "{generated} generated, {kept} kept"
     );
 }
+
+/// The events of a raw Responses stream as JSON.
+fn events_of(raw: &str) -> Vec<Value> {
+    raw.split_terminator("\n\n")
+        .filter_map(|event| event.lines().find_map(|l| l.strip_prefix("data: ")))
+        .map(|data| serde_json::from_str(data).expect("JSON data"))
+        .collect()
+}
+
+fn text_of(events: &[Value]) -> String {
+    events
+        .iter()
+        .filter(|e| e["type"] == "response.output_text.delta")
+        .map(|e| e["delta"].as_str().expect("delta"))
+        .collect()
+}
+
+#[tokio::test]
+async fn across_replicas_a_response_resumes_retrieves_chains_and_cancels_from_any_instance() {
+    let cluster = crate::replicas::Cluster::start(&[]).await;
+    let nginx = crate::services::Nginx::start(&[&cluster.a.base, &cluster.b.base]).await;
+    let words = crate::replicas::words(40);
+    let resp = client()
+        .post(cluster.a.url("/v1/responses"))
+        .json(&create(&words, json!({"background": true})))
+        .send()
+        .await
+        .expect("sent");
+    let id = completion_id(&resp);
+    let mut raw = Raw::of(resp);
+    raw.until(&format!("id: {id}.8\n\n")).await;
+    let before = events_of(&raw.seen);
+    drop(raw);
+    let rest = client()
+        .get(
+            cluster
+                .b
+                .url(&format!("/v1/responses/{id}?stream=true&starting_after=8")),
+        )
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(rest.status(), 200);
+    let mut rest = Raw::of(rest);
+    tokio::time::timeout(Duration::from_secs(20), rest.read_to_end())
+        .await
+        .expect("the stream ends");
+    let all: Vec<Value> = before.into_iter().chain(events_of(&rest.seen)).collect();
+    let numbers: Vec<u64> = all
+        .iter()
+        .map(|e| e["sequence_number"].as_u64().expect("n"))
+        .collect();
+    assert_eq!(
+        numbers,
+        (0..all.len() as u64).collect::<Vec<_>>(),
+        "no gap, no repeat"
+    );
+    assert_eq!(text_of(&all), words);
+    assert_eq!(all.last().expect("last")["type"], "response.completed");
+
+    // Retrieve, input items and a chain, each through the balancer.
+    let got: Value = client()
+        .get(nginx.url(&format!("/v1/responses/{id}")))
+        .send()
+        .await
+        .expect("sent")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(got["status"], "completed");
+    assert_eq!(got["output"][0]["content"][0]["text"], words.as_str());
+    let items: Value = client()
+        .get(nginx.url(&format!("/v1/responses/{id}/input_items")))
+        .send()
+        .await
+        .expect("sent")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(
+        items["data"][0]["content"][0]["text"],
+        words.as_str(),
+        "{items}"
+    );
+    let next: Value = client()
+        .post(nginx.url("/v1/responses"))
+        .json(&create(
+            "go on",
+            json!({"stream": false, "previous_response_id": id}),
+        ))
+        .send()
+        .await
+        .expect("sent")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(next["output"][0]["content"][0]["text"], "go on", "{next}");
+
+    // A background response on A, cancelled on B: A stops computing.
+    let long = crate::replicas::words(1000);
+    let created: Value = client()
+        .post(cluster.a.url("/v1/responses"))
+        .json(&create(&long, json!({"stream": false, "background": true})))
+        .send()
+        .await
+        .expect("sent")
+        .json()
+        .await
+        .expect("json");
+    let long_id = created["id"].as_str().expect("id");
+    let cancelled: Value = client()
+        .post(cluster.b.url(&format!("/v1/responses/{long_id}/cancel")))
+        .send()
+        .await
+        .expect("sent")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(cancelled["status"], "cancelled", "{cancelled}");
+    let generated = sample(
+        &crate::replicas::metrics(&cluster.a).await,
+        "sluicegate_tokens_generated_total",
+        &[],
+    );
+    assert!(generated < 300.0, "{generated} tokens: the owner stopped");
+}
+
+#[tokio::test]
+async fn a_killed_owners_background_response_fails_with_instance_gone_elsewhere() {
+    let mut cluster = crate::replicas::Cluster::start(&[]).await;
+    let created: Value = client()
+        .post(cluster.a.url("/v1/responses"))
+        .json(&create(
+            &crate::replicas::words(1000),
+            json!({"stream": false, "background": true}),
+        ))
+        .send()
+        .await
+        .expect("sent")
+        .json()
+        .await
+        .expect("json");
+    let id = created["id"].as_str().expect("id");
+    let follow = client()
+        .get(cluster.b.url(&format!("/v1/responses/{id}?stream=true")))
+        .send()
+        .await
+        .expect("sent");
+    let mut follow = Raw::of(follow);
+    follow.until("response.output_text.delta").await;
+    cluster.a.child.start_kill().expect("kill -9");
+    tokio::time::timeout(Duration::from_secs(20), follow.read_to_end())
+        .await
+        .expect("the stream ends");
+    let events = events_of(&follow.seen);
+    let last = events.last().expect("events");
+    assert_eq!(last["type"], "response.failed", "{last}");
+    assert_eq!(last["response"]["error"]["code"], "instance_gone", "{last}");
+    let got: Value = client()
+        .get(cluster.b.url(&format!("/v1/responses/{id}")))
+        .send()
+        .await
+        .expect("sent")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(got["status"], "failed", "{got}");
+}
