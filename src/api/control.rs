@@ -13,9 +13,9 @@ use serde::Deserialize;
 
 use super::error::ApiError;
 use super::extract::{Caller, OpenAiPath as Path, OpenAiQuery as Query};
-use super::responses;
 use super::sse;
 use super::wire::CancelResult;
+use super::{messages, responses};
 use crate::session::{CallerId, EndCause, Generation, GenerationId, LogReader, RemoteGeneration};
 use crate::state::AppState;
 use crate::telemetry;
@@ -184,8 +184,9 @@ pub(crate) async fn resume_from_post(
     };
     let Some(found) = find(state, caller, &id).await?.filter(|f| {
         let (written, done) = f.written();
-        // A Responses id numbers its own events, not the log's.
-        f.streamed() && (seq < written || !done || responses::is_response(f.id()))
+        // Other dialects number their own events, not the log's.
+        let own_numbers = responses::is_response(f.id()) || messages::is_message(f.id());
+        f.streamed() && (seq < written || !done || own_numbers)
     }) else {
         return Ok(None);
     };
@@ -203,13 +204,21 @@ fn last_event_id<'a>(headers: &'a HeaderMap, query: &'a ResumeQuery) -> Option<&
 /// A stream of the generation after `last_event_id`, in the dialect it was
 /// started in.
 async fn attach(state: &AppState, found: Found, last_event_id: Option<&str>) -> Response {
-    if responses::is_response(found.id()) {
+    // Other dialects number their own events and transcode from the start.
+    let transcoded = if responses::is_response(found.id()) {
+        Some(responses::event_stream as fn(Opened, Option<u64>, _) -> Response)
+    } else if messages::is_message(found.id()) {
+        Some(messages::event_stream as fn(Opened, Option<u64>, _) -> Response)
+    } else {
+        None
+    };
+    if let Some(event_stream) = transcoded {
         let after = last_event_id
             .and_then(sse::parse_event_id)
             .filter(|(named, _)| named == found.id())
             .map(|(_, seq)| seq as u64);
         return match open(state, found, 0).await {
-            Ok(opened) => responses::event_stream(opened, after, state.settings.keep_alive),
+            Ok(opened) => event_stream(opened, after, state.settings.keep_alive),
             Err(err) => err.into_response(),
         };
     }

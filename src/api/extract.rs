@@ -131,6 +131,14 @@ impl FromRequestParts<AppState> for Caller {
             .and_then(|v| {
                 let (scheme, token) = v.trim().split_once(' ')?;
                 scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+            })
+            // Anthropic's clients send the key in its own header.
+            .or_else(|| {
+                parts
+                    .headers
+                    .get("x-api-key")
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::trim)
             });
         let caller = state.keys.identify(presented).map_err(|e| {
             ApiError::Unauthorized(match e {

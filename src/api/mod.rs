@@ -6,6 +6,7 @@ mod control;
 pub mod error;
 mod extract;
 pub mod head;
+mod messages;
 mod models;
 mod page;
 pub mod params;
@@ -44,6 +45,12 @@ pub fn routes() -> Router<AppState> {
         .route(
             "/v1/responses/{id}/input_items",
             get(responses::input_items),
+        )
+        .merge(
+            Router::new()
+                .route("/v1/messages", post(messages::create))
+                .route("/v1/messages/count_tokens", post(messages::count_tokens))
+                .route_layer(axum::middleware::from_fn(messages::errors)),
         )
         .route("/v1/ui/chat", post(ui::chat))
         .route("/v1/ui/chat/{chat_id}/stream", get(ui::resume))

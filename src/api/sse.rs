@@ -56,7 +56,7 @@ pub struct ChunkEncoder {
     seq: usize,
     /// Per choice, whether it has had its finish.
     finished: Vec<bool>,
-    /// Carried by the opening chunk; see [`ChatChunk::x_response`].
+    /// Carried by the opening chunk; see [`ChatChunk::x_skeleton`].
     skeleton: Option<serde_json::Value>,
 }
 
@@ -125,7 +125,7 @@ impl ChunkEncoder {
                     model: &self.model,
                     choices: &choices,
                     usage: None,
-                    x_response: if seq == 0 {
+                    x_skeleton: if seq == 0 {
                         self.skeleton.as_ref()
                     } else {
                         None
@@ -221,7 +221,7 @@ impl ChunkEncoder {
             model: &self.model,
             choices: &[],
             usage,
-            x_response: None,
+            x_skeleton: None,
         };
         json_frame(&self.id, seq, &chunk)
     }
@@ -336,6 +336,11 @@ pub trait Framing: Send + 'static {
     fn events(&mut self, batch: Bytes) -> Bytes;
     /// The end of a stream whose log cannot be read, at event `position`.
     fn unreadable(&mut self, id: &GenerationId, position: usize, err: &ApiError) -> Bytes;
+    /// What goes out while nothing else flows: a comment, unless the
+    /// dialect has an event for it (Anthropic's `ping`).
+    fn keep_alive(&mut self) -> Bytes {
+        Bytes::from_static(KEEP_ALIVE)
+    }
 }
 
 /// The OpenAI streams: the log's events as they are.
@@ -411,7 +416,7 @@ pub fn framed_stream<H: Send + 'static>(
                         break;
                     }
                 },
-                () = &mut idle => yield Ok(Bytes::from_static(KEEP_ALIVE)),
+                () = &mut idle => yield Ok(framing.keep_alive()),
             }
             idle.as_mut().reset(tokio::time::Instant::now() + keep_alive);
         }

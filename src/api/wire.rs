@@ -113,10 +113,11 @@ pub struct ChatChunk<'a> {
     pub choices: &'a [ChunkChoice<'a>],
     #[serde(skip_serializing_if = "Option::is_none")]
     pub usage: Option<UsageBody>,
-    /// On the opening chunk of a Responses API generation only: the
-    /// Response object's fixed part, for whoever transcodes the log.
+    /// On the opening chunk of a generation started in another dialect
+    /// (Responses, Messages) only: the fixed part of that dialect's answer
+    /// object, for whoever transcodes the log.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub x_response: Option<&'a serde_json::Value>,
+    pub x_skeleton: Option<&'a serde_json::Value>,
 }
 
 #[derive(Debug, Serialize)]

@@ -225,6 +225,13 @@ impl Backend for EchoBackend {
         }])
     }
 
+    async fn count_tokens(&self, req: GenerateRequest) -> Result<u32, BackendError> {
+        if req.model != self.model {
+            return Err(BackendError::ModelNotFound(req.model));
+        }
+        Ok(prompt_tokens(&req.prompt))
+    }
+
     async fn generate(
         &self,
         req: GenerateRequest,

@@ -207,6 +207,19 @@ impl Backend for LocalBackend {
         }])
     }
 
+    async fn count_tokens(&self, req: GenerateRequest) -> Result<u32, BackendError> {
+        if req.model != self.name {
+            return Err(BackendError::ModelNotFound(req.model));
+        }
+        let model = Arc::clone(&self.model);
+        // Tokenizing a long prompt takes a while: not on the runtime.
+        let prompt =
+            tokio::task::spawn_blocking(move || tokenize(&model, &req.prompt, &req.features))
+                .await
+                .map_err(|e| BackendError::Internal(e.to_string()))??;
+        Ok(u32::try_from(prompt.len()).unwrap_or(u32::MAX))
+    }
+
     async fn generate(
         &self,
         req: GenerateRequest,

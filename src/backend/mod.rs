@@ -50,6 +50,10 @@ pub trait Backend: Send + Sync + 'static {
         req: GenerateRequest,
         cancel: CancellationToken,
     ) -> Result<Accepted, BackendError>;
+
+    /// The prompt's length in this backend's tokens, as `generate` would
+    /// count it, without generating.
+    async fn count_tokens(&self, req: GenerateRequest) -> Result<u32, BackendError>;
 }
 
 /// What a backend hands back once it has accepted a request.

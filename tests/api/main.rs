@@ -10,6 +10,7 @@ mod engine;
 mod errors;
 mod faults;
 mod hostile;
+mod messages;
 mod model;
 mod process;
 mod replicas;

@@ -25,7 +25,7 @@ struct Chunk {
     choices: Vec<Choice>,
     usage: Option<ChunkUsage>,
     error: Option<Value>,
-    x_response: Option<Map<String, Value>>,
+    x_skeleton: Option<Map<String, Value>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -248,7 +248,7 @@ impl Transcoder {
             tracing::warn!("an event of the log is not a chat chunk; skipped");
             return;
         };
-        if let Some(skeleton) = chunk.x_response {
+        if let Some(skeleton) = chunk.x_skeleton {
             self.skeleton = skeleton;
             let created = Value::Object(self.object("in_progress"));
             self.emit(out, "response.created", json!({"response": created}));
