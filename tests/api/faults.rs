@@ -259,3 +259,94 @@ async fn after_redis_restarts_empty_the_owner_writes_back_what_it_holds() {
     }
     every_key_expires(&cluster.redis).await;
 }
+
+/// One client of the soak: a stream opened through the balancer, cut
+/// after `cut` events, resumed (on whichever instance the balancer picks)
+/// as fetch-event-source does, retrying any refusal; what it got in all.
+async fn cut_and_resume(base: String, text: String, cut: usize) -> crate::common::Transcript {
+    let url = format!("{base}/v1/chat/completions");
+    let resp = open(&url, &text, None, None).await;
+    let mut raw = Raw::of(resp);
+    raw.until(&format!(".{cut}\n\n")).await;
+    let (mut seen, last) = first_events(&raw.seen, cut + 1);
+    drop(raw);
+    let id = last.rsplit_once('.').expect("an event id").0.to_owned();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let resp = client()
+            .get(format!("{base}/v1/chat/completions/{id}/events"))
+            .header("last-event-id", &last)
+            .send()
+            .await;
+        if let Ok(resp) = resp
+            && resp.status() == 200
+        {
+            seen.push_str(&raw_body(resp).await);
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{id} never resumed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let events: Vec<eventsource_stream::Event> = {
+        use eventsource_stream::Eventsource;
+        use futures_util::StreamExt;
+        futures_util::stream::iter([Ok::<_, std::io::Error>(bytes::Bytes::from(seen))])
+            .eventsource()
+            .map(|e| e.expect("well-formed SSE"))
+            .collect()
+            .await
+    };
+    transcript(&events)
+}
+
+#[tokio::test]
+async fn a_soak_of_two_hundred_resumed_streams_while_redis_is_paused_restarted_and_killed() {
+    let mut cluster = Cluster::start(&["--redis-timeout", "500ms"]).await;
+    let nginx = crate::services::Nginx::start(&[&cluster.a.base, &cluster.b.base]).await;
+    let streams: Vec<_> = (0..200)
+        .map(|i| {
+            let text = format!("s{i} {}", words(40));
+            let base = nginx.base.clone();
+            let expected = text.clone();
+            let cut = 2 + i % 30;
+            tokio::spawn(async move {
+                // Waves, so that streams start and resume all along.
+                tokio::time::sleep(Duration::from_millis(30 * i as u64)).await;
+                (expected, cut_and_resume(base, text, cut).await)
+            })
+        })
+        .collect();
+    let faults = async {
+        let mut round = 0;
+        while !streams.iter().all(tokio::task::JoinHandle::is_finished) && round < 12 {
+            tokio::time::sleep(Duration::from_millis(700)).await;
+            match round % 3 {
+                0 => pause_writes(&cluster.redis, 1200).await,
+                1 => cluster.redis.restart().await,
+                _ => {
+                    cluster.redis.stop().await;
+                    tokio::time::sleep(Duration::from_millis(800)).await;
+                    cluster.redis.restart().await;
+                }
+            }
+            round += 1;
+        }
+        round
+    };
+    let rounds = faults.await;
+    assert!(
+        rounds >= 3,
+        "every kind of fault happened while streams ran"
+    );
+    for stream in streams {
+        let (expected, got) = stream.await.expect("a client");
+        assert!(got.done, "[DONE]: {expected}");
+        assert_no_repeat(&got.ids);
+        assert_eq!(got.text, expected, "nothing cut short or repeated");
+        assert_eq!(got.finish_reason.as_deref(), Some("stop"));
+    }
+    for p in [&cluster.a, &cluster.b] {
+        until(Duration::from_secs(10), || crate::replicas::redis_ok(p)).await;
+    }
+    every_key_expires(&cluster.redis).await;
+}
