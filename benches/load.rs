@@ -7,7 +7,9 @@
 //! - memory per retained 500-token generation, and a 1,000-event replay;
 //! - the openai backend's added first-token latency and CPU per relayed
 //!   token, against the upstream alone;
-//! - token gaps with 200 to 4,000 streams over HTTP/2.
+//! - token gaps with 200 to 4,000 streams over HTTP/2;
+//! - server CPU per streamed token on `/v1/responses` and `/v1/messages`
+//!   against `/v1/chat/completions`.
 
 #![allow(clippy::expect_used)] // a harness that cannot measure should stop loudly
 
@@ -33,6 +35,42 @@ async fn throughput() {
         tokens as f64 / wall,
         cpu * 1e6 / tokens as f64
     );
+}
+
+/// Server CPU per streamed token on each dialect's route, the same echo
+/// answer through the same log (events other than tokens are a dozen of
+/// 5,000).
+async fn dialects() {
+    let server = Server::start(&["--max-queue", "1024"]).await;
+    let text = words(5_000);
+    let routes = [
+        ("/v1/chat/completions", chat(&text)),
+        (
+            "/v1/responses",
+            serde_json::json!({"model": "echo", "stream": true, "store": false, "input": text}),
+        ),
+        (
+            "/v1/messages",
+            serde_json::json!({"model": "echo", "stream": true, "max_tokens": 10_000,
+                "messages": [{"role": "user", "content": text}]}),
+        ),
+    ];
+    let concurrency = 32;
+    let clients: Vec<_> = (0..concurrency).map(|_| client()).collect();
+    let mut chat_cpu = None;
+    for (route, body) in routes {
+        let url = format!("{}{route}", server.base);
+        let cpu_before = server.cpu_seconds();
+        let (tokens, wall) =
+            support::stream_load(&clients, &url, &body, concurrency, Duration::from_secs(5)).await;
+        let cpu = (server.cpu_seconds() - cpu_before) * 1e6 / tokens as f64;
+        let base = *chat_cpu.get_or_insert(cpu);
+        println!(
+            "dialects: {route}: {:.0} tokens/s, server CPU {cpu:.2} us/token ({:.2}x chat completions)",
+            tokens as f64 / wall,
+            cpu / base
+        );
+    }
 }
 
 /// Server RSS in KiB before and after holding `n` of what `open` opens,
@@ -426,6 +464,9 @@ async fn main() {
         .filter(|a| !a.starts_with("--"))
         .collect();
     let wanted = |name: &str| filter.is_empty() || filter.iter().any(|f| name.contains(f.as_str()));
+    if wanted("dialects") {
+        dialects().await;
+    }
     if wanted("throughput") {
         throughput().await;
     }

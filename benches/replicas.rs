@@ -8,6 +8,8 @@
 //! - Redis commands and stream entries per streamed token;
 //! - request to first byte of a new stream, with and without `--redis`;
 //! - a resume on another instance: request to first replayed byte;
+//! - a Responses API `starting_after` resume, request to first replayed
+//!   byte, on the owner and on another instance;
 //! - cancel-previous across instances: request to the old stream's `[DONE]`;
 //! - Redis memory per retained 500-token generation;
 //! - 1,000 concurrent streams over two instances.
@@ -174,6 +176,47 @@ async fn first_byte() {
     );
 }
 
+/// `GET /v1/responses/{id}?stream=true&starting_after=N` to its first
+/// byte, 200 times on `base`.
+async fn starting_after_on(base: &str, id: &str) -> (f64, f64) {
+    let http = client();
+    let url = format!("{base}/v1/responses/{id}?stream=true&starting_after=250");
+    let mut times = Vec::new();
+    for _ in 0..200 {
+        let started = Instant::now();
+        let resp = http.get(&url).send().await.expect("sent");
+        assert_eq!(resp.status(), 200);
+        let mut body = resp.bytes_stream();
+        body.next().await.expect("a first byte").expect("bytes");
+        times.push(ms(started.elapsed()));
+    }
+    times.sort_by(f64::total_cmp);
+    (quantile(&times, 0.5), quantile(&times, 0.99))
+}
+
+async fn starting_after() {
+    let redis = Redis::start().await;
+    let a = Server::start(&["--redis", &redis.url()]).await;
+    let b = Server::start(&["--redis", &redis.url()]).await;
+    let created: serde_json::Value = client()
+        .post(format!("{}/v1/responses", a.base))
+        .json(&serde_json::json!({"model": "echo", "input": words(500)}))
+        .send()
+        .await
+        .expect("sent")
+        .json()
+        .await
+        .expect("json");
+    let id = created["id"].as_str().expect("an id").to_owned();
+    // Wait for the mirror: B replays the whole response.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (own50, own99) = starting_after_on(&a.base, &id).await;
+    let (far50, far99) = starting_after_on(&b.base, &id).await;
+    println!(
+        "starting_after=250 of a 500-token response, to first byte: on the owner p50 {own50:.2} ms p99 {own99:.2} ms; on another instance p50 {far50:.2} ms p99 {far99:.2} ms"
+    );
+}
+
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
@@ -332,6 +375,9 @@ async fn main() {
     }
     if wanted("first_byte") {
         first_byte().await;
+    }
+    if wanted("starting_after") {
+        starting_after().await;
     }
     if wanted("resume") {
         resume_elsewhere().await;

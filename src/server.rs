@@ -109,9 +109,16 @@ impl AppState {
                     prefix: config.redis_prefix.clone(),
                     secret: config.redis_secret.clone(),
                 };
-                state
+                let state = state
                     .share(shared, &config.api_keys, epilogue)
-                    .map_err(anyhow::Error::msg)
+                    .map_err(anyhow::Error::msg)?;
+                if let Some(replicas) = &state.replicas {
+                    replicas
+                        .check_permissions()
+                        .await
+                        .map_err(anyhow::Error::msg)?;
+                }
+                Ok(state)
             }
             None => Ok(state),
         }

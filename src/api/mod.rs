@@ -2,6 +2,7 @@
 //! wire and `session`/`backend`; nothing outside `api` sees axum.
 
 mod chat;
+mod chunk;
 mod control;
 pub mod error;
 mod extract;

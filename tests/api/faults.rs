@@ -350,3 +350,63 @@ async fn a_soak_of_two_hundred_resumed_streams_while_redis_is_paused_restarted_a
     }
     every_key_expires(&cluster.redis).await;
 }
+
+#[tokio::test]
+async fn a_least_privileged_acl_user_works_and_a_missing_permission_stops_start_up() {
+    let redis = Redis::start().await;
+    let grant = |user: &'static str, scripting: bool| {
+        let mut args = vec!["ACL", "SETUSER", user, "on", ">pw", "~sg:*", "&sg:*"];
+        args.extend([
+            "+@read",
+            "+@write",
+            "+@keyspace",
+            "+@pubsub",
+            "+@connection",
+        ]);
+        if scripting {
+            args.push("+@scripting");
+        }
+        let redis = &redis;
+        async move { assert_eq!(redis.cli(&args).await, "OK") }
+    };
+    grant("sluicegate", true).await;
+    grant("noscripts", false).await;
+
+    // Only its own keys and channels, and scripting: everything works.
+    let url = format!("redis://sluicegate:pw@127.0.0.1:{}", redis.port);
+    let a = crate::replicas::instance_at(&url, &[]).await;
+    let b = crate::replicas::instance_at(&url, &[]).await;
+    for p in [&a, &b] {
+        until(Duration::from_secs(10), || crate::replicas::redis_ok(p)).await;
+    }
+    let text = words(20);
+    let resp = open(&a.url("/v1/chat/completions"), &text, None, None).await;
+    let id = completion_id(&resp);
+    assert_eq!(read_all(resp).await.text, text);
+    let replay = client()
+        .get(b.url(&format!("/v1/chat/completions/{id}/events")))
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(read_all(replay).await.text, text);
+
+    // Without scripting: a clear error at start-up, not a server that
+    // silently shares nothing.
+    let bad = format!("redis://noscripts:pw@127.0.0.1:{}", redis.port);
+    let output = tokio::time::timeout(
+        Duration::from_secs(30),
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_sluicegate"))
+            .args(["--backend", "echo", "--port", "0", "--redis", &bad])
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("it stops")
+    .expect("it runs");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("may not") && stderr.contains("+@scripting"),
+        "{stderr}"
+    );
+}

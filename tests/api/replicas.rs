@@ -39,14 +39,18 @@ impl Cluster {
 }
 
 pub(crate) async fn instance(redis: &Redis, extra: &[&str]) -> Process {
-    let url = redis.url();
+    instance_at(&redis.url(), extra).await
+}
+
+/// An echo instance on the Redis at `url`.
+pub(crate) async fn instance_at(url: &str, extra: &[&str]) -> Process {
     let mut args = vec![
         "--backend",
         "echo",
         "--token-delay",
         "30ms",
         "--redis",
-        url.as_str(),
+        url,
         "--redis-lease",
         "1s",
     ];

@@ -14,58 +14,11 @@
 use std::fmt::Write as _;
 
 use bytes::{BufMut, Bytes, BytesMut};
-use serde::Deserialize;
-use serde_json::{Map, Value, json};
+use serde_json::{Value, json};
 
-use crate::api::sse::RETRY;
-
-#[derive(Debug, Default, Deserialize)]
-struct Chunk {
-    #[serde(default)]
-    choices: Vec<Choice>,
-    usage: Option<ChunkUsage>,
-    error: Option<Value>,
-    x_skeleton: Option<Map<String, Value>>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-struct Choice {
-    #[serde(default)]
-    delta: Delta,
-    finish_reason: Option<String>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-struct Delta {
-    content: Option<String>,
-    reasoning_content: Option<String>,
-    reasoning: Option<String>,
-    #[serde(default)]
-    tool_calls: Vec<ToolCallDelta>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-struct ToolCallDelta {
-    #[serde(default)]
-    index: usize,
-    id: Option<String>,
-    #[serde(default)]
-    function: FunctionDelta,
-}
-
-#[derive(Debug, Default, Deserialize)]
-struct FunctionDelta {
-    name: Option<String>,
-    arguments: Option<String>,
-}
-
-#[derive(Debug, Default, Clone, Copy, Deserialize)]
-struct ChunkUsage {
-    #[serde(default)]
-    prompt_tokens: u64,
-    #[serde(default)]
-    completion_tokens: u64,
-}
+use crate::api::chunk::{
+    Chunk, ChunkUsage, LogEvent, ToolCallDelta, log_events, named_event, put_json,
+};
 
 /// One content block.
 #[derive(Debug)]
@@ -152,13 +105,13 @@ impl Transcoder {
     }
 
     /// Events for whole log events; possibly none.
-    pub(crate) fn events(&mut self, log_events: &[u8]) -> Bytes {
+    pub(crate) fn events(&mut self, events: &[u8]) -> Bytes {
         let mut out = BytesMut::new();
-        for data in log_events
-            .split(|&b| b == b'\n')
-            .filter_map(|l| l.strip_prefix(b"data: "))
-        {
-            self.event(data, &mut out);
+        for event in log_events(events) {
+            match event {
+                LogEvent::Chunk(chunk) => self.chunk(chunk, &mut out),
+                LogEvent::Done => self.stop(&mut out),
+            }
         }
         out.freeze()
     }
@@ -200,15 +153,7 @@ impl Transcoder {
         }
     }
 
-    fn event(&mut self, data: &[u8], out: &mut BytesMut) {
-        if data == b"[DONE]" {
-            self.stop(out);
-            return;
-        }
-        let Ok(chunk) = serde_json::from_slice::<Chunk>(data) else {
-            tracing::warn!("an event of the log is not a chat chunk; skipped");
-            return;
-        };
+    fn chunk(&mut self, chunk: Chunk<'_>, out: &mut BytesMut) {
         if let Some(skeleton) = chunk.x_skeleton {
             self.model = skeleton
                 .get("model")
@@ -234,8 +179,8 @@ impl Transcoder {
         let Some(choice) = chunk.choices.into_iter().next() else {
             return;
         };
-        let reasoning = choice.delta.reasoning_content.or(choice.delta.reasoning);
-        if let Some(delta) = reasoning.filter(|r| !r.is_empty()) {
+        let mut choice = choice;
+        if let Some(delta) = choice.delta.take_reasoning() {
             let index = self.open_block(
                 out,
                 |b| matches!(b, Block::Thinking(_)),
@@ -248,7 +193,7 @@ impl Transcoder {
                 out,
                 "content_block_delta",
                 json!({
-                    "index": index, "delta": {"type": "thinking_delta", "thinking": delta},
+                    "index": index, "delta": {"type": "thinking_delta", "thinking": &*delta},
                 }),
             );
         }
@@ -261,19 +206,13 @@ impl Transcoder {
             if let Block::Text(text) = &mut self.blocks[index] {
                 text.push_str(&delta);
             }
-            self.emit(
-                out,
-                "content_block_delta",
-                json!({
-                    "index": index, "delta": {"type": "text_delta", "text": delta},
-                }),
-            );
+            self.text_delta(out, index, &delta);
         }
         for call in choice.delta.tool_calls {
             self.tool_delta(call, out);
         }
         if let Some(reason) = choice.finish_reason {
-            self.finish = Some(reason);
+            self.finish = Some(reason.into_owned());
             self.close(out);
         }
     }
@@ -430,25 +369,35 @@ impl Transcoder {
     }
 
     fn emit(&mut self, out: &mut BytesMut, kind: &str, mut data: Value) {
-        let seq = self.seq;
-        self.seq += 1;
-        if self.after.is_some_and(|after| seq <= after) {
+        let Some(seq) = self.next_seq() else {
             return;
-        }
+        };
         if let Value::Object(fields) = &mut data {
             fields.insert("type".into(), Value::String(kind.to_owned()));
         }
-        if seq == 0 {
-            out.put_slice(RETRY);
-        }
-        out.put_slice(b"event: ");
-        out.put_slice(kind.as_bytes());
-        out.put_slice(b"\ndata: ");
-        let mut writer = out.writer();
-        // Serialising a JSON value into memory cannot fail.
-        let _ = serde_json::to_writer(&mut writer, &data);
-        let out = writer.into_inner();
-        let _ = write!(out, "\nid: {}.{seq}\n\n", self.id);
+        named_event(out, kind, &self.id, seq, |out| put_json(out, &data));
+    }
+
+    /// The next event's number; `None` when a resume has seen it.
+    fn next_seq(&mut self) -> Option<u64> {
+        let seq = self.seq;
+        self.seq += 1;
+        self.after.is_none_or(|after| seq > after).then_some(seq)
+    }
+
+    /// A `text_delta`, the one event per token, written without a JSON
+    /// tree (the same fields as [`Self::emit`] writes).
+    fn text_delta(&mut self, out: &mut BytesMut, index: usize, text: &str) {
+        let Some(seq) = self.next_seq() else {
+            return;
+        };
+        named_event(out, "content_block_delta", &self.id, seq, |out| {
+            out.put_slice(b"{\"delta\":{\"text\":");
+            put_json(out, &text);
+            out.put_slice(b",\"type\":\"text_delta\"},\"index\":");
+            put_json(out, &index);
+            out.put_slice(b",\"type\":\"content_block_delta\"}");
+        });
     }
 }
 

@@ -10,69 +10,12 @@
 //! openai-python's `types/responses` (version 3.54.0, the one the client
 //! tests pin).
 
-use std::fmt::Write as _;
-
 use bytes::{BufMut, Bytes, BytesMut};
-use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
-use crate::api::sse::RETRY;
-
-/// What the transcoder reads of a chat chunk event.
-#[derive(Debug, Default, Deserialize)]
-struct Chunk {
-    #[serde(default)]
-    choices: Vec<Choice>,
-    usage: Option<ChunkUsage>,
-    error: Option<Value>,
-    x_skeleton: Option<Map<String, Value>>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-struct Choice {
-    #[serde(default)]
-    delta: Delta,
-    logprobs: Option<ChoiceLogprobs>,
-    finish_reason: Option<String>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-struct Delta {
-    content: Option<String>,
-    reasoning_content: Option<String>,
-    reasoning: Option<String>,
-    #[serde(default)]
-    tool_calls: Vec<ToolCallDelta>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-struct ToolCallDelta {
-    #[serde(default)]
-    index: usize,
-    id: Option<String>,
-    #[serde(default)]
-    function: FunctionDelta,
-}
-
-#[derive(Debug, Default, Deserialize)]
-struct FunctionDelta {
-    name: Option<String>,
-    arguments: Option<String>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-struct ChoiceLogprobs {
-    #[serde(default)]
-    content: Vec<Value>,
-}
-
-#[derive(Debug, Default, Clone, Copy, Deserialize)]
-struct ChunkUsage {
-    #[serde(default)]
-    prompt_tokens: u64,
-    #[serde(default)]
-    completion_tokens: u64,
-}
+use crate::api::chunk::{
+    Chunk, ChunkUsage, LogEvent, ToolCallDelta, log_events, named_event, put_json,
+};
 
 /// One output item under construction.
 #[derive(Debug)]
@@ -206,13 +149,13 @@ impl Transcoder {
     }
 
     /// Events for whole log events; possibly none.
-    pub(crate) fn events(&mut self, log_events: &[u8]) -> Bytes {
+    pub(crate) fn events(&mut self, events: &[u8]) -> Bytes {
         let mut out = BytesMut::new();
-        for data in log_events
-            .split(|&b| b == b'\n')
-            .filter_map(|l| l.strip_prefix(b"data: "))
-        {
-            self.event(data, &mut out);
+        for event in log_events(events) {
+            match event {
+                LogEvent::Chunk(chunk) => self.chunk(chunk, &mut out),
+                LogEvent::Done => self.terminal(&mut out),
+            }
         }
         out.freeze()
     }
@@ -239,15 +182,7 @@ impl Transcoder {
         self.end.is_some()
     }
 
-    fn event(&mut self, data: &[u8], out: &mut BytesMut) {
-        if data == b"[DONE]" {
-            self.terminal(out);
-            return;
-        }
-        let Ok(chunk) = serde_json::from_slice::<Chunk>(data) else {
-            tracing::warn!("an event of the log is not a chat chunk; skipped");
-            return;
-        };
+    fn chunk(&mut self, chunk: Chunk<'_>, out: &mut BytesMut) {
         if let Some(skeleton) = chunk.x_skeleton {
             self.skeleton = skeleton;
             let created = Value::Object(self.object("in_progress"));
@@ -269,8 +204,8 @@ impl Transcoder {
         let Some(choice) = chunk.choices.into_iter().next() else {
             return;
         };
-        let reasoning = choice.delta.reasoning_content.or(choice.delta.reasoning);
-        if let Some(delta) = reasoning.filter(|r| !r.is_empty()) {
+        let mut choice = choice;
+        if let Some(delta) = choice.delta.take_reasoning() {
             let index = self.open_item(
                 out,
                 "rs",
@@ -288,7 +223,7 @@ impl Transcoder {
                     out,
                     "response.reasoning_text.delta",
                     json!({
-                        "item_id": id, "output_index": index, "content_index": 0, "delta": delta,
+                        "item_id": id, "output_index": index, "content_index": 0, "delta": &*delta,
                     }),
                 );
             }
@@ -307,7 +242,6 @@ impl Transcoder {
                 |i| matches!(i, Item::Message { .. }),
             );
             if let Item::Message {
-                id,
                 text,
                 logprobs: all,
                 ..
@@ -315,22 +249,14 @@ impl Transcoder {
             {
                 text.push_str(&delta);
                 all.extend(logprobs.iter().cloned());
-                let id = id.clone();
-                self.emit(
-                    out,
-                    "response.output_text.delta",
-                    json!({
-                        "item_id": id, "output_index": index, "content_index": 0,
-                        "delta": delta, "logprobs": logprobs,
-                    }),
-                );
             }
+            self.text_delta(out, index, &delta, &logprobs);
         }
         for call in choice.delta.tool_calls {
             self.call_delta(call, out);
         }
         if let Some(reason) = choice.finish_reason {
-            self.finish = Some(reason);
+            self.finish = Some(reason.into_owned());
             self.close_all(out);
         }
     }
@@ -601,25 +527,43 @@ impl Transcoder {
 
     /// Writes one event, numbered, unless a resume has seen it.
     fn emit(&mut self, out: &mut BytesMut, kind: &str, mut data: Value) {
-        let seq = self.seq;
-        self.seq += 1;
-        if self.after.is_some_and(|after| seq <= after) {
+        let Some(seq) = self.next_seq() else {
             return;
-        }
+        };
         if let Value::Object(fields) = &mut data {
             fields.insert("type".into(), Value::String(kind.to_owned()));
             fields.insert("sequence_number".into(), json!(seq));
         }
-        if seq == 0 {
-            out.put_slice(RETRY);
-        }
-        out.put_slice(b"event: ");
-        out.put_slice(kind.as_bytes());
-        out.put_slice(b"\ndata: ");
-        let mut writer = out.writer();
-        // Serialising a JSON value into memory cannot fail.
-        let _ = serde_json::to_writer(&mut writer, &data);
-        let out = writer.into_inner();
-        let _ = write!(out, "\nid: {}.{seq}\n\n", self.id);
+        named_event(out, kind, &self.id, seq, |out| put_json(out, &data));
+    }
+
+    /// The next event's number; `None` when a resume has seen it.
+    fn next_seq(&mut self) -> Option<u64> {
+        let seq = self.seq;
+        self.seq += 1;
+        self.after.is_none_or(|after| seq > after).then_some(seq)
+    }
+
+    /// `response.output_text.delta`, the one event per token, written
+    /// without a JSON tree (the same fields as [`Self::emit`] writes).
+    fn text_delta(&mut self, out: &mut BytesMut, index: usize, delta: &str, logprobs: &[Value]) {
+        let Some(seq) = self.next_seq() else {
+            return;
+        };
+        let suffix = &self.suffix;
+        named_event(out, "response.output_text.delta", &self.id, seq, |out| {
+            out.put_slice(b"{\"content_index\":0,\"delta\":");
+            put_json(out, &delta);
+            out.put_slice(b",\"item_id\":\"msg_");
+            out.put_slice(suffix.as_bytes());
+            put_json(out, &index);
+            out.put_slice(b"\",\"logprobs\":");
+            put_json(out, &logprobs);
+            out.put_slice(b",\"output_index\":");
+            put_json(out, &index);
+            out.put_slice(b",\"sequence_number\":");
+            put_json(out, &seq);
+            out.put_slice(b",\"type\":\"response.output_text.delta\"}");
+        });
     }
 }

@@ -40,6 +40,11 @@ impl Keys {
         }
     }
 
+    /// The prefix with its colon (`sg:`).
+    pub(super) fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
     pub(super) fn meta(&self, id: &GenerationId) -> String {
         format!("{}{{{id}}}:m", self.prefix)
     }

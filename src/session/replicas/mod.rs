@@ -505,6 +505,80 @@ impl Replicas {
         }
     }
 
+    /// Tries once what this instance will do in Redis (keys and channels
+    /// under the prefix, streams, hashes, scripts, pub/sub), so that a
+    /// user without a permission is a clear error at start-up rather than
+    /// generations that silently stay unshared. Redis away is no error:
+    /// instances start before it, and connect once it is there.
+    pub async fn check_permissions(&self) -> Result<(), String> {
+        let probe = self
+            .keys
+            .instance_marker(&format!("{}-probe", self.instance));
+        let mut pipe = redis::pipe();
+        pipe.cmd("SET")
+            .arg(&probe)
+            .arg(1)
+            .arg("PX")
+            .arg(10_000)
+            .ignore();
+        pipe.cmd("DEL").arg(&probe).ignore();
+        pipe.cmd("HSET").arg(&probe).arg("f").arg(1).ignore();
+        pipe.cmd("PEXPIRE").arg(&probe).arg(10_000).ignore();
+        pipe.cmd("DEL").arg(&probe).ignore();
+        pipe.cmd("XADD")
+            .arg(&probe)
+            .arg("MAXLEN")
+            .arg(1)
+            .arg("*")
+            .arg("f")
+            .arg(1)
+            .ignore();
+        pipe.cmd("XRANGE").arg(&probe).arg("-").arg("+").ignore();
+        pipe.cmd("DEL").arg(&probe).ignore();
+        pipe.cmd("PUBLISH")
+            .arg(self.keys.control_channel(&self.instance))
+            .arg("probe")
+            .ignore();
+        for script in [
+            &self.scripts.record,
+            &self.scripts.append,
+            &self.scripts.end_orphan,
+            &self.scripts.cancel,
+        ] {
+            pipe.load_script(script).ignore();
+        }
+        let mut conn = self.conn.clone();
+        let mut subscriber = self.subscriber.clone();
+        let checked = match tokio::time::timeout(
+            self.config.timeout,
+            pipe.query_async::<()>(&mut conn),
+        )
+        .await
+        {
+            Ok(Ok(())) => {
+                let channel = self.keys.control_channel(&self.instance);
+                tokio::time::timeout(self.config.timeout, subscriber.subscribe(channel))
+                    .await
+                    .unwrap_or(Ok(()))
+            }
+            Ok(Err(err)) => Err(err),
+            Err(_) => Ok(()),
+        };
+        match checked {
+            Err(err) if err.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoPerm) => {
+                Err(format!(
+                    "--redis: the Redis user may not do what sluicegate needs ({err}); give it keys `~{p}*`, channels `&{p}*` and the commands `+@read +@write +@keyspace +@pubsub +@scripting +@connection` (see the README)",
+                    p = self.keys.prefix()
+                ))
+            }
+            Err(err) => {
+                tracing::warn!(%err, "Redis not reachable at start-up; generations are shared once it is");
+                Ok(())
+            }
+            Ok(()) => Ok(()),
+        }
+    }
+
     /// Keeps a caller's document under `id` for `ttl`, for every instance.
     pub async fn put_document(
         &self,

@@ -61,16 +61,20 @@ tools = [{
     "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
 }]
 question = {"role": "user", "content": "What is the weather in Paris?"}
+# Greedy: the small model's sampled arguments may wander. This SDK has no
+# `temperature` argument any more; the field still exists on the wire.
+greedy = {"extra_body": {"temperature": 0}}
 first = client.messages.create(
-    model=model, max_tokens=60, tools=tools, tool_choice={"type": "tool", "name": "get_weather"},
-    system="You are a helpful assistant.", messages=[question],
+    model=model, max_tokens=100, tools=tools, tool_choice={"type": "tool", "name": "get_weather"},
+    system="You are a helpful assistant.", messages=[question], **greedy,
 )
 assert first.stop_reason == "tool_use", first
 call = next(b for b in first.content if b.type == "tool_use")
 assert call.name == "get_weather" and call.id.startswith("toolu_"), call
 assert isinstance(call.input, dict) and isinstance(call.input.get("city"), str), call.input
 second = client.messages.create(
-    model=model, max_tokens=30, tools=tools, system="You are a helpful assistant.",
+    model=model, max_tokens=30, tools=tools, tool_choice={"type": "none"},
+    system="You are a helpful assistant.", **greedy,
     messages=[
         question,
         {"role": "assistant", "content": first.content},

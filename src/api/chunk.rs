@@ -1,0 +1,138 @@
+//! What the dialect transcoders (Responses, Messages) read of the chat
+//! chunk events a generation's log holds, borrowed from the log's bytes
+//! where no escape stands in the way, and how they write their named
+//! events. One per token is the hot path: no JSON tree on the way in or
+//! out for plain text.
+
+use std::borrow::Cow;
+use std::fmt::Write as _;
+
+use bytes::{BufMut, BytesMut};
+use serde::Deserialize;
+use serde_json::{Map, Value};
+
+use super::sse::RETRY;
+
+#[derive(Debug, Default, Deserialize)]
+pub(crate) struct Chunk<'a> {
+    #[serde(default, borrow)]
+    pub(crate) choices: Vec<Choice<'a>>,
+    pub(crate) usage: Option<ChunkUsage>,
+    pub(crate) error: Option<Value>,
+    /// The opening chunk's fixed part of the dialect's answer object.
+    pub(crate) x_skeleton: Option<Map<String, Value>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub(crate) struct Choice<'a> {
+    #[serde(default, borrow)]
+    pub(crate) delta: Delta<'a>,
+    pub(crate) logprobs: Option<ChoiceLogprobs>,
+    #[serde(borrow)]
+    pub(crate) finish_reason: Option<Cow<'a, str>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub(crate) struct Delta<'a> {
+    #[serde(borrow)]
+    pub(crate) content: Option<Cow<'a, str>>,
+    /// Reasoning as upstreams send it (either name).
+    #[serde(borrow)]
+    pub(crate) reasoning_content: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    pub(crate) reasoning: Option<Cow<'a, str>>,
+    #[serde(default)]
+    pub(crate) tool_calls: Vec<ToolCallDelta>,
+}
+
+impl<'a> Delta<'a> {
+    /// The reasoning text of this delta, if any.
+    pub(crate) fn take_reasoning(&mut self) -> Option<Cow<'a, str>> {
+        self.reasoning_content
+            .take()
+            .or_else(|| self.reasoning.take())
+            .filter(|r| !r.is_empty())
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub(crate) struct ToolCallDelta {
+    #[serde(default)]
+    pub(crate) index: usize,
+    pub(crate) id: Option<String>,
+    #[serde(default)]
+    pub(crate) function: FunctionDelta,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub(crate) struct FunctionDelta {
+    pub(crate) name: Option<String>,
+    pub(crate) arguments: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub(crate) struct ChoiceLogprobs {
+    #[serde(default)]
+    pub(crate) content: Vec<Value>,
+}
+
+#[derive(Debug, Default, Clone, Copy, Deserialize)]
+pub(crate) struct ChunkUsage {
+    #[serde(default)]
+    pub(crate) prompt_tokens: u64,
+    #[serde(default)]
+    pub(crate) completion_tokens: u64,
+}
+
+/// What a data line of the log holds.
+pub(crate) enum LogEvent<'a> {
+    Chunk(Chunk<'a>),
+    Done,
+}
+
+/// The events of whole log events (`data:` and `id:` lines, each event
+/// ended by a blank line), skipping anything that is not a chat chunk
+/// (the log holds only what sluicegate encoded: that would be a bug).
+pub(crate) fn log_events(events: &[u8]) -> impl Iterator<Item = LogEvent<'_>> {
+    events
+        .split(|&b| b == b'\n')
+        .filter_map(|line| line.strip_prefix(b"data: "))
+        .filter_map(|data| {
+            if data == b"[DONE]" {
+                return Some(LogEvent::Done);
+            }
+            match serde_json::from_slice(data) {
+                Ok(chunk) => Some(LogEvent::Chunk(chunk)),
+                Err(_) => {
+                    tracing::warn!("an event of the log is not a chat chunk; skipped");
+                    None
+                }
+            }
+        })
+}
+
+/// Writes one named event, `event: <kind>`, its data as `data` writes it
+/// (one line of JSON), and `id: <id>.<seq>`; the stream's first event also
+/// carries `retry:`.
+pub(crate) fn named_event(
+    out: &mut BytesMut,
+    kind: &str,
+    id: &str,
+    seq: u64,
+    data: impl FnOnce(&mut BytesMut),
+) {
+    if seq == 0 {
+        out.put_slice(RETRY);
+    }
+    out.put_slice(b"event: ");
+    out.put_slice(kind.as_bytes());
+    out.put_slice(b"\ndata: ");
+    data(out);
+    let _ = write!(out, "\nid: {id}.{seq}\n\n");
+}
+
+/// `value` as JSON into `out`.
+pub(crate) fn put_json(out: &mut BytesMut, value: &impl serde::Serialize) {
+    // Serialising into memory cannot fail.
+    let _ = serde_json::to_writer(out.writer(), value);
+}
