@@ -12,12 +12,16 @@
 //!   frames events, `api::run` encodes what `session` runs;
 //!   `api::page` serves the chat page from `web/`; `api::ui` answers the
 //!   Vercel AI SDK's `useChat` by transcoding the same logs into its UI
-//!   message stream.
+//!   message stream, and `api::responses` (OpenAI's Responses API) and
+//!   `api::messages` (Anthropic's Messages API) into theirs, over the
+//!   chunk reading of `api::chunk`.
 //! - [`session`]: generations apart from connections: admission and the
 //!   run slot, the registry that cancels a session's previous generation,
 //!   the per-generation event log that every connection (and every
-//!   resume) reads by position, and the replicas that share all of it
-//!   through Redis.
+//!   resume) reads by position, stored Responses API responses, and the
+//!   replicas that share all of it through Redis (`session::replicas`:
+//!   the key schema and scripts, the owner's mirror, the follower, leases
+//!   and write-backs).
 //! - [`backend`]: the `Backend` trait and its implementations: `echo`,
 //!   `local` (a decode thread over [`model`]) and `upstream` (the `openai`
 //!   backend, relaying to OpenAI-compatible servers).

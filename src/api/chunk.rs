@@ -86,9 +86,35 @@ pub(crate) struct ChunkUsage {
 
 /// What a data line of the log holds.
 pub(crate) enum LogEvent<'a> {
+    /// A chunk of first-choice text and nothing else: the one event per
+    /// token, recognised without parsing the whole chunk.
+    Text(Cow<'a, str>),
     Chunk(Chunk<'a>),
     Done,
 }
+
+/// What stands around the text of a plain text chunk as
+/// [`super::sse::ChunkEncoder`] writes it.
+const TEXT_BEFORE: &[u8] = b"\"choices\":[{\"index\":0,\"delta\":{\"content\":";
+const TEXT_AFTER: &[u8] = b"},\"logprobs\":null,\"finish_reason\":null}]}";
+
+/// The text of a chunk that holds nothing but first-choice text; `None`
+/// for any other chunk, which then takes the full parse.
+fn plain_text(data: &[u8]) -> Option<Cow<'_, str>> {
+    if !data.ends_with(TEXT_AFTER) {
+        return None;
+    }
+    // From the end: the text is short, the chunk's head is not.
+    let start = memchr::memmem::rfind(data, TEXT_BEFORE)? + TEXT_BEFORE.len();
+    let mut strings = serde_json::Deserializer::from_slice(&data[start..]).into_iter::<Text<'_>>();
+    let Text(text) = strings.next()?.ok()?;
+    let end = start + strings.byte_offset();
+    (data.get(end..)? == TEXT_AFTER).then_some(text)
+}
+
+/// A JSON string, borrowed when it has no escapes.
+#[derive(Deserialize)]
+struct Text<'a>(#[serde(borrow)] Cow<'a, str>);
 
 /// The events of whole log events (`data:` and `id:` lines, each event
 /// ended by a blank line), skipping anything that is not a chat chunk
@@ -100,6 +126,9 @@ pub(crate) fn log_events(events: &[u8]) -> impl Iterator<Item = LogEvent<'_>> {
         .filter_map(|data| {
             if data == b"[DONE]" {
                 return Some(LogEvent::Done);
+            }
+            if let Some(text) = plain_text(data) {
+                return Some(LogEvent::Text(text));
             }
             match serde_json::from_slice(data) {
                 Ok(chunk) => Some(LogEvent::Chunk(chunk)),
@@ -135,4 +164,37 @@ pub(crate) fn named_event(
 pub(crate) fn put_json(out: &mut BytesMut, value: &impl serde::Serialize) {
     // Serialising into memory cannot fail.
     let _ = serde_json::to_writer(out.writer(), value);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::sse::{ChunkEncoder, Flavor};
+    use crate::backend::FinishReason;
+    use crate::session::GenerationId;
+
+    fn kinds(frame: &[u8]) -> Vec<String> {
+        log_events(frame)
+            .map(|e| match e {
+                LogEvent::Text(text) => format!("text {text}"),
+                LogEvent::Chunk(_) => "chunk".to_owned(),
+                LogEvent::Done => "done".to_owned(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn plain_text_chunks_are_recognised_and_nothing_else_is() {
+        let mut e = ChunkEncoder::new(&GenerationId::from("chatcmpl-a"), "m", 1, Flavor::Chat);
+        assert_eq!(kinds(&e.opening()), ["chunk"]);
+        assert_eq!(
+            kinds(&e.text("a \"quoted\"\n word")),
+            ["text a \"quoted\"\n word"]
+        );
+        assert_eq!(kinds(&e.finish(FinishReason::Stop)), ["chunk"]);
+        assert_eq!(kinds(&e.done()), ["done"]);
+        // A text with anything more (a second choice, logprobs) is parsed.
+        let richer = br#"data: {"choices":[{"index":0,"delta":{"content":"x"},"logprobs":{"content":[]},"finish_reason":null}]}"#;
+        assert_eq!(kinds(richer), ["chunk"]);
+    }
 }

@@ -106,9 +106,11 @@ impl Transcoder {
 
     /// Events for whole log events; possibly none.
     pub(crate) fn events(&mut self, events: &[u8]) -> Bytes {
-        let mut out = BytesMut::new();
+        // Each dialect's events are somewhat larger than the chunks.
+        let mut out = BytesMut::with_capacity(events.len() * 3 / 2);
         for event in log_events(events) {
             match event {
+                LogEvent::Text(text) => self.text(&text, &[], &mut out),
                 LogEvent::Chunk(chunk) => self.chunk(chunk, &mut out),
                 LogEvent::Done => self.stop(&mut out),
             }
@@ -198,15 +200,7 @@ impl Transcoder {
             );
         }
         if let Some(delta) = choice.delta.content.filter(|t| !t.is_empty()) {
-            let index = self.open_block(
-                out,
-                |b| matches!(b, Block::Text(_)),
-                || Block::Text(String::new()),
-            );
-            if let Block::Text(text) = &mut self.blocks[index] {
-                text.push_str(&delta);
-            }
-            self.text_delta(out, index, &delta);
+            self.text(&delta, &[], out);
         }
         for call in choice.delta.tool_calls {
             self.tool_delta(call, out);
@@ -215,6 +209,22 @@ impl Transcoder {
             self.finish = Some(reason.into_owned());
             self.close(out);
         }
+    }
+
+    /// A piece of text (Messages carry no log probabilities).
+    fn text(&mut self, delta: &str, _: &[Value], out: &mut BytesMut) {
+        if delta.is_empty() {
+            return;
+        }
+        let index = self.open_block(
+            out,
+            |b| matches!(b, Block::Text(_)),
+            || Block::Text(String::new()),
+        );
+        if let Block::Text(text) = &mut self.blocks[index] {
+            text.push_str(delta);
+        }
+        self.text_delta(out, index, delta);
     }
 
     /// The open block if it is of the kind, else a new one (after closing

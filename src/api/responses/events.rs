@@ -150,9 +150,11 @@ impl Transcoder {
 
     /// Events for whole log events; possibly none.
     pub(crate) fn events(&mut self, events: &[u8]) -> Bytes {
-        let mut out = BytesMut::new();
+        // Each dialect's events are somewhat larger than the chunks.
+        let mut out = BytesMut::with_capacity(events.len() * 3 / 2);
         for event in log_events(events) {
             match event {
+                LogEvent::Text(text) => self.text(&text, &[], &mut out),
                 LogEvent::Chunk(chunk) => self.chunk(chunk, &mut out),
                 LogEvent::Done => self.terminal(&mut out),
             }
@@ -230,27 +232,7 @@ impl Transcoder {
         }
         if let Some(delta) = choice.delta.content.filter(|t| !t.is_empty()) {
             let logprobs = choice.logprobs.map(|l| l.content).unwrap_or_default();
-            let index = self.open_item(
-                out,
-                "msg",
-                |id| Item::Message {
-                    id,
-                    text: String::new(),
-                    logprobs: Vec::new(),
-                    open: true,
-                },
-                |i| matches!(i, Item::Message { .. }),
-            );
-            if let Item::Message {
-                text,
-                logprobs: all,
-                ..
-            } = &mut self.items[index]
-            {
-                text.push_str(&delta);
-                all.extend(logprobs.iter().cloned());
-            }
-            self.text_delta(out, index, &delta, &logprobs);
+            self.text(&delta, &logprobs, out);
         }
         for call in choice.delta.tool_calls {
             self.call_delta(call, out);
@@ -259,6 +241,34 @@ impl Transcoder {
             self.finish = Some(reason.into_owned());
             self.close_all(out);
         }
+    }
+
+    /// A piece of the message's text, with its log probabilities.
+    fn text(&mut self, delta: &str, logprobs: &[Value], out: &mut BytesMut) {
+        if delta.is_empty() {
+            return;
+        }
+        let index = self.open_item(
+            out,
+            "msg",
+            |id| Item::Message {
+                id,
+                text: String::new(),
+                logprobs: Vec::new(),
+                open: true,
+            },
+            |i| matches!(i, Item::Message { .. }),
+        );
+        if let Item::Message {
+            text,
+            logprobs: all,
+            ..
+        } = &mut self.items[index]
+        {
+            text.push_str(delta);
+            all.extend(logprobs.iter().cloned());
+        }
+        self.text_delta(out, index, delta, logprobs);
     }
 
     /// The open item of a kind, or a new one (closing whatever else is
