@@ -30,6 +30,8 @@ pub(crate) struct Choice<'a> {
     pub(crate) logprobs: Option<ChoiceLogprobs>,
     #[serde(borrow)]
     pub(crate) finish_reason: Option<Cow<'a, str>>,
+    /// The stop sequence that ended the choice.
+    pub(crate) stop_reason: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

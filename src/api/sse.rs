@@ -92,7 +92,7 @@ impl ChunkEncoder {
     }
 
     fn chunk(&mut self, delta: Delta<'_>, text: &str, finish: Option<FinishReason>) -> Bytes {
-        self.choice_chunk(0, delta, text, None, finish)
+        self.choice_chunk(0, delta, text, None, finish, None)
     }
 
     fn choice_chunk(
@@ -102,6 +102,7 @@ impl ChunkEncoder {
         text: &str,
         logprobs: Option<&serde_json::Value>,
         finish: Option<FinishReason>,
+        stop_reason: Option<&str>,
     ) -> Bytes {
         let seq = self.next_seq();
         let finish_reason = finish.map(FinishReason::as_str);
@@ -117,6 +118,7 @@ impl ChunkEncoder {
                     delta,
                     logprobs,
                     finish_reason,
+                    stop_reason,
                 }];
                 let chunk = ChatChunk {
                     id: &self.id,
@@ -187,7 +189,14 @@ impl ChunkEncoder {
             content: step.content.as_deref(),
             fields: (!step.fields.is_empty()).then_some(&step.fields),
         };
-        self.choice_chunk(step.index, delta, text, step.logprobs.as_ref(), step.finish)
+        self.choice_chunk(
+            step.index,
+            delta,
+            text,
+            step.logprobs.as_ref(),
+            step.finish,
+            step.stop_sequence.as_deref(),
+        )
     }
 
     /// The first choice's last chunk.
@@ -203,7 +212,7 @@ impl ChunkEncoder {
             .map(|(i, _)| i)
             .collect();
         open.into_iter()
-            .map(|i| self.choice_chunk(i, Delta::default(), "", None, Some(reason)))
+            .map(|i| self.choice_chunk(i, Delta::default(), "", None, Some(reason), None))
             .collect()
     }
 

@@ -126,6 +126,9 @@ pub struct ChunkChoice<'a> {
     pub delta: Delta<'a>,
     pub logprobs: Option<&'a serde_json::Value>,
     pub finish_reason: Option<&'static str>,
+    /// The stop sequence that ended the choice, under vLLM's name.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stop_reason: Option<&'a str>,
 }
 
 #[derive(Debug, Default, Serialize)]

@@ -200,7 +200,7 @@ mod tests {
                 content: Some("x".into()),
                 fields: Map::from_iter([("reasoning_content".to_owned(), json!(piece))]),
                 logprobs: Some(json!({"content": [{"token": lp}]})),
-                finish: None,
+                ..ChoiceDelta::default()
             });
         }
         answer.finish(FinishReason::Length);

@@ -289,7 +289,8 @@ impl Backend for EchoBackend {
                     })),
                     None => TokenEvent::Token { id: None, text: released.text },
                 });
-                if released.stopped {
+                if let Some(stop) = released.stopped {
+                    yield Ok(TokenEvent::Delta(Box::new(ChoiceDelta::stopped_at(stop))));
                     yield Ok(TokenEvent::Finished { reason: FinishReason::Stop, usage });
                     return;
                 }

@@ -118,9 +118,21 @@ pub struct ChoiceDelta {
     /// The choice's `logprobs` object for this step.
     pub logprobs: Option<serde_json::Value>,
     pub finish: Option<FinishReason>,
+    /// With `finish` `Stop`: the stop sequence that ended the choice (as
+    /// vLLM reports it, the choice's `stop_reason`).
+    pub stop_sequence: Option<String>,
 }
 
 impl ChoiceDelta {
+    /// The end of the first choice at a stop sequence.
+    pub fn stopped_at(stop: String) -> Self {
+        Self {
+            finish: Some(FinishReason::Stop),
+            stop_sequence: Some(stop),
+            ..Self::default()
+        }
+    }
+
     /// Whether this step produced anything a token would (not just a
     /// finish).
     pub fn produces(&self) -> bool {

@@ -13,8 +13,8 @@ pub struct StopMatcher {
 pub struct Released {
     /// Text that is safe to send.
     pub text: String,
-    /// A stop sequence matched: `text` is everything before it.
-    pub stopped: bool,
+    /// The stop sequence that matched: `text` is everything before it.
+    pub stopped: Option<String>,
 }
 
 impl StopMatcher {
@@ -31,20 +31,21 @@ impl StopMatcher {
         if self.stops.is_empty() {
             return Released {
                 text: piece,
-                stopped: false,
+                stopped: None,
             };
         }
         self.pending.push_str(&piece);
         let first_match = self
             .stops
             .iter()
-            .filter_map(|s| self.pending.find(s.as_str()))
-            .min();
-        if let Some(at) = first_match {
+            .filter_map(|s| self.pending.find(s.as_str()).map(|at| (at, s)))
+            .min_by_key(|(at, _)| *at);
+        if let Some((at, stop)) = first_match {
+            let stop = stop.clone();
             self.pending.truncate(at);
             return Released {
                 text: std::mem::take(&mut self.pending),
-                stopped: true,
+                stopped: Some(stop),
             };
         }
         let hold = self.held_back();
@@ -52,7 +53,7 @@ impl StopMatcher {
         self.pending.drain(..self.pending.len() - hold);
         Released {
             text,
-            stopped: false,
+            stopped: None,
         }
     }
 
@@ -86,7 +87,7 @@ mod tests {
         for piece in pieces {
             let r = m.push((*piece).to_owned());
             out.push_str(&r.text);
-            if r.stopped {
+            if r.stopped.is_some() {
                 return (out, true);
             }
         }
@@ -119,6 +120,8 @@ mod tests {
     #[test]
     fn the_earliest_of_several_stops_wins_and_characters_stay_whole() {
         assert_eq!(run(&["b", "a"], &["xxab"]), ("xx".into(), true));
+        let mut m = StopMatcher::new(vec!["b".into(), "a".into()]);
+        assert_eq!(m.push("xxab".into()).stopped.as_deref(), Some("a"));
         assert_eq!(run(&["é!"], &["caf", "é", "!"]), ("caf".into(), true));
         assert_eq!(run(&["é!"], &["café"]), ("café".into(), false));
     }
@@ -130,7 +133,7 @@ mod tests {
             m.push("abc".into()),
             Released {
                 text: "abc".into(),
-                stopped: false
+                stopped: None
             }
         );
     }

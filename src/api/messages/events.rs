@@ -85,6 +85,8 @@ pub(crate) struct Transcoder {
     /// The block open for deltas, if any.
     open: Option<usize>,
     finish: Option<String>,
+    /// The stop sequence that ended the answer, if one did.
+    stop_sequence: Option<String>,
     usage: Option<ChunkUsage>,
     end: Option<End>,
 }
@@ -99,6 +101,7 @@ impl Transcoder {
             blocks: Vec::new(),
             open: None,
             finish: None,
+            stop_sequence: None,
             usage: None,
             end: None,
         }
@@ -207,6 +210,7 @@ impl Transcoder {
         }
         if let Some(reason) = choice.finish_reason {
             self.finish = Some(reason.into_owned());
+            self.stop_sequence = choice.stop_reason;
             self.close(out);
         }
     }
@@ -332,14 +336,17 @@ impl Transcoder {
             self.start_block(out, Block::Text(String::new()));
             self.close(out);
         }
-        let reason = stop_reason(self.finish.as_deref());
+        let reason = match &self.stop_sequence {
+            Some(_) => "stop_sequence",
+            None => stop_reason(self.finish.as_deref()),
+        };
         self.end = Some(End::Stopped(reason.to_owned()));
         let usage = self.usage_body();
         self.emit(
             out,
             "message_delta",
             json!({
-                "delta": {"stop_reason": reason, "stop_sequence": null},
+                "delta": {"stop_reason": reason, "stop_sequence": self.stop_sequence},
                 "usage": usage,
             }),
         );
@@ -364,7 +371,7 @@ impl Transcoder {
             "model": self.model,
             "content": content,
             "stop_reason": stop_reason,
-            "stop_sequence": null,
+            "stop_sequence": self.stop_sequence.as_ref().filter(|_| stop_reason.is_some()),
             "usage": self.usage_body(),
         })
     }

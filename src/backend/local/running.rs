@@ -162,8 +162,8 @@ impl<'m> Running<'m> {
                 }
                 Out::Text(text) => {
                     let released = self.stop.push(text);
-                    if released.stopped {
-                        return self.finish(FinishReason::Stop, released.text);
+                    if let Some(stop) = released.stopped {
+                        return self.finish_at(stop, released.text);
                     }
                     match logprobs.take() {
                         Some(logprobs) => TokenEvent::Delta(Box::new(ChoiceDelta {
@@ -220,8 +220,22 @@ impl<'m> Running<'m> {
         }
     }
 
+    /// [`Self::finish`] at a stop sequence, which the finish names.
+    fn finish_at(&mut self, stop: String, last_text: String) -> bool {
+        self.finish_with(FinishReason::Stop, last_text, Some(stop))
+    }
+
     /// Sends any last text and the finish; always ends the generation.
     fn finish(&mut self, reason: FinishReason, last_text: String) -> bool {
+        self.finish_with(reason, last_text, None)
+    }
+
+    fn finish_with(
+        &mut self,
+        reason: FinishReason,
+        last_text: String,
+        stop: Option<String>,
+    ) -> bool {
         let held = self
             .shaping
             .calls
@@ -242,6 +256,13 @@ impl<'m> Running<'m> {
                 id: None,
                 text: last_text,
             }))
+        {
+            return false;
+        }
+        if let Some(stop) = stop
+            && !self.send(Ok(TokenEvent::Delta(Box::new(ChoiceDelta::stopped_at(
+                stop,
+            )))))
         {
             return false;
         }

@@ -206,6 +206,15 @@ impl Relay {
             if let Some(reason) = finish {
                 self.finish = Some(reason);
             }
+            // vLLM names the stop string that ended the answer.
+            if finish == Some(FinishReason::Stop)
+                && let Some(stop) = choice["stop_reason"].as_str()
+            {
+                self.pending
+                    .push_back(RelayStep::Delta(Box::new(ChoiceDelta::stopped_at(
+                        stop.to_owned(),
+                    ))));
+            }
             if fields.is_empty() && logprobs.is_none() {
                 if let Some(text) = text {
                     self.pending.push_back(RelayStep::Text(text.to_owned()));
@@ -220,6 +229,7 @@ impl Relay {
             logprobs: logprobs.cloned(),
             // The first choice ends with the run; others on their own.
             finish: finish.filter(|_| index > 0),
+            stop_sequence: None,
         };
         if delta.produces() || delta.logprobs.is_some() || delta.finish.is_some() {
             self.pending.push_back(RelayStep::Delta(Box::new(delta)));

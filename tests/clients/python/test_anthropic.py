@@ -49,6 +49,18 @@ assert answer.type == "message" and answer.role == "assistant", answer
 if on_echo:
     assert answer.content[0].text == "plain json answer here now", answer
     assert answer.stop_reason == "max_tokens", answer.stop_reason
+if on_echo:
+    # A stop sequence ends the answer and is named.
+    for stream in (False, True):
+        kwargs = dict(model=model, max_tokens=50, stop_sequences=["w3", "nope"], messages=[{"role": "user", "content": "w1 w2 w3 w4"}])
+        if stream:
+            with client.messages.stream(**kwargs) as s:
+                stopped = s.get_final_message()
+        else:
+            stopped = client.messages.create(**kwargs)
+        assert stopped.stop_reason == "stop_sequence" and stopped.stop_sequence == "w3", stopped
+        assert stopped.content[0].text == "w1 w2 ", stopped
+
 events = list(client.messages.create(model=model, max_tokens=20, messages=[{"role": "user", "content": "raw events"}], stream=True))
 kinds = [e.type for e in events]
 assert kinds[0] == "message_start" and kinds[-2:] == ["message_delta", "message_stop"], kinds
