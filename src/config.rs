@@ -229,6 +229,20 @@ pub struct Config {
     /// Log filter (tracing `EnvFilter` syntax).
     #[arg(long, env = "SLUICEGATE_LOG", default_value = "info")]
     pub log: String,
+
+    /// OTLP/HTTP collector to export spans to (`http://host:4318`); none:
+    /// no export. A client's W3C `traceparent` is then continued, and sent
+    /// on to upstreams and to the instance that owns a generation.
+    #[arg(long, env = "SLUICEGATE_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
+
+    /// With `--otlp-endpoint`: the `service.name` of this instance's spans.
+    #[arg(
+        long,
+        env = "SLUICEGATE_OTLP_SERVICE_NAME",
+        default_value = "sluicegate"
+    )]
+    pub otlp_service_name: String,
 }
 
 /// Where scripts/fetch-model puts the default model.

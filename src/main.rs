@@ -12,7 +12,20 @@ fn main() -> ExitCode {
         eprintln!("sluicegate: {message}");
         return ExitCode::from(2);
     }
-    sluicegate::telemetry::init(&config.log);
+    // `rediss://` and `https://` upstreams, and the OTLP exporter, take the
+    // process's rustls provider.
+    let _ = tokio_rustls::rustls::crypto::ring::default_provider().install_default();
+    let telemetry = match sluicegate::telemetry::init(
+        &config.log,
+        config.otlp_endpoint.as_deref(),
+        &config.otlp_service_name,
+    ) {
+        Ok(telemetry) => telemetry,
+        Err(err) => {
+            eprintln!("sluicegate: --otlp-endpoint: {err}");
+            return ExitCode::from(2);
+        }
+    };
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
     if let Some(workers) = config.worker_threads {
         runtime.worker_threads(workers);
@@ -24,7 +37,10 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(serve(config)) {
+    let served = runtime.block_on(serve(config));
+    drop(runtime);
+    telemetry.shutdown();
+    match served {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("sluicegate: {err:#}");
@@ -34,8 +50,6 @@ fn main() -> ExitCode {
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {
-    // `rediss://` and `https://` upstreams take the process's rustls provider.
-    let _ = tokio_rustls::rustls::crypto::ring::default_provider().install_default();
     let mut state = AppState::from_config(&config).await?;
     state.metrics = Some(sluicegate::telemetry::install_metrics()?);
     let tls = match (&config.tls_cert, &config.tls_key) {

@@ -202,7 +202,7 @@ fn request_span(req: &Request) -> tracing::Span {
         .get("x-request-id")
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default();
-    tracing::info_span!(
+    let span = tracing::info_span!(
         "request",
         method = %req.method(),
         path = %req.uri().path(),
@@ -210,7 +210,9 @@ fn request_span(req: &Request) -> tracing::Span {
         caller = tracing::field::Empty,
         session_id = tracing::field::Empty,
         completion_id = tracing::field::Empty,
-    )
+    );
+    telemetry::continue_trace(&span, req.headers());
+    span
 }
 
 #[derive(Clone)]

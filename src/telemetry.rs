@@ -1,22 +1,125 @@
-//! Tracing setup (human-readable lines on stderr, filtered by `--log`) and
-//! the Prometheus metrics: every metric name lives here.
+//! Tracing setup (human-readable lines on stderr, filtered by `--log`;
+//! spans over OTLP with `--otlp-endpoint`, continuing W3C trace context
+//! across instances and to upstreams) and the Prometheus metrics: every
+//! metric name lives here.
 
 use std::io::IsTerminal as _;
 use std::time::Duration;
 
 use metrics::{counter, gauge, histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_otlp::WithExportConfig as _;
+use opentelemetry_sdk::Resource;
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::trace::SdkTracerProvider;
+use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::util::SubscriberInitExt as _;
 
 use crate::session::EndCause;
 
-pub fn init(filter: &str) {
+/// What telemetry holds until the process ends: the trace exporter, which
+/// flushes what it has on [`Telemetry::shutdown`].
+pub struct Telemetry {
+    traces: Option<SdkTracerProvider>,
+}
+
+impl Telemetry {
+    /// Sends the spans still buffered (a short wait at most).
+    pub fn shutdown(self) {
+        if let Some(traces) = self.traces
+            && let Err(err) = traces.shutdown_with_timeout(Duration::from_secs(5))
+        {
+            eprintln!("sluicegate: traces not all exported: {err}");
+        }
+    }
+}
+
+/// Log lines on stderr, filtered by `filter`; with an OTLP endpoint
+/// (`http://host:4318`), spans exported there too over OTLP/HTTP, and a
+/// W3C `traceparent` understood on the way in and sent on the way out.
+/// Call it outside the async runtime: the exporter has its own thread.
+pub fn init(
+    filter: &str,
+    otlp_endpoint: Option<&str>,
+    service_name: &str,
+) -> anyhow::Result<Telemetry> {
     let filter = EnvFilter::try_new(filter).unwrap_or_else(|_| EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
+        .with_ansi(std::io::stderr().is_terminal());
+    let traces = match otlp_endpoint {
+        Some(endpoint) => {
+            let exporter = opentelemetry_otlp::SpanExporter::builder()
+                .with_http()
+                .with_protocol(opentelemetry_otlp::Protocol::HttpJson)
+                .with_endpoint(format!("{}/v1/traces", endpoint.trim_end_matches('/')))
+                .build()?;
+            let resource = Resource::builder()
+                .with_service_name(service_name.to_owned())
+                .build();
+            Some(
+                SdkTracerProvider::builder()
+                    .with_batch_exporter(exporter)
+                    .with_resource(resource)
+                    .build(),
+            )
+        }
+        None => None,
+    };
+    let spans = traces.as_ref().map(|provider| {
+        opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
+        tracing_opentelemetry::layer().with_tracer(provider.tracer("sluicegate"))
+    });
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(fmt)
+        .with(spans)
         .init();
+    Ok(Telemetry { traces })
+}
+
+/// The trace context a request's headers carry (`traceparent`), made the
+/// parent of `span`; nothing without an exporter.
+pub fn continue_trace(span: &tracing::Span, headers: &http::HeaderMap) {
+    let parent = opentelemetry::global::get_text_map_propagator(|p| {
+        p.extract(&opentelemetry_http::HeaderExtractor(headers))
+    });
+    // No OpenTelemetry layer (no exporter): nothing to continue.
+    let _ = span.set_parent(parent);
+}
+
+/// The current span's trace context as headers for a request it makes.
+pub fn trace_headers(headers: &mut http::HeaderMap) {
+    let context = tracing::Span::current().context();
+    opentelemetry::global::get_text_map_propagator(|p| {
+        p.inject_context(&context, &mut opentelemetry_http::HeaderInjector(headers));
+    });
+}
+
+/// The current span's `traceparent`, to carry where no header goes (a
+/// message to another instance); `None` outside a trace.
+pub fn traceparent() -> Option<String> {
+    let mut headers = http::HeaderMap::new();
+    trace_headers(&mut headers);
+    headers
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+}
+
+/// A span for work done here on behalf of a request another instance
+/// took, in that request's trace.
+pub fn remote_span(name: &'static str, traceparent: Option<&str>) -> tracing::Span {
+    let span = tracing::info_span!("remote", otel.name = name);
+    if let Some(value) = traceparent.and_then(|t| http::HeaderValue::from_str(t).ok()) {
+        let mut headers = http::HeaderMap::new();
+        headers.insert("traceparent", value);
+        continue_trace(&span, &headers);
+    }
+    span
 }
 
 /// Installs the process-wide metrics recorder (the `metrics` crate has one

@@ -19,6 +19,7 @@ mod resume;
 mod services;
 mod streaming;
 mod surface;
+mod traces;
 mod transport;
 mod ui_chat;
 mod upstream;

@@ -164,8 +164,11 @@ async fn probe_loop(inner: std::sync::Weak<Inner>) {
 }
 
 impl Inner {
+    /// A request to an upstream, in the current span's trace.
     fn request(&self, method: reqwest::Method, url: String) -> reqwest::RequestBuilder {
-        let req = self.client.request(method, url);
+        let mut trace = reqwest::header::HeaderMap::new();
+        crate::telemetry::trace_headers(&mut trace);
+        let req = self.client.request(method, url).headers(trace);
         match &self.api_key {
             Some(key) => req.bearer_auth(key),
             None => req,

@@ -190,13 +190,13 @@ return 1
 /// asked, 1 when this call asked.
 ///
 /// KEYS: meta. ARGV: caller, cause, generation id, control channel
-/// prefix.
+/// prefix, the asking request's `traceparent` (`-` outside a trace).
 const CANCEL: &str = r"
 local m = redis.call('HMGET', KEYS[1], 'caller', 'inst', 'state')
 if not m[1] or m[1] ~= ARGV[1] then return -1 end
 if m[3] ~= 'run' then return 0 end
 if redis.call('HSETNX', KEYS[1], 'cancel', ARGV[2]) == 0 then return 0 end
-redis.call('PUBLISH', ARGV[4] .. m[2], 'cancel ' .. ARGV[3] .. ' ' .. ARGV[2])
+redis.call('PUBLISH', ARGV[4] .. m[2], 'cancel ' .. ARGV[3] .. ' ' .. ARGV[2] .. ' ' .. ARGV[5])
 return 1
 ";
 

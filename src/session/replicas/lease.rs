@@ -71,9 +71,13 @@ impl Replicas {
             if let (Some("cancel"), Some(id), Some(cause)) =
                 (words.next(), words.next(), words.next())
                 && let Some(generation) = self.registry.get_any(&GenerationId::from(id))
-                && generation.cancel(cause_from(cause))
             {
-                tracing::info!(completion_id = %generation.id, cause, "cancelled from another instance");
+                // In the trace of the request that asked, wherever it came.
+                let traceparent = words.next().filter(|t| *t != "-");
+                let _span = telemetry::remote_span("cancel", traceparent).entered();
+                if generation.cancel(cause_from(cause)) {
+                    tracing::info!(completion_id = %generation.id, cause, "cancelled from another instance");
+                }
             }
         }
     }

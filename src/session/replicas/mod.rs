@@ -395,7 +395,8 @@ impl Replicas {
             .arg(self.caller(caller))
             .arg(cause.as_str())
             .arg(id.as_str())
-            .arg(self.keys.control_channel(""));
+            .arg(self.keys.control_channel(""))
+            .arg(telemetry::traceparent().unwrap_or_else(|| "-".to_owned()));
         let outcome: i64 = self
             .script_call("cancel", invocation.invoke_async(&mut conn))
             .await?;
