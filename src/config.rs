@@ -141,6 +141,11 @@ pub struct Config {
     #[arg(long, env = "SLUICEGATE_REDIS_TIMEOUT", value_parser = duration, default_value = "1s")]
     pub redis_timeout: Duration,
 
+    /// With a `rediss://` `--redis`: a PEM file of the CA that signed the
+    /// Redis server's certificate, trusted instead of the system's roots.
+    #[arg(long, env = "SLUICEGATE_REDIS_CA")]
+    pub redis_ca: Option<std::path::PathBuf>,
+
     /// With `--redis`: what every key and channel starts with, so that two
     /// deployments can share one Redis.
     #[arg(long, env = "SLUICEGATE_REDIS_PREFIX", default_value = "sg")]
@@ -293,6 +298,14 @@ impl Config {
         }
         if self.redis_lease < Duration::from_millis(300) {
             return Err("--redis-lease must be at least 300ms".into());
+        }
+        if self.redis_ca.is_some()
+            && !self
+                .redis
+                .as_deref()
+                .is_some_and(|u| u.starts_with("rediss://"))
+        {
+            return Err("--redis-ca goes with a rediss:// --redis URL".into());
         }
         if self.redis_prefix.is_empty()
             || !self

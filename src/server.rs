@@ -101,14 +101,21 @@ impl AppState {
             Arc::new(|id, seq| api::sse::epilogue(id, seq, &ApiError::OwnerGone));
         match &config.redis {
             Some(url) => {
-                let shared = ReplicaConfig {
-                    url: url.clone(),
-                    lease: config.redis_lease,
-                    timeout: config.redis_timeout,
-                    resume_ttl: config.resume_ttl,
-                    prefix: config.redis_prefix.clone(),
-                    secret: config.redis_secret.clone(),
-                };
+                let shared =
+                    ReplicaConfig {
+                        url: url.clone(),
+                        lease: config.redis_lease,
+                        timeout: config.redis_timeout,
+                        resume_ttl: config.resume_ttl,
+                        prefix: config.redis_prefix.clone(),
+                        secret: config.redis_secret.clone(),
+                        ca: match &config.redis_ca {
+                            Some(path) => Some(std::fs::read(path).map_err(|e| {
+                                anyhow::anyhow!("--redis-ca {}: {e}", path.display())
+                            })?),
+                            None => None,
+                        },
+                    };
                 let state = state
                     .share(shared, &config.api_keys, epilogue)
                     .map_err(anyhow::Error::msg)?;

@@ -410,3 +410,72 @@ async fn a_least_privileged_acl_user_works_and_a_missing_permission_stops_start_
         "{stderr}"
     );
 }
+
+#[tokio::test]
+async fn replicas_reach_a_redis_over_tls_with_a_ca_of_their_own() {
+    // A CA of the test's own, and a server certificate it signs.
+    let ca_key = rcgen::KeyPair::generate().expect("a key");
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = rcgen::CertifiedIssuer::self_signed(ca_params, ca_key).expect("a CA");
+    let server_key = rcgen::KeyPair::generate().expect("a key");
+    let server =
+        rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()])
+            .expect("params")
+            .signed_by(&server_key, &ca)
+            .expect("a certificate");
+    let dir = std::env::temp_dir().join(format!("sluicegate-redis-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("a dir");
+    let file = |name: &str, pem: String| {
+        let path = dir.join(name);
+        std::fs::write(&path, pem).expect("written");
+        path.display().to_string()
+    };
+    let (ca_file, cert_file, key_file) = (
+        file("ca.pem", ca.pem()),
+        file("server.pem", server.pem()),
+        file("server.key", server_key.serialize_pem()),
+    );
+    let port = crate::services::free_port();
+    let _redis = tokio::process::Command::new("redis-server")
+        .args([
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
+        .args(["--tls-port", &port.to_string(), "--tls-auth-clients", "no"])
+        .args(["--tls-cert-file", &cert_file, "--tls-key-file", &key_file])
+        .args(["--tls-ca-cert-file", &ca_file])
+        .stdout(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("redis-server runs (run scripts/setup-services)");
+    let url = format!("rediss://127.0.0.1:{port}");
+    until(Duration::from_secs(10), || async {
+        tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+    })
+    .await;
+    let a = crate::replicas::instance_at(&url, &["--redis-ca", &ca_file]).await;
+    let b = crate::replicas::instance_at(&url, &["--redis-ca", &ca_file]).await;
+    for p in [&a, &b] {
+        until(Duration::from_secs(10), || crate::replicas::redis_ok(p)).await;
+    }
+    let text = words(20);
+    let resp = open(&a.url("/v1/chat/completions"), &text, None, None).await;
+    let id = completion_id(&resp);
+    assert_eq!(read_all(resp).await.text, text);
+    let replay = client()
+        .get(b.url(&format!("/v1/chat/completions/{id}/events")))
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(read_all(replay).await.text, text, "shared over TLS");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -52,6 +52,8 @@ pub struct ReplicaConfig {
     pub prefix: String,
     /// The key of the HMAC that names callers in records.
     pub secret: Option<String>,
+    /// PEM of the CA to trust for `rediss://`, instead of the system's.
+    pub ca: Option<Vec<u8>>,
 }
 
 /// Redis could not be asked, so the answer is unknown.
@@ -132,7 +134,17 @@ impl Replicas {
             .clone()
             .set_protocol(ProtocolVersion::RESP3);
         let info = info.set_redis_settings(settings);
-        let client = redis::Client::open(info).map_err(|e| format!("--redis: {e}"))?;
+        let client = match &config.ca {
+            Some(ca) => redis::Client::build_with_tls(
+                info,
+                redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(ca.clone()),
+                },
+            ),
+            None => redis::Client::open(info),
+        }
+        .map_err(|e| format!("--redis: {e}"))?;
         let manager = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(config.timeout))
             .set_response_timeout(Some(config.timeout))
