@@ -12,6 +12,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use super::sse::RETRY;
+use crate::session::{LogError, LogReader};
 
 #[derive(Debug, Default, Deserialize)]
 pub(crate) struct Chunk<'a> {
@@ -160,6 +161,27 @@ pub(crate) fn named_event(
     out.put_slice(b"\ndata: ");
     data(out);
     let _ = write!(out, "\nid: {id}.{seq}\n\n");
+}
+
+/// Hands `absorb` every event of a log from the reader's position: to its
+/// end, or with `wait` false, to what is there now. The error that cut it
+/// short, if one did.
+pub(crate) async fn read_log(
+    reader: &mut LogReader,
+    wait: bool,
+    mut absorb: impl FnMut(&[u8]),
+) -> Result<(), LogError> {
+    loop {
+        let next = if wait {
+            reader.next().await
+        } else {
+            reader.next_now().await
+        };
+        match next? {
+            Some(events) => absorb(&events),
+            None => return Ok(()),
+        }
+    }
 }
 
 /// `value` as JSON into `out`.

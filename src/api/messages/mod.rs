@@ -18,6 +18,7 @@ use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use serde_json::{Value, json};
 
+use super::chunk::read_log;
 use super::control::{self, Opened};
 use super::error::ApiError;
 use super::extract::{Caller, OpenAiJson, SessionId};
@@ -103,15 +104,8 @@ pub(crate) async fn create(
     // starts the reattach grace, as on every route.
     let mut reader = reader;
     let mut transcoder = Transcoder::new(id.as_str(), None);
-    loop {
-        match reader.next().await {
-            Ok(Some(events)) => transcoder.absorb(&events),
-            Ok(None) => break,
-            Err(err) => {
-                transcoder.unreadable(&err.to_string());
-                break;
-            }
-        }
+    if let Err(err) = read_log(&mut reader, true, |events| transcoder.absorb(events)).await {
+        transcoder.unreadable(&err.to_string());
     }
     drop(attachment);
     if let Some((kind, message)) = transcoder.failure() {

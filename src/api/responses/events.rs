@@ -179,11 +179,6 @@ impl Transcoder {
         out.freeze()
     }
 
-    /// Whether the response has ended.
-    pub(crate) fn ended(&self) -> bool {
-        self.end.is_some()
-    }
-
     fn chunk(&mut self, chunk: Chunk<'_>, out: &mut BytesMut) {
         if let Some(skeleton) = chunk.x_skeleton {
             self.skeleton = skeleton;

@@ -19,6 +19,7 @@ use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use super::chunk::read_log;
 use super::control::{self, Found, Opened};
 use super::error::ApiError;
 use super::extract::{Caller, OpenAiJson, OpenAiPath as Path, OpenAiQuery as Query, SessionId};
@@ -140,7 +141,7 @@ pub(crate) async fn create(
         tokio::spawn(async move {
             generation.finished().await;
             let mut reader = LogReader::new(generation.log.clone(), 0);
-            let response = current(&generation.id, &mut reader).await;
+            let response = response_of(&generation.id, &mut reader, true).await;
             if let Ok(Some(document)) = stored.get(caller, generation.id.as_str()).await {
                 let mut document = (*document).clone();
                 document["output"] = response["output"].clone();
@@ -162,37 +163,27 @@ pub(crate) async fn create(
     }
     let mut reader = reader;
     let response = if background {
-        let mut transcoder = Transcoder::new(id.as_str(), None);
-        while let Ok(Some(events)) = reader.next_now().await {
-            transcoder.absorb(&events);
-        }
-        let mut response = transcoder.current();
-        if !transcoder.ended() {
+        let mut response = response_of(&id, &mut reader, false).await;
+        if response["status"] == "in_progress" {
             response["status"] = Value::String("queued".into());
         }
         response
     } else {
         // The attachment lives until the answer is read: a client that
         // leaves starts the reattach grace, as on every route.
-        let response = current(&id, &mut reader).await;
+        let response = response_of(&id, &mut reader, true).await;
         drop(attachment);
         response
     };
     Ok(with_id_header(Json(response).into_response(), &id))
 }
 
-/// The Response object of a log read to its end (waiting for it).
-async fn current(id: &GenerationId, reader: &mut LogReader) -> Value {
+/// The Response object of a log: read to its end (waiting for it), or
+/// with `wait` false, as it stands now.
+async fn response_of(id: &GenerationId, reader: &mut LogReader, wait: bool) -> Value {
     let mut transcoder = Transcoder::new(id.as_str(), None);
-    loop {
-        match reader.next().await {
-            Ok(Some(events)) => transcoder.absorb(&events),
-            Ok(None) => break,
-            Err(err) => {
-                transcoder.unreadable("server_error", &err.to_string());
-                break;
-            }
-        }
+    if let Err(err) = read_log(reader, wait, |events| transcoder.absorb(events)).await {
+        transcoder.unreadable("server_error", &err.to_string());
     }
     transcoder.current()
 }
@@ -223,7 +214,7 @@ async fn previous_items(
         None => match control::find(state, caller, &GenerationId::from(previous)).await? {
             Some(found) => {
                 let mut opened = control::open(state, found, 0).await?;
-                snapshot(&opened.id, &mut opened.reader).await["output"]
+                response_of(&opened.id, &mut opened.reader, false).await["output"]
                     .as_array()
                     .cloned()
                     .unwrap_or_default()
@@ -356,22 +347,6 @@ async fn find_response(
     Ok((document, found))
 }
 
-/// The Response object as it stands now, without waiting.
-async fn snapshot(id: &GenerationId, reader: &mut LogReader) -> Value {
-    let mut transcoder = Transcoder::new(id.as_str(), None);
-    loop {
-        match reader.next_now().await {
-            Ok(Some(events)) => transcoder.absorb(&events),
-            Ok(None) => break,
-            Err(err) => {
-                transcoder.unreadable("server_error", &err.to_string());
-                break;
-            }
-        }
-    }
-    transcoder.current()
-}
-
 /// The response as it stands: from its log while kept, else as stored.
 async fn standing(
     state: &AppState,
@@ -382,7 +357,7 @@ async fn standing(
     match found {
         Some(found) => {
             let mut opened = control::open(state, found, 0).await?;
-            Ok(snapshot(&opened.id, &mut opened.reader).await)
+            Ok(response_of(&opened.id, &mut opened.reader, false).await)
         }
         None if !document["response"].is_null() => Ok(document["response"].clone()),
         None => Err(ApiError::GenerationNotFound(id.to_owned())),
