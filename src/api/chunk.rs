@@ -5,9 +5,8 @@
 //! out for plain text.
 
 use std::borrow::Cow;
-use std::fmt::Write as _;
+use std::io::Write as _;
 
-use bytes::{BufMut, BytesMut};
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
@@ -104,15 +103,27 @@ const TEXT_AFTER: &[u8] = b"},\"logprobs\":null,\"finish_reason\":null}]}";
 /// The text of a chunk that holds nothing but first-choice text; `None`
 /// for any other chunk, which then takes the full parse.
 fn plain_text(data: &[u8]) -> Option<Cow<'_, str>> {
-    if !data.ends_with(TEXT_AFTER) {
+    let head = data.strip_suffix(TEXT_AFTER)?;
+    // The text's opening quote: the last quote before its end that no
+    // backslash escapes (the text is short; the chunk's head is not read).
+    let body = head.strip_suffix(b"\"")?;
+    let mut open = body.len();
+    loop {
+        open = memchr::memrchr(b'"', &body[..open])?;
+        let backslashes = body[..open]
+            .iter()
+            .rev()
+            .take_while(|&&b| b == b'\\')
+            .count();
+        if backslashes % 2 == 0 {
+            break;
+        }
+    }
+    if !body[..open].ends_with(TEXT_BEFORE) {
         return None;
     }
-    // From the end: the text is short, the chunk's head is not.
-    let start = memchr::memmem::rfind(data, TEXT_BEFORE)? + TEXT_BEFORE.len();
-    let mut strings = serde_json::Deserializer::from_slice(&data[start..]).into_iter::<Text<'_>>();
-    let Text(text) = strings.next()?.ok()?;
-    let end = start + strings.byte_offset();
-    (data.get(end..)? == TEXT_AFTER).then_some(text)
+    let Text(text) = serde_json::from_slice(&head[open..]).ok()?;
+    Some(text)
 }
 
 /// A JSON string, borrowed when it has no escapes.
@@ -147,18 +158,18 @@ pub(crate) fn log_events(events: &[u8]) -> impl Iterator<Item = LogEvent<'_>> {
 /// (one line of JSON), and `id: <id>.<seq>`; the stream's first event also
 /// carries `retry:`.
 pub(crate) fn named_event(
-    out: &mut BytesMut,
+    out: &mut Vec<u8>,
     kind: &str,
     id: &str,
     seq: u64,
-    data: impl FnOnce(&mut BytesMut),
+    data: impl FnOnce(&mut Vec<u8>),
 ) {
     if seq == 0 {
-        out.put_slice(RETRY);
+        out.extend_from_slice(RETRY);
     }
-    out.put_slice(b"event: ");
-    out.put_slice(kind.as_bytes());
-    out.put_slice(b"\ndata: ");
+    out.extend_from_slice(b"event: ");
+    out.extend_from_slice(kind.as_bytes());
+    out.extend_from_slice(b"\ndata: ");
     data(out);
     let _ = write!(out, "\nid: {id}.{seq}\n\n");
 }
@@ -185,9 +196,9 @@ pub(crate) async fn read_log(
 }
 
 /// `value` as JSON into `out`.
-pub(crate) fn put_json(out: &mut BytesMut, value: &impl serde::Serialize) {
+pub(crate) fn put_json(out: &mut Vec<u8>, value: &impl serde::Serialize) {
     // Serialising into memory cannot fail.
-    let _ = serde_json::to_writer(out.writer(), value);
+    let _ = serde_json::to_writer(out, value);
 }
 
 #[cfg(test)]
@@ -215,6 +226,13 @@ mod tests {
             kinds(&e.text("a \"quoted\"\n word")),
             ["text a \"quoted\"\n word"]
         );
+        for tricky in ["ends in a backslash \\", "\\\"", "\"", ""] {
+            assert_eq!(
+                kinds(&e.text(tricky)),
+                [format!("text {tricky}")],
+                "{tricky:?}"
+            );
+        }
         assert_eq!(kinds(&e.finish(FinishReason::Stop)), ["chunk"]);
         assert_eq!(kinds(&e.done()), ["done"]);
         // A text with anything more (a second choice, logprobs) is parsed.

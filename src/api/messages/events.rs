@@ -11,9 +11,9 @@
 //! with an empty block and all content as deltas, `usage` on
 //! `message_start` and `message_delta`.
 
-use std::fmt::Write as _;
+use std::io::Write as _;
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::Bytes;
 use serde_json::{Value, json};
 
 use crate::api::chunk::{
@@ -110,7 +110,7 @@ impl Transcoder {
     /// Events for whole log events; possibly none.
     pub(crate) fn events(&mut self, events: &[u8]) -> Bytes {
         // Each dialect's events are somewhat larger than the chunks.
-        let mut out = BytesMut::with_capacity(events.len() * 3 / 2);
+        let mut out = Vec::with_capacity(events.len() * 3 / 2);
         for event in log_events(events) {
             match event {
                 LogEvent::Text(text) => self.text(&text, &[], &mut out),
@@ -118,7 +118,7 @@ impl Transcoder {
                 LogEvent::Done => self.stop(&mut out),
             }
         }
-        out.freeze()
+        Bytes::from(out)
     }
 
     /// Reads log events without producing output: to build the Message.
@@ -130,23 +130,23 @@ impl Transcoder {
 
     /// The end of a stream whose log cannot be read any more.
     pub(crate) fn unreadable(&mut self, message: &str) -> Bytes {
-        let mut out = BytesMut::new();
+        let mut out = Vec::new();
         if self.end.is_none() {
             self.fail("api_error", message.to_owned(), &mut out);
         }
-        out.freeze()
+        Bytes::from(out)
     }
 
     /// A `ping`, with the id of the last event sent so that a resume from
     /// it loses nothing.
     pub(crate) fn ping(&self) -> Bytes {
-        let mut out = BytesMut::new();
-        out.put_slice(b"event: ping\ndata: {\"type\": \"ping\"}\n");
+        let mut out = Vec::new();
+        out.extend_from_slice(b"event: ping\ndata: {\"type\": \"ping\"}\n");
         if let Some(last) = self.seq.checked_sub(1) {
             let _ = writeln!(out, "id: {}.{last}", self.id);
         }
-        out.put_slice(b"\n");
-        out.freeze()
+        out.extend_from_slice(b"\n");
+        Bytes::from(out)
     }
 
     /// The failure the message ended with, if it did: (error type,
@@ -158,7 +158,7 @@ impl Transcoder {
         }
     }
 
-    fn chunk(&mut self, chunk: Chunk<'_>, out: &mut BytesMut) {
+    fn chunk(&mut self, chunk: Chunk<'_>, out: &mut Vec<u8>) {
         if let Some(skeleton) = chunk.x_skeleton {
             self.model = skeleton
                 .get("model")
@@ -216,7 +216,7 @@ impl Transcoder {
     }
 
     /// A piece of text (Messages carry no log probabilities).
-    fn text(&mut self, delta: &str, _: &[Value], out: &mut BytesMut) {
+    fn text(&mut self, delta: &str, _: &[Value], out: &mut Vec<u8>) {
         if delta.is_empty() {
             return;
         }
@@ -235,7 +235,7 @@ impl Transcoder {
     /// the open one); its index.
     fn open_block(
         &mut self,
-        out: &mut BytesMut,
+        out: &mut Vec<u8>,
         is: impl Fn(&Block) -> bool,
         new: impl FnOnce() -> Block,
     ) -> usize {
@@ -247,7 +247,7 @@ impl Transcoder {
         self.start_block(out, new())
     }
 
-    fn start_block(&mut self, out: &mut BytesMut, block: Block) -> usize {
+    fn start_block(&mut self, out: &mut Vec<u8>, block: Block) -> usize {
         self.close(out);
         let index = self.blocks.len();
         let opening = block.opening();
@@ -261,7 +261,7 @@ impl Transcoder {
         index
     }
 
-    fn tool_delta(&mut self, call: ToolCallDelta, out: &mut BytesMut) {
+    fn tool_delta(&mut self, call: ToolCallDelta, out: &mut Vec<u8>) {
         let current = self.open.filter(|&open| {
             matches!(&self.blocks[open], Block::ToolUse { index, .. } if *index == call.index)
         });
@@ -299,7 +299,7 @@ impl Transcoder {
     }
 
     /// Ends the open block.
-    fn close(&mut self, out: &mut BytesMut) {
+    fn close(&mut self, out: &mut Vec<u8>) {
         if let Some(index) = self.open.take() {
             if matches!(self.blocks[index], Block::Thinking(_)) {
                 self.emit(
@@ -314,7 +314,7 @@ impl Transcoder {
         }
     }
 
-    fn fail(&mut self, kind: &'static str, message: String, out: &mut BytesMut) {
+    fn fail(&mut self, kind: &'static str, message: String, out: &mut Vec<u8>) {
         self.close(out);
         self.emit(
             out,
@@ -327,7 +327,7 @@ impl Transcoder {
     /// `message_delta` and `message_stop`, at `[DONE]` (after the usage
     /// chunk). A message always has a block: Claude Code falls back to a
     /// second, non-streamed request when a stream has none.
-    fn stop(&mut self, out: &mut BytesMut) {
+    fn stop(&mut self, out: &mut Vec<u8>) {
         if self.end.is_some() {
             return;
         }
@@ -385,7 +385,7 @@ impl Transcoder {
         self.message(self.blocks.iter().map(Block::body).collect(), reason)
     }
 
-    fn emit(&mut self, out: &mut BytesMut, kind: &str, mut data: Value) {
+    fn emit(&mut self, out: &mut Vec<u8>, kind: &str, mut data: Value) {
         let Some(seq) = self.next_seq() else {
             return;
         };
@@ -404,16 +404,16 @@ impl Transcoder {
 
     /// A `text_delta`, the one event per token, written without a JSON
     /// tree (the same fields as [`Self::emit`] writes).
-    fn text_delta(&mut self, out: &mut BytesMut, index: usize, text: &str) {
+    fn text_delta(&mut self, out: &mut Vec<u8>, index: usize, text: &str) {
         let Some(seq) = self.next_seq() else {
             return;
         };
         named_event(out, "content_block_delta", &self.id, seq, |out| {
-            out.put_slice(b"{\"delta\":{\"text\":");
+            out.extend_from_slice(b"{\"delta\":{\"text\":");
             put_json(out, &text);
-            out.put_slice(b",\"type\":\"text_delta\"},\"index\":");
+            out.extend_from_slice(b",\"type\":\"text_delta\"},\"index\":");
             put_json(out, &index);
-            out.put_slice(b",\"type\":\"content_block_delta\"}");
+            out.extend_from_slice(b",\"type\":\"content_block_delta\"}");
         });
     }
 }

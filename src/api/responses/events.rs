@@ -10,7 +10,7 @@
 //! openai-python's `types/responses` (version 3.54.0, the one the client
 //! tests pin).
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::Bytes;
 use serde_json::{Map, Value, json};
 
 use crate::api::chunk::{
@@ -133,7 +133,14 @@ pub(crate) struct Transcoder {
 impl Transcoder {
     /// `after`: the sequence number a resume starts after.
     pub(crate) fn new(id: &str, after: Option<u64>) -> Self {
-        let suffix = id.strip_prefix("resp_").unwrap_or(id).to_owned();
+        // Eight of the id's random characters: item ids stay unique in a
+        // conversation and short in the one event every token sends.
+        let suffix = id
+            .strip_prefix("resp_")
+            .unwrap_or(id)
+            .chars()
+            .take(8)
+            .collect();
         Self {
             id: id.to_owned(),
             suffix,
@@ -151,7 +158,7 @@ impl Transcoder {
     /// Events for whole log events; possibly none.
     pub(crate) fn events(&mut self, events: &[u8]) -> Bytes {
         // Each dialect's events are somewhat larger than the chunks.
-        let mut out = BytesMut::with_capacity(events.len() * 3 / 2);
+        let mut out = Vec::with_capacity(events.len() * 3 / 2);
         for event in log_events(events) {
             match event {
                 LogEvent::Text(text) => self.text(&text, &[], &mut out),
@@ -159,7 +166,7 @@ impl Transcoder {
                 LogEvent::Done => self.terminal(&mut out),
             }
         }
-        out.freeze()
+        Bytes::from(out)
     }
 
     /// Reads log events without producing output: to build the Response
@@ -172,14 +179,14 @@ impl Transcoder {
 
     /// The end of a stream whose log cannot be read any more.
     pub(crate) fn unreadable(&mut self, code: &str, message: &str) -> Bytes {
-        let mut out = BytesMut::new();
+        let mut out = Vec::new();
         if !self.terminal_sent {
             self.fail(json!({"code": code, "message": message}), &mut out);
         }
-        out.freeze()
+        Bytes::from(out)
     }
 
-    fn chunk(&mut self, chunk: Chunk<'_>, out: &mut BytesMut) {
+    fn chunk(&mut self, chunk: Chunk<'_>, out: &mut Vec<u8>) {
         if let Some(skeleton) = chunk.x_skeleton {
             self.skeleton = skeleton;
             let created = Value::Object(self.object("in_progress"));
@@ -239,7 +246,7 @@ impl Transcoder {
     }
 
     /// A piece of the message's text, with its log probabilities.
-    fn text(&mut self, delta: &str, logprobs: &[Value], out: &mut BytesMut) {
+    fn text(&mut self, delta: &str, logprobs: &[Value], out: &mut Vec<u8>) {
         if delta.is_empty() {
             return;
         }
@@ -270,7 +277,7 @@ impl Transcoder {
     /// open); its output index.
     fn open_item(
         &mut self,
-        out: &mut BytesMut,
+        out: &mut Vec<u8>,
         prefix: &str,
         new: impl FnOnce(String) -> Item,
         is: impl Fn(&Item) -> bool,
@@ -308,7 +315,7 @@ impl Transcoder {
         index
     }
 
-    fn call_delta(&mut self, call: ToolCallDelta, out: &mut BytesMut) {
+    fn call_delta(&mut self, call: ToolCallDelta, out: &mut Vec<u8>) {
         let existing = self.items.iter().position(
             |i| matches!(i, Item::Call { index, open: true, .. } if *index == call.index),
         );
@@ -352,7 +359,7 @@ impl Transcoder {
     }
 
     /// Ends every open item with its `.done` events.
-    fn close_all(&mut self, out: &mut BytesMut) {
+    fn close_all(&mut self, out: &mut Vec<u8>) {
         let status = if self.finish.as_deref() == Some("length")
             || self.finish.as_deref() == Some("cancelled")
         {
@@ -432,7 +439,7 @@ impl Transcoder {
         }
     }
 
-    fn fail(&mut self, error: Value, out: &mut BytesMut) {
+    fn fail(&mut self, error: Value, out: &mut Vec<u8>) {
         self.close_all(out);
         self.end = Some(End::Failed(error));
         let response = self.current();
@@ -441,7 +448,7 @@ impl Transcoder {
     }
 
     /// The terminal event, at `[DONE]` (after the usage chunk).
-    fn terminal(&mut self, out: &mut BytesMut) {
+    fn terminal(&mut self, out: &mut Vec<u8>) {
         if self.terminal_sent {
             return;
         }
@@ -531,7 +538,7 @@ impl Transcoder {
     }
 
     /// Writes one event, numbered, unless a resume has seen it.
-    fn emit(&mut self, out: &mut BytesMut, kind: &str, mut data: Value) {
+    fn emit(&mut self, out: &mut Vec<u8>, kind: &str, mut data: Value) {
         let Some(seq) = self.next_seq() else {
             return;
         };
@@ -551,24 +558,24 @@ impl Transcoder {
 
     /// `response.output_text.delta`, the one event per token, written
     /// without a JSON tree (the same fields as [`Self::emit`] writes).
-    fn text_delta(&mut self, out: &mut BytesMut, index: usize, delta: &str, logprobs: &[Value]) {
+    fn text_delta(&mut self, out: &mut Vec<u8>, index: usize, delta: &str, logprobs: &[Value]) {
         let Some(seq) = self.next_seq() else {
             return;
         };
         let suffix = &self.suffix;
         named_event(out, "response.output_text.delta", &self.id, seq, |out| {
-            out.put_slice(b"{\"content_index\":0,\"delta\":");
+            out.extend_from_slice(b"{\"content_index\":0,\"delta\":");
             put_json(out, &delta);
-            out.put_slice(b",\"item_id\":\"msg_");
-            out.put_slice(suffix.as_bytes());
+            out.extend_from_slice(b",\"item_id\":\"msg_");
+            out.extend_from_slice(suffix.as_bytes());
             put_json(out, &index);
-            out.put_slice(b"\",\"logprobs\":");
+            out.extend_from_slice(b"\",\"logprobs\":");
             put_json(out, &logprobs);
-            out.put_slice(b",\"output_index\":");
+            out.extend_from_slice(b",\"output_index\":");
             put_json(out, &index);
-            out.put_slice(b",\"sequence_number\":");
+            out.extend_from_slice(b",\"sequence_number\":");
             put_json(out, &seq);
-            out.put_slice(b",\"type\":\"response.output_text.delta\"}");
+            out.extend_from_slice(b",\"type\":\"response.output_text.delta\"}");
         });
     }
 }

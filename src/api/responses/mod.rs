@@ -136,7 +136,11 @@ pub(crate) async fn create(
     if store {
         let document =
             json!({"input": own, "context": items[dropped..], "output": null, "response": null});
-        state.stored.put(caller, id.as_str(), document).await?;
+        // The response runs whether or not it could be stored (Redis away):
+        // it streams and resumes; only a later retrieve misses it.
+        if let Err(err) = state.stored.put(caller, id.as_str(), document).await {
+            tracing::warn!(%err, "the response could not be stored");
+        }
         let (stored, generation) = (state.stored.clone(), generation.clone());
         tokio::spawn(async move {
             generation.finished().await;
