@@ -65,11 +65,31 @@ pub trait LogSource: Send + Sync {
 pub struct LogReader {
     source: Arc<dyn LogSource>,
     pos: usize,
+    /// It has read the log's last event (`[DONE]`): whatever a source
+    /// might still say after it is not read.
+    ended: bool,
+}
+
+/// The data line of the event that ends every log.
+const DONE_EVENT: &[u8] = b"data: [DONE]\n";
+
+/// Whether a batch's last event is the one that ends a log.
+fn ends_log(batch: &[u8]) -> bool {
+    let last = batch
+        .strip_suffix(b"\n\n")
+        .and_then(|b| b.rsplit(|&c| c == b'\n').nth(1))
+        .unwrap_or_default();
+    // The event's lines: `data: [DONE]`, then its `id:` line.
+    last.len() + 1 == DONE_EVENT.len() && DONE_EVENT.starts_with(last)
 }
 
 impl LogReader {
     pub fn new(source: Arc<dyn LogSource>, from: usize) -> Self {
-        Self { source, pos: from }
+        Self {
+            source,
+            pos: from,
+            ended: false,
+        }
     }
 
     /// The number of the next event this reader will get.
@@ -80,9 +100,13 @@ impl LogReader {
     /// What [`Self::next`] would give now, without waiting; `Ok(None)`
     /// both at the end and while nothing new is there yet (see `ended`).
     pub async fn next_now(&mut self) -> Result<Option<Bytes>, LogError> {
+        if self.ended {
+            return Ok(None);
+        }
         match self.source.read_now(self.pos, READ_LIMIT).await? {
             Some(Read::Events(batch)) => {
                 self.pos += batch.events;
+                self.ended = ends_log(&batch.bytes);
                 Ok(Some(batch.bytes))
             }
             Some(Read::End) | None => Ok(None),
@@ -93,9 +117,13 @@ impl LogReader {
     /// per wake-up rather than one per token; `None` at the end of a
     /// complete log. Cancel-safe.
     pub async fn next(&mut self) -> Result<Option<Bytes>, LogError> {
+        if self.ended {
+            return Ok(None);
+        }
         match self.source.read(self.pos, READ_LIMIT).await? {
             Read::Events(batch) => {
                 self.pos += batch.events;
+                self.ended = ends_log(&batch.bytes);
                 Ok(Some(batch.bytes))
             }
             Read::End => Ok(None),
@@ -308,6 +336,26 @@ mod tests {
         assert_eq!(next(&mut from_start).await, None);
         assert_eq!(from_start.position(), 3);
         assert_eq!((log.len(), log.bytes()), (3, 3));
+    }
+
+    #[tokio::test]
+    async fn a_reader_stops_at_done_whatever_its_source_says_after() {
+        let log = Arc::new(MemoryLog::default());
+        log.push(b"data: {}\nid: a.0\n\n");
+        log.push(b"data: [DONE]\nid: a.1\n\n");
+        let mut r = reader(&log, 0);
+        assert!(
+            next(&mut r)
+                .await
+                .is_some_and(|b| b.ends_with(b"id: a.1\n\n"))
+        );
+        // A source that goes on after the end (a log written again under
+        // a reader) is not read past it.
+        log.push(b"data: {\"error\": {}}\nid: a.2\n\n");
+        assert_eq!(next(&mut r).await, None);
+        assert!(ends_log(b"data: {}\nid: a.0\n\ndata: [DONE]\nid: a.1\n\n"));
+        assert!(!ends_log(b"data: [DONE]\nid: a.1\n\ndata: {}\nid: a.2\n\n"));
+        assert!(!ends_log(b"retry: 1000\ndata: {}\nid: a.0\n\n"));
     }
 
     #[tokio::test]

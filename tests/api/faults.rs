@@ -479,3 +479,70 @@ async fn replicas_reach_a_redis_over_tls_with_a_ca_of_their_own() {
     assert_eq!(read_all(replay).await.text, text, "shared over TLS");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test]
+async fn when_redis_evicts_under_maxmemory_streams_still_end_properly_and_keys_expire() {
+    let cluster = Cluster::start(&[]).await;
+    let redis = &cluster.redis;
+    for setting in [["maxmemory", "2mb"], ["maxmemory-policy", "allkeys-lru"]] {
+        assert_eq!(
+            redis.cli(&["CONFIG", "SET", setting[0], setting[1]]).await,
+            "OK"
+        );
+    }
+    // Forty answers of 200 words, their logs more than Redis may hold,
+    // each read on its owner and followed on the other instance.
+    let clients: Vec<_> = (0..40)
+        .map(|i| {
+            let (a, b) = (cluster.a.base.clone(), cluster.b.base.clone());
+            tokio::spawn(async move {
+                let text = format!("e{i} {}", words(200));
+                let owned = open(&format!("{a}/v1/chat/completions"), &text, None, None).await;
+                let id = completion_id(&owned);
+                let follow = client()
+                    .get(format!("{b}/v1/chat/completions/{id}/events"))
+                    .send()
+                    .await
+                    .expect("sent");
+                let owned = rest(Events::of(owned)).await;
+                let followed = match follow.status().as_u16() {
+                    200 => Some(rest(Events::of(follow)).await),
+                    // Evicted before the reader came: unknown, as after its TTL.
+                    404 => None,
+                    other => panic!("{other}"),
+                };
+                (text, owned, followed)
+            })
+        })
+        .collect();
+    let mut evicted_readers = 0;
+    for client in clients {
+        let (text, owned, followed) = client.await.expect("a client");
+        assert_eq!(owned.text, text, "the owner's client is untouched");
+        assert!(owned.done);
+        let Some(followed) = followed else {
+            evicted_readers += 1;
+            continue;
+        };
+        assert!(followed.done, "every stream ends with [DONE]");
+        assert_no_repeat(&followed.ids);
+        if followed.finish_reason.as_deref() == Some("stop") {
+            assert_eq!(followed.text, text);
+        } else {
+            // What was evicted under a reader ends its stream with an error.
+            let last = followed.chunks.last().expect("an error event");
+            assert!(last.get("error").is_some(), "{last}");
+            evicted_readers += 1;
+        }
+    }
+    let evicted: u64 = redis
+        .cli(&["INFO", "stats"])
+        .await
+        .lines()
+        .find_map(|l| l.strip_prefix("evicted_keys:"))
+        .and_then(|n| n.trim().parse().ok())
+        .expect("evicted_keys");
+    assert!(evicted > 0, "Redis evicted keys under this load");
+    eprintln!("{evicted} keys evicted; {evicted_readers} readers met an eviction");
+    every_key_expires(redis).await;
+}

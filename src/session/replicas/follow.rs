@@ -276,9 +276,6 @@ impl LogSource for RedisLog {
                     if !look.frames.is_empty() {
                         return Ok(Read::Events(batch(look.frames, limit)));
                     }
-                    if look.state != RecordState::Missing {
-                        missing_since = None;
-                    }
                     match look.state {
                         RecordState::Done if from >= look.len => {
                             return if from == look.len {
@@ -288,6 +285,7 @@ impl LogSource for RedisLog {
                             };
                         }
                         RecordState::Running if !look.leased => {
+                            missing_since = None;
                             let since = *unleased_since.get_or_insert_with(Instant::now);
                             if since.elapsed() >= lease {
                                 self.replicas
@@ -297,7 +295,10 @@ impl LogSource for RedisLog {
                                 continue;
                             }
                         }
-                        RecordState::Running => unleased_since = None,
+                        RecordState::Running => {
+                            unleased_since = None;
+                            missing_since = None;
+                        }
                         // Done, but the events are not there: the log was
                         // dropped under the record (eviction), or a
                         // write-back is under way.
@@ -321,7 +322,9 @@ impl LogSource for RedisLog {
     }
 }
 
-/// Whole frames up to `limit` bytes (at least one) as one buffer.
+/// Whole frames up to `limit` bytes (at least one) as one buffer, and
+/// none after `[DONE]`, which ends every log (a log written again under a
+/// reader may hold more after it).
 fn batch(frames: Vec<Vec<u8>>, limit: usize) -> Batch {
     let mut bytes = BytesMut::new();
     let mut events = 0;
@@ -331,6 +334,9 @@ fn batch(frames: Vec<Vec<u8>>, limit: usize) -> Batch {
         }
         bytes.extend_from_slice(&frame);
         events += 1;
+        if frame.starts_with(b"data: [DONE]\n") {
+            break;
+        }
     }
     Batch {
         bytes: bytes.freeze(),
@@ -382,5 +388,7 @@ mod tests {
         assert_eq!((&b.bytes[..], b.events), (&b"aaaabbbb"[..], 2));
         let b = batch(frames, 2);
         assert_eq!((&b.bytes[..], b.events), (&b"aaaa"[..], 1));
+        let past_the_end = vec![b"data: [DONE]\nid: a.1\n\n".to_vec(), b"x".to_vec()];
+        assert_eq!(batch(past_the_end, 100).events, 1);
     }
 }

@@ -127,13 +127,16 @@ pub(super) fn split_events(blob: &[u8]) -> impl Iterator<Item = &[u8]> {
 
 /// (Re)writes a running generation's record and lease. Refuses (-1) when
 /// the generation was ended elsewhere: an owner back from a partition
-/// must not revive it. `n` is kept when the record exists and starts at
-/// 0 when Redis lost it.
+/// must not revive it. `n` is kept when the record exists; when Redis
+/// lost the record (a restart, an eviction) whatever is left of the log
+/// goes too, and the owner writes it again from event 0.
 ///
-/// KEYS: meta, lease. ARGV: caller, instance, streamed, running TTL ms,
-/// lease ms.
+/// KEYS: meta, lease, log. ARGV: caller, instance, streamed, running TTL
+/// ms, lease ms.
 const RECORD: &str = r"
-if redis.call('HGET', KEYS[1], 'state') == 'done' then return -1 end
+local state = redis.call('HGET', KEYS[1], 'state')
+if state == 'done' then return -1 end
+if not state then redis.call('DEL', KEYS[3]) end
 redis.call('HSET', KEYS[1], 'caller', ARGV[1], 'inst', ARGV[2], 'streamed', ARGV[3], 'state', 'run')
 redis.call('HSETNX', KEYS[1], 'n', 0)
 redis.call('PEXPIRE', KEYS[1], ARGV[4])

@@ -105,6 +105,9 @@ impl Replicas {
             .filter(|(_, f)| f.readers > 0)
             .map(|(id, _)| id.clone())
             .collect();
+        // A finished generation being written back holds no lease: should
+        // its write-back stall (Redis evicting as fast as it is written), a
+        // reader elsewhere ends its stream rather than wait for ever.
         let running: Vec<_> = owned.iter().filter(|g| !g.is_done()).collect();
         let mut pipe = redis::pipe();
         pipe.cmd("SET")

@@ -335,6 +335,7 @@ impl Replicas {
         let mut invocation = self.scripts.record.key(self.keys.meta(&generation.id));
         invocation
             .key(self.keys.lease(&generation.id))
+            .key(self.keys.log(&generation.id))
             .arg(self.caller(generation.owner))
             .arg(&self.instance)
             .arg(if generation.streamed { "1" } else { "0" })
