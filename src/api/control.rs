@@ -52,7 +52,7 @@ impl Found {
 
 /// Ids are generated here: anything else (say, a key pattern aimed at
 /// Redis) is unknown without asking anyone.
-fn plausible(id: &str) -> bool {
+pub(crate) fn plausible(id: &str) -> bool {
     (1..=64).contains(&id.len())
         && id
             .bytes()

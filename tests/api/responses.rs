@@ -221,6 +221,15 @@ async fn another_callers_key_gets_404_for_a_response() {
         let resp = req.bearer_auth("key-b").send().await.expect("sent");
         assert_eq!(resp.status(), 404, "{method} {path}");
     }
+    for forged in ["resp_a}b", "resp_*", "resp_a%20b"] {
+        let resp = client()
+            .get(server.url(&format!("/v1/responses/{forged}")))
+            .bearer_auth("key-a")
+            .send()
+            .await
+            .expect("sent");
+        assert_eq!(resp.status(), 404, "{forged}");
+    }
     let mine = client()
         .get(server.url(&format!("/v1/responses/{id}")))
         .bearer_auth("key-a")

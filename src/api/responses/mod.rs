@@ -41,6 +41,12 @@ pub(crate) fn is_response(id: &GenerationId) -> bool {
     id.as_str().starts_with(PREFIX)
 }
 
+/// An id of our shape for a response: anything else (a key pattern aimed
+/// at Redis, say) is unknown without asking anyone.
+fn response_id(id: &str) -> bool {
+    id.starts_with(PREFIX) && control::plausible(id)
+}
+
 /// A Responses event stream of a generation's log from its first event,
 /// sending what comes after sequence number `after`.
 pub(crate) fn event_stream(opened: Opened, after: Option<u64>, keep_alive: Duration) -> Response {
@@ -341,7 +347,7 @@ async fn find_response(
     id: &str,
 ) -> Result<(std::sync::Arc<Value>, Option<Found>), ApiError> {
     let not_found = || ApiError::GenerationNotFound(id.to_owned());
-    if !id.starts_with(PREFIX) {
+    if !response_id(id) {
         return Err(not_found());
     }
     let document = state.stored.get(caller, id).await?.ok_or_else(not_found)?;
@@ -434,7 +440,7 @@ pub(crate) async fn delete(
     Caller(caller): Caller,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    if !id.starts_with(PREFIX) || !state.stored.delete(caller, &id).await? {
+    if !response_id(&id) || !state.stored.delete(caller, &id).await? {
         return Err(ApiError::GenerationNotFound(id));
     }
     Ok(Json(json!({"id": id, "object": "response.deleted", "deleted": true})).into_response())
