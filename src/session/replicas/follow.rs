@@ -50,13 +50,13 @@ impl Replicas {
         // Subscribe before the first read so that no append is missed; a
         // failure only costs latency (reads also poll).
         if first {
-            let mut subscriber = self.subscriber.clone();
+            let mut subscriber = self.link.subscriber();
             let channel = self.keys.events_channel(id);
             if let Err(err) = self.call(subscriber.subscribe(channel)).await {
                 tracing::debug!(%err, "cannot subscribe to a log's appends");
             }
         }
-        let mut conn = self.conn.clone();
+        let mut conn = self.link.conn();
         let mut mark = redis::cmd("SET");
         mark.arg(self.keys.readers(id))
             .arg(1)
@@ -92,7 +92,7 @@ impl Drop for Follow {
             last
         };
         if last && let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            let mut subscriber = self.replicas.subscriber.clone();
+            let mut subscriber = self.replicas.link.subscriber();
             let channel = self.replicas.keys.events_channel(&self.id);
             let timeout = self.replicas.config.timeout;
             runtime.spawn(async move {
@@ -105,7 +105,7 @@ impl Drop for Follow {
 #[async_trait]
 impl RemoteReaders for Replicas {
     async fn reading(&self, id: &GenerationId) -> bool {
-        let mut conn = self.conn.clone();
+        let mut conn = self.link.conn();
         let mut exists = redis::cmd("EXISTS");
         exists.arg(self.keys.readers(id));
         // Redis away: nobody can be reading through it.
@@ -201,7 +201,7 @@ impl RedisLog {
             .arg("state")
             .arg("n");
         pipe.cmd("EXISTS").arg(keys.lease(&self.id));
-        let mut conn = self.replicas.conn.clone();
+        let mut conn = self.replicas.link.conn();
         type Reply = (Entries, Entries, (Option<String>, Option<usize>), bool);
         let (holding, after, (state, len), leased): Reply =
             self.replicas.call(pipe.query_async(&mut conn)).await?;
@@ -233,8 +233,9 @@ impl Replicas {
             .arg(len)
             .arg(epilogue.len())
             .arg(self.ttl_ms())
-            .arg(blob);
-        let mut conn = self.conn.clone();
+            .arg(blob)
+            .arg(self.link.publish());
+        let mut conn = self.link.conn();
         let ended: i64 = self
             .script_call("end_orphan", invocation.invoke_async(&mut conn))
             .await?;

@@ -16,10 +16,11 @@
 //! - `<p>{g}:rd`, renewed by instances that have readers of `g`.
 //!
 //! A session's latest generation is `<p>s:{<caller>}:<session>`. Owners
-//! listen on `<p>ctl:<instance>` for cancels, readers on `<p>ev:<g>` for
-//! appends, and `<p>inst:<instance>` tells an instance whether Redis kept
-//! its data since the last look. Every key has an expiry from its first
-//! write.
+//! listen on `<p>ctl:{<instance>}` for cancels, readers on `<p>{g}:ev` for
+//! appends (in the generation's slot, so that a script on a Cluster can
+//! publish there with `SPUBLISH`), and `<p>inst:{<instance>}` tells an
+//! instance whether Redis kept its data since the last look. Every key
+//! has an expiry from its first write.
 
 use redis::Script;
 
@@ -71,29 +72,31 @@ impl Keys {
     }
 
     pub(super) fn events_channel(&self, id: &GenerationId) -> String {
-        format!("{}ev:{id}", self.prefix)
+        format!("{}{{{id}}}:ev", self.prefix)
     }
 
     pub(super) fn control_channel(&self, instance: &str) -> String {
-        format!("{}ctl:{instance}", self.prefix)
+        format!("{}ctl:{{{instance}}}", self.prefix)
     }
 
     /// The generation whose appends a channel announces, if it is one.
     pub(super) fn events_of<'a>(&self, channel: &'a str) -> Option<&'a str> {
         channel
-            .strip_prefix(self.prefix.as_str())
-            .and_then(|c| c.strip_prefix("ev:"))
+            .strip_prefix(self.prefix.as_str())?
+            .strip_prefix('{')?
+            .strip_suffix("}:ev")
     }
 
     /// The instance a control channel belongs to, if it is one.
     pub(super) fn control_of<'a>(&self, channel: &'a str) -> Option<&'a str> {
         channel
-            .strip_prefix(self.prefix.as_str())
-            .and_then(|c| c.strip_prefix("ctl:"))
+            .strip_prefix(self.prefix.as_str())?
+            .strip_prefix("ctl:{")?
+            .strip_suffix('}')
     }
 
     pub(super) fn instance_marker(&self, instance: &str) -> String {
-        format!("{}inst:{instance}", self.prefix)
+        format!("{}inst:{{{instance}}}", self.prefix)
     }
 }
 
@@ -151,7 +154,7 @@ return tonumber(redis.call('HGET', KEYS[1], 'n'))
 /// Redis lost the record.
 ///
 /// KEYS: meta, log. ARGV: channel, first, events in the batch, log TTL
-/// ms, the batch.
+/// ms, the batch, the publishing command (`SPUBLISH` on a Cluster).
 const APPEND: &str = r"
 local m = redis.call('HMGET', KEYS[1], 'state', 'n')
 if not m[1] then return -2 end
@@ -163,7 +166,7 @@ redis.call('XADD', KEYS[2], '0-' .. (first + 1), 'f', ARGV[5])
 n = first + tonumber(ARGV[3])
 redis.call('HSET', KEYS[1], 'n', n)
 redis.call('PEXPIRE', KEYS[2], ARGV[4])
-redis.call('PUBLISH', ARGV[1], n)
+redis.call(ARGV[6], ARGV[1], n)
 return n
 ";
 
@@ -172,7 +175,7 @@ return n
 /// and its length is still the one the epilogue was numbered from.
 ///
 /// KEYS: meta, log, lease. ARGV: channel, expected length, events in the
-/// epilogue, TTL ms, the epilogue.
+/// epilogue, TTL ms, the epilogue, the publishing command.
 const END_ORPHAN: &str = r"
 if redis.call('EXISTS', KEYS[3]) == 1 then return 0 end
 local m = redis.call('HMGET', KEYS[1], 'state', 'n')
@@ -184,23 +187,24 @@ n = n + tonumber(ARGV[3])
 redis.call('HSET', KEYS[1], 'state', 'done', 'n', n, 'end', 'orphan')
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
 redis.call('PEXPIRE', KEYS[2], ARGV[4])
-redis.call('PUBLISH', ARGV[1], n)
+redis.call(ARGV[6], ARGV[1], n)
 return 1
 ";
 
-/// Asks a running generation's owner to stop: -1 when the caller does not
-/// own it (or it is unknown), 0 when it already ended or was already
-/// asked, 1 when this call asked.
+/// Marks a running generation for its owner to stop: `{-1, nil}` when the
+/// caller does not own it (or it is unknown), `{0, nil}` when it already ended
+/// or was already asked, `{1, owner}` when this call asked. The caller
+/// then tells the owner on its control channel, which on a Cluster lives
+/// in another slot; an owner that misses the message finds the mark on
+/// its next renewal.
 ///
-/// KEYS: meta. ARGV: caller, cause, generation id, control channel
-/// prefix, the asking request's `traceparent` (`-` outside a trace).
+/// KEYS: meta. ARGV: caller, cause.
 const CANCEL: &str = r"
 local m = redis.call('HMGET', KEYS[1], 'caller', 'inst', 'state')
-if not m[1] or m[1] ~= ARGV[1] then return -1 end
-if m[3] ~= 'run' then return 0 end
-if redis.call('HSETNX', KEYS[1], 'cancel', ARGV[2]) == 0 then return 0 end
-redis.call('PUBLISH', ARGV[4] .. m[2], 'cancel ' .. ARGV[3] .. ' ' .. ARGV[2] .. ' ' .. ARGV[5])
-return 1
+if not m[1] or m[1] ~= ARGV[1] then return {-1, false} end
+if m[3] ~= 'run' then return {0, false} end
+if redis.call('HSETNX', KEYS[1], 'cancel', ARGV[2]) == 0 then return {0, false} end
+return {1, m[2]}
 ";
 
 /// Compiled once per process.
@@ -264,6 +268,7 @@ mod tests {
             keys.log(&id),
             keys.lease(&id),
             keys.readers(&id),
+            keys.events_channel(&id),
         ] {
             assert!(key.starts_with("tenant-a:{chatcmpl-abc}:"), "{key}");
         }
@@ -272,7 +277,8 @@ mod tests {
             Some("chatcmpl-abc")
         );
         assert_eq!(keys.control_of(&keys.control_channel("i-x")), Some("i-x"));
-        assert_eq!(Keys::new("sg").events_of("tenant-a:ev:x"), None);
+        assert_eq!(Keys::new("sg").events_of("tenant-a:{x}:ev"), None);
+        assert_eq!(keys.events_of("tenant-a:{x}:m"), None);
     }
 
     #[test]

@@ -26,7 +26,7 @@ pub(super) async fn listen(
             return;
         };
         match push.kind {
-            PushKind::Message => {
+            PushKind::Message | PushKind::SMessage => {
                 let mut data = push.data.into_iter();
                 let (Some(channel), Some(payload)) = (data.next(), data.next()) else {
                     continue;
@@ -82,15 +82,30 @@ impl Replicas {
         }
     }
 
-    /// Makes sure this instance hears cancels for what it owns.
+    /// Makes sure this instance hears cancels for what it owns, and under
+    /// Sentinel that the connections follow the primary: after a move,
+    /// every subscription is made again on the new one.
     async fn listen_for_control(&self) {
-        if self.listening.get().is_some() {
+        match self.link.refresh().await {
+            Ok(true) => {
+                self.listening.store(false, Ordering::Relaxed);
+                let followed: Vec<_> = self.lock_followed().keys().cloned().collect();
+                let mut subscriber = self.link.subscriber();
+                for id in followed {
+                    let channel = self.keys.events_channel(&id);
+                    let _ = self.call(subscriber.subscribe(channel)).await;
+                }
+            }
+            Ok(false) => {}
+            Err(err) => tracing::warn!(%err, "Sentinel did not name a Redis primary"),
+        }
+        if self.listening.load(Ordering::Relaxed) {
             return;
         }
-        let mut subscriber = self.subscriber.clone();
+        let mut subscriber = self.link.subscriber();
         let channel = self.keys.control_channel(&self.instance);
         if self.call(subscriber.subscribe(channel)).await.is_ok() {
-            let _ = self.listening.set(());
+            self.listening.store(true, Ordering::Relaxed);
         }
     }
 
@@ -109,55 +124,50 @@ impl Replicas {
         // its write-back stall (Redis evicting as fast as it is written), a
         // reader elsewhere ends its stream rather than wait for ever.
         let running: Vec<_> = owned.iter().filter(|g| !g.is_done()).collect();
-        let mut pipe = redis::pipe();
-        pipe.cmd("SET")
-            .arg(self.keys.instance_marker(&self.instance))
-            .arg(1)
-            .arg("PX")
-            .arg(self.readers_mark_ms())
-            .arg("GET");
+        let set_px = |key: String, ms: u64| {
+            let mut set = redis::cmd("SET");
+            set.arg(&key).arg(1).arg("PX").arg(ms);
+            (key, set)
+        };
+        let pexpire = |key: String| {
+            let mut expire = redis::cmd("PEXPIRE");
+            expire.arg(&key).arg(self.running_ttl_ms());
+            (key, expire)
+        };
+        let mut marker = set_px(
+            self.keys.instance_marker(&self.instance),
+            self.readers_mark_ms(),
+        );
+        marker.1.arg("GET");
+        let mut commands = vec![marker];
+        // Where each running generation's `cancel` field comes back.
+        let mut cancels = Vec::with_capacity(running.len());
         for generation in &running {
             let id = &generation.id;
-            pipe.cmd("SET")
-                .arg(self.keys.lease(id))
-                .arg(1)
-                .arg("PX")
-                .arg(self.lease_ms())
-                .ignore();
-            for key in [self.keys.meta(id), self.keys.log(id)] {
-                pipe.cmd("PEXPIRE")
-                    .arg(key)
-                    .arg(self.running_ttl_ms())
-                    .ignore();
-            }
+            commands.push(set_px(self.keys.lease(id), self.lease_ms()));
+            commands.push(pexpire(self.keys.meta(id)));
+            commands.push(pexpire(self.keys.log(id)));
             if let Some(session) = self.session_key(generation) {
-                pipe.cmd("PEXPIRE")
-                    .arg(session)
-                    .arg(self.running_ttl_ms())
-                    .ignore();
+                commands.push(pexpire(session));
             }
-            pipe.cmd("HGET").arg(self.keys.meta(id)).arg("cancel");
+            let mut cancel = redis::cmd("HGET");
+            cancel.arg(self.keys.meta(id)).arg("cancel");
+            cancels.push(commands.len());
+            commands.push((self.keys.meta(id), cancel));
         }
         for id in &followed {
-            pipe.cmd("SET")
-                .arg(self.keys.readers(id))
-                .arg(1)
-                .arg("PX")
-                .arg(self.readers_mark_ms())
-                .ignore();
+            commands.push(set_px(self.keys.readers(id), self.readers_mark_ms()));
         }
-        let mut conn = self.conn.clone();
-        let Ok(replies) = self.call(pipe.query_async::<Vec<Value>>(&mut conn)).await else {
+        let Ok(mut replies) = self.query_spread(commands).await else {
             return;
         };
-        let mut replies = replies.into_iter();
-        let marker = replies.next();
-        let kept = !matches!(marker, Some(Value::Nil) | None);
+        let kept = !matches!(replies.first(), Some(Value::Nil) | None);
         if self.marked.swap(true, Ordering::Relaxed) && !kept {
             tracing::warn!("Redis lost this instance's data; writing it back");
             self.write_back().await;
         }
-        for (generation, cancel) in running.iter().zip(replies) {
+        for (generation, at) in running.iter().zip(cancels) {
+            let cancel = std::mem::replace(&mut replies[at], Value::Nil);
             if let Ok(Some(cause)) = redis::from_redis_value::<Option<String>>(cancel) {
                 generation.cancel(cause_from(&cause));
             }

@@ -84,8 +84,8 @@ async fn finish(replicas: &Replicas, generation: &Generation) {
         pipe.cmd("PEXPIRE").arg(key).arg(ttl_ms).ignore();
     }
     pipe.cmd("DEL").arg(keys.lease(id)).ignore();
-    let mut conn = replicas.conn.clone();
     for attempt in 0..5u32 {
+        let mut conn = replicas.link.conn();
         if replicas
             .call(pipe.query_async::<()>(&mut conn))
             .await
@@ -105,7 +105,6 @@ async fn mirror(replicas: &Replicas, generation: &Generation) -> Mirrored {
     // Events Redis holds, as its last answer said.
     let mut written = 0usize;
     let mut backoff = Duration::from_millis(50);
-    let mut conn = replicas.conn.clone();
     let mut last_append: Option<Instant> = None;
     loop {
         if let Some(last) = last_append {
@@ -122,7 +121,10 @@ async fn mirror(replicas: &Replicas, generation: &Generation) -> Mirrored {
             .arg(written)
             .arg(frames.len())
             .arg(replicas.running_ttl_ms())
-            .arg(batch.as_ref());
+            .arg(batch.as_ref())
+            .arg(replicas.link.publish());
+        // Taken anew each time: under Sentinel the primary may have moved.
+        let mut conn = replicas.link.conn();
         let reply = replicas
             .script_call("append", append.invoke_async::<i64>(&mut conn))
             .await;

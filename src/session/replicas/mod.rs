@@ -16,16 +16,17 @@
 mod follow;
 mod keys;
 mod lease;
+mod link;
 mod mirror;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use bytes::Bytes;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{IntoConnectionInfo, ProtocolVersion, Value};
+use futures_util::future::join_all;
+use redis::Value;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
@@ -36,11 +37,14 @@ use crate::telemetry;
 pub use follow::{Follow, RemoteReader};
 pub use keys::caller_hash;
 use keys::{Keys, Scripts};
+use link::{Link, LinkConfig};
 
 /// How a Redis connection and its timing are set.
 #[derive(Debug, Clone)]
 pub struct ReplicaConfig {
-    /// `redis://` or `rediss://`, with user and password if any.
+    /// `redis://` or `rediss://` for one server, `redis+sentinel://` for a
+    /// primary that Sentinel watches, `redis+cluster://` for a Cluster;
+    /// with user and password if any.
     pub url: String,
     /// How long an owner's lease lasts; it is renewed three times a lease.
     pub lease: Duration,
@@ -79,8 +83,7 @@ pub type Epilogue = Arc<dyn Fn(&GenerationId, usize) -> [Bytes; 2] + Send + Sync
 pub struct Replicas {
     /// This process, as owners are named in records.
     instance: String,
-    conn: ConnectionManager,
-    subscriber: ConnectionManager,
+    link: Link,
     config: ReplicaConfig,
     keys: Keys,
     scripts: Scripts,
@@ -95,8 +98,9 @@ pub struct Replicas {
     up: AtomicBool,
     errors: AtomicU64,
     tasks: TaskTracker,
-    /// Set once the subscriber listens on this instance's control channel.
-    listening: OnceLock<()>,
+    /// Set once the subscriber listens on this instance's control channel
+    /// (cleared when the connections move to a new primary).
+    listening: AtomicBool,
     /// This instance's marker was written once: finding it gone means
     /// Redis lost its data.
     marked: AtomicBool,
@@ -124,46 +128,18 @@ impl Replicas {
         registry: Arc<GenerationRegistry>,
         epilogue: Epilogue,
     ) -> Result<Arc<Self>, String> {
-        let info = config
-            .url
-            .as_str()
-            .into_connection_info()
-            .map_err(|e| format!("--redis: {e}"))?;
-        let settings = info
-            .redis_settings()
-            .clone()
-            .set_protocol(ProtocolVersion::RESP3);
-        let info = info.set_redis_settings(settings);
-        let client = match &config.ca {
-            Some(ca) => redis::Client::build_with_tls(
-                info,
-                redis::TlsCertificates {
-                    client_tls: None,
-                    root_cert: Some(ca.clone()),
-                },
-            ),
-            None => redis::Client::open(info),
-        }
-        .map_err(|e| format!("--redis: {e}"))?;
-        let manager = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(config.timeout))
-            .set_response_timeout(Some(config.timeout))
-            .set_number_of_retries(2)
-            .set_max_delay(Duration::from_millis(500));
-        let conn = ConnectionManager::new_lazy_with_config(client.clone(), manager.clone())
-            .map_err(|e| format!("--redis: {e}"))?;
         let (pushes, received) = mpsc::unbounded_channel();
-        let subscriber = ConnectionManager::new_lazy_with_config(
-            client,
-            manager
-                .set_push_sender(pushes)
-                .set_automatic_resubscription(),
-        )
-        .map_err(|e| format!("--redis: {e}"))?;
+        let link = Link::open(
+            &config.url,
+            LinkConfig {
+                timeout: config.timeout,
+                ca: config.ca.clone(),
+            },
+            pushes,
+        )?;
         let replicas = Arc::new(Self {
             instance: GenerationId::new("i-").as_str().to_owned(),
-            conn,
-            subscriber,
+            link,
             keys: Keys::new(&config.prefix),
             config,
             scripts: Scripts::default(),
@@ -175,7 +151,7 @@ impl Replicas {
             up: AtomicBool::new(false),
             errors: AtomicU64::new(0),
             tasks: TaskTracker::new(),
-            listening: OnceLock::new(),
+            listening: AtomicBool::new(false),
             marked: AtomicBool::new(false),
         });
         let weak = Arc::downgrade(&replicas);
@@ -286,36 +262,30 @@ impl Replicas {
         generation.watch_remote_readers(Arc::clone(self) as Arc<dyn RemoteReaders>);
         self.lock_owned()
             .insert(generation.id.clone(), Arc::clone(generation));
-        let mut pipe = redis::pipe();
-        // Loaded in the same round trip: Redis may have restarted empty.
-        pipe.load_script(&self.scripts.record).ignore();
-        pipe.invoke_script(&self.record_invocation(generation))
-            .ignore();
-        let session_key = self.session_key(generation);
-        if let Some(key) = &session_key {
-            pipe.cmd("SET")
-                .arg(key)
+        // The record and the session's latest live in different slots: two
+        // exchanges, sent together.
+        let session_swap = self.session_key(generation).map(|key| {
+            let mut swap = redis::cmd("SET");
+            swap.arg(key)
                 .arg(generation.id.as_str())
                 .arg("GET")
                 .arg("PX")
                 .arg(self.running_ttl_ms());
-        }
-        let mut conn = self.conn.clone();
-        let replies: Result<Vec<Value>, _> = self
-            .script_call("record", pipe.query_async(&mut conn))
-            .await;
+            swap
+        });
+        let (recorded, previous) = tokio::join!(self.write_record(generation), async {
+            let swap = session_swap.as_ref()?;
+            let mut conn = self.link.conn();
+            self.call(swap.query_async::<Option<String>>(&mut conn))
+                .await
+                .ok()
+        });
         self.tasks
             .spawn(mirror::own(Arc::clone(self), Arc::clone(generation)));
-        let previous = match replies {
-            Ok(mut replies) if session_key.is_some() => replies.pop(),
-            Ok(_) => None,
-            Err(err) => {
-                tracing::warn!(%err, "generation not shared yet: it is known to this instance only");
-                None
-            }
-        };
+        if let Err(err) = recorded {
+            tracing::warn!(%err, "generation not shared yet: it is known to this instance only");
+        }
         let previous = previous
-            .and_then(|v| redis::from_redis_value::<Option<String>>(v).ok())
             .flatten()
             .map(|id| GenerationId::from(id.as_str()))
             .filter(|id| *id != generation.id);
@@ -329,6 +299,23 @@ impl Replicas {
                 tracing::warn!(%err, replaced = %previous, "cannot cancel the session's previous generation");
             }
         }
+    }
+
+    /// Runs the record script. `Ok(None)`: the generation was ended
+    /// elsewhere; otherwise the length of its log in Redis.
+    async fn write_record(
+        &self,
+        generation: &Generation,
+    ) -> Result<Option<usize>, SharedStateError> {
+        let mut pipe = redis::pipe();
+        // Loaded in the same round trip: Redis may have restarted empty.
+        pipe.load_script(&self.scripts.record).ignore();
+        pipe.invoke_script(&self.record_invocation(generation));
+        let mut conn = self.link.conn();
+        let (len,): (i64,) = self
+            .script_call("record", pipe.query_async(&mut conn))
+            .await?;
+        Ok(usize::try_from(len).ok())
     }
 
     fn record_invocation(&self, generation: &Generation) -> redis::ScriptInvocation<'_> {
@@ -352,23 +339,55 @@ impl Replicas {
         &self,
         generation: &Generation,
     ) -> Result<Option<usize>, SharedStateError> {
-        let mut pipe = redis::pipe();
-        pipe.load_script(&self.scripts.record).ignore();
-        pipe.invoke_script(&self.record_invocation(generation));
-        if let Some(key) = self.session_key(generation) {
-            pipe.cmd("SET")
-                .arg(key)
+        let len = self.write_record(generation).await?;
+        if let (Some(_), Some(key)) = (len, self.session_key(generation)) {
+            let mut set = redis::cmd("SET");
+            set.arg(key)
                 .arg(generation.id.as_str())
                 .arg("NX")
                 .arg("PX")
-                .arg(self.running_ttl_ms())
-                .ignore();
+                .arg(self.running_ttl_ms());
+            let mut conn = self.link.conn();
+            self.call(set.query_async::<()>(&mut conn)).await?;
         }
-        let mut conn = self.conn.clone();
-        let (len,): (i64,) = self
-            .script_call("record", pipe.query_async(&mut conn))
-            .await?;
-        Ok(usize::try_from(len).ok())
+        Ok(len)
+    }
+
+    /// Runs commands that may touch keys of many slots: one pipeline per
+    /// slot on a Cluster (one in all elsewhere), sent together. Each
+    /// command comes with the key that routes it; the replies come back
+    /// in the order of the commands.
+    async fn query_spread(
+        &self,
+        commands: Vec<(String, redis::Cmd)>,
+    ) -> Result<Vec<Value>, SharedStateError> {
+        let mut groups: Vec<(String, redis::Pipeline, Vec<usize>)> = Vec::new();
+        for (at, (key, cmd)) in commands.into_iter().enumerate() {
+            let group = self.link.group_of(&key);
+            let index = match groups.iter().position(|(g, _, _)| g == group) {
+                Some(index) => index,
+                None => {
+                    groups.push((group.to_owned(), redis::pipe(), Vec::new()));
+                    groups.len() - 1
+                }
+            };
+            let (_, pipe, places) = &mut groups[index];
+            pipe.add_command(cmd);
+            places.push(at);
+        }
+        let total = groups.iter().map(|(_, _, places)| places.len()).sum();
+        let replies = join_all(groups.iter().map(|(_, pipe, _)| async move {
+            let mut conn = self.link.conn();
+            self.call(pipe.query_async::<Vec<Value>>(&mut conn)).await
+        }))
+        .await;
+        let mut ordered = vec![Value::Nil; total];
+        for ((_, _, places), replies) in groups.into_iter().zip(replies) {
+            for (at, reply) in places.into_iter().zip(replies?) {
+                ordered[at] = reply;
+            }
+        }
+        Ok(ordered)
     }
 
     fn lease_ms(&self) -> u64 {
@@ -402,17 +421,24 @@ impl Replicas {
         id: &GenerationId,
         cause: EndCause,
     ) -> Result<Option<bool>, SharedStateError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.link.conn();
         let mut invocation = self.scripts.cancel.key(self.keys.meta(id));
-        invocation
-            .arg(self.caller(caller))
-            .arg(cause.as_str())
-            .arg(id.as_str())
-            .arg(self.keys.control_channel(""))
-            .arg(telemetry::traceparent().unwrap_or_else(|| "-".to_owned()));
-        let outcome: i64 = self
+        invocation.arg(self.caller(caller)).arg(cause.as_str());
+        let (outcome, owner): (i64, Option<String>) = self
             .script_call("cancel", invocation.invoke_async(&mut conn))
             .await?;
+        if let (1, Some(owner)) = (outcome, owner) {
+            // Should this message be lost, the owner finds the mark in the
+            // record on its next renewal round.
+            let traceparent = telemetry::traceparent().unwrap_or_else(|| "-".to_owned());
+            let mut publish = redis::cmd(self.link.publish());
+            publish
+                .arg(self.keys.control_channel(&owner))
+                .arg(format!("cancel {id} {} {traceparent}", cause.as_str()));
+            if let Err(err) = self.call(publish.query_async::<()>(&mut conn)).await {
+                tracing::debug!(%err, "the cancel waits for its owner's next renewal");
+            }
+        }
         Ok(match outcome {
             -1 => None,
             n => Some(n == 1),
@@ -450,7 +476,7 @@ impl Replicas {
                 .arg("state")
                 .arg("n");
             pipe.cmd("EXISTS").arg(self.keys.lease(id));
-            let mut conn = self.conn.clone();
+            let mut conn = self.link.conn();
             let ((state, len), leased): ((Option<String>, Option<usize>), bool) =
                 self.call(pipe.query_async(&mut conn)).await?;
             match state.as_deref() {
@@ -480,7 +506,7 @@ impl Replicas {
         caller: CallerId,
         id: &GenerationId,
     ) -> Result<Option<RemoteGeneration>, SharedStateError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.link.conn();
         let mut get = redis::cmd("HMGET");
         get.arg(self.keys.meta(id))
             .arg("caller")
@@ -509,7 +535,7 @@ impl Replicas {
         session: &str,
     ) -> Result<Option<RemoteGeneration>, SharedStateError> {
         let key = self.keys.session(self.caller(caller), session);
-        let mut conn = self.conn.clone();
+        let mut conn = self.link.conn();
         let latest: Option<String> = self
             .call(redis::cmd("GET").arg(key).query_async(&mut conn))
             .await?;
@@ -525,9 +551,12 @@ impl Replicas {
     /// generations that silently stay unshared. Redis away is no error:
     /// instances start before it, and connect once it is there.
     pub async fn check_permissions(&self) -> Result<(), String> {
-        let probe = self
-            .keys
-            .instance_marker(&format!("{}-probe", self.instance));
+        if let Err(err) = self.link.refresh().await {
+            tracing::warn!(%err, "Sentinel did not name a Redis primary yet");
+        }
+        // The probe key and channel share a hash tag: one slot.
+        let probe_name = format!("{}-probe", self.instance);
+        let probe = self.keys.instance_marker(&probe_name);
         let mut pipe = redis::pipe();
         pipe.cmd("SET")
             .arg(&probe)
@@ -549,8 +578,8 @@ impl Replicas {
             .ignore();
         pipe.cmd("XRANGE").arg(&probe).arg("-").arg("+").ignore();
         pipe.cmd("DEL").arg(&probe).ignore();
-        pipe.cmd("PUBLISH")
-            .arg(self.keys.control_channel(&self.instance))
+        pipe.cmd(self.link.publish())
+            .arg(self.keys.control_channel(&probe_name))
             .arg("probe")
             .ignore();
         for script in [
@@ -561,8 +590,8 @@ impl Replicas {
         ] {
             pipe.load_script(script).ignore();
         }
-        let mut conn = self.conn.clone();
-        let mut subscriber = self.subscriber.clone();
+        let mut conn = self.link.conn();
+        let mut subscriber = self.link.subscriber();
         let checked = match tokio::time::timeout(
             self.config.timeout,
             pipe.query_async::<()>(&mut conn),
@@ -608,7 +637,7 @@ impl Replicas {
             .arg(record.to_string())
             .arg("PX")
             .arg(ttl_ms);
-        let mut conn = self.conn.clone();
+        let mut conn = self.link.conn();
         self.call(set.query_async::<()>(&mut conn)).await
     }
 
@@ -618,7 +647,7 @@ impl Replicas {
         owner: CallerId,
         id: &str,
     ) -> Result<Option<serde_json::Value>, SharedStateError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.link.conn();
         let mut get = redis::cmd("GET");
         get.arg(self.keys.document(id));
         let record: Option<String> = self.call(get.query_async(&mut conn)).await?;
@@ -637,7 +666,7 @@ impl Replicas {
         if self.get_document(owner, id).await?.is_none() {
             return Ok(false);
         }
-        let mut conn = self.conn.clone();
+        let mut conn = self.link.conn();
         let mut del = redis::cmd("DEL");
         del.arg(self.keys.document(id));
         let deleted: u64 = self.call(del.query_async(&mut conn)).await?;
@@ -650,16 +679,16 @@ impl Replicas {
     fn forget(self: &Arc<Self>, ids: Vec<GenerationId>) {
         let replicas = Arc::clone(self);
         self.tasks.spawn(async move {
-            let mut pipe = redis::pipe();
-            for id in &ids {
-                pipe.cmd("DEL")
-                    .arg(replicas.keys.meta(id))
-                    .arg(replicas.keys.log(id))
-                    .ignore();
-            }
-            let mut conn = replicas.conn.clone();
+            let deletes = ids
+                .iter()
+                .map(|id| {
+                    let mut del = redis::cmd("DEL");
+                    del.arg(replicas.keys.meta(id)).arg(replicas.keys.log(id));
+                    (replicas.keys.meta(id), del)
+                })
+                .collect();
             // Redis away: the TTL removes them instead.
-            let _ = replicas.call(pipe.query_async::<()>(&mut conn)).await;
+            let _ = replicas.query_spread(deletes).await;
         });
     }
 
