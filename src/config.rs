@@ -126,8 +126,11 @@ pub struct Config {
     #[arg(long, env = "SLUICEGATE_MAX_LOG_BYTES", default_value_t = 16 << 20)]
     pub max_log_bytes: usize,
 
-    /// `redis://` or `rediss://` URL of the state shared by replicas
-    /// (user and password in the URL). None: all state in this process.
+    /// URL of the state shared by replicas (user and password in the
+    /// URL): `redis://` or `rediss://` for one server,
+    /// `redis+sentinel://host:port[,host:port]/<service>` for a primary
+    /// that Sentinel watches, `redis+cluster://host:port[,host:port]` (or
+    /// `rediss+cluster://`) for a Cluster. None: all state in this process.
     #[arg(long, env = "SLUICEGATE_REDIS", hide_env_values = true)]
     pub redis: Option<String>,
 
@@ -292,9 +295,20 @@ impl Config {
             return Err(format!("--cors-origin {bad:?} is not a valid origin"));
         }
         if let Some(url) = &self.redis
-            && !(url.starts_with("redis://") || url.starts_with("rediss://"))
+            && ![
+                "redis://",
+                "rediss://",
+                "redis+sentinel://",
+                "redis+cluster://",
+                "rediss+cluster://",
+            ]
+            .iter()
+            .any(|scheme| url.starts_with(scheme))
         {
-            return Err("--redis must be a redis:// or rediss:// URL".into());
+            return Err(
+                "--redis must be a redis://, rediss://, redis+sentinel:// or redis+cluster:// URL"
+                    .into(),
+            );
         }
         if self.redis_lease < Duration::from_millis(300) {
             return Err("--redis-lease must be at least 300ms".into());

@@ -10,17 +10,10 @@ use serde_json::Value;
 
 use crate::common::{Events, Raw, client, completion_id, read_all, transcript};
 use crate::replicas::{Cluster, first_events, open, owned_and_followed, raw_body, rest, words};
-use crate::services::{Redis, until};
+use crate::services::{Redis, every_key_expires_at, until};
 
-/// Every key in Redis has an expiry: nothing a generation wrote stays
-/// forever.
 async fn every_key_expires(redis: &Redis) {
-    let keys = redis.cli(&["--scan"]).await;
-    for key in keys.lines().filter(|k| !k.is_empty()) {
-        let ttl: i64 = redis.cli(&["PTTL", key]).await.parse().expect("a number");
-        // -2: expired between the scan and the look.
-        assert!(ttl > 0 || ttl == -2, "{key} has no expiry ({ttl})");
-    }
+    every_key_expires_at(redis.port).await;
 }
 
 /// Event ids with no repeat.

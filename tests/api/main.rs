@@ -6,6 +6,7 @@ mod auth;
 mod cancel;
 mod clients;
 mod common;
+mod deployments;
 mod engine;
 mod errors;
 mod faults;

@@ -108,14 +108,25 @@ pub(crate) async fn owned_and_followed(
     session: Option<&str>,
     owned_read: usize,
 ) -> (String, Events, Events) {
-    let owned = open(&cluster.a.url("/v1/chat/completions"), text, session, None).await;
+    owned_here_followed_there(&cluster.a, &cluster.b, text, session, owned_read).await
+}
+
+/// [`owned_and_followed`] on any two instances.
+pub(crate) async fn owned_here_followed_there(
+    a: &Process,
+    b: &Process,
+    text: &str,
+    session: Option<&str>,
+    owned_read: usize,
+) -> (String, Events, Events) {
+    let owned = open(&a.url("/v1/chat/completions"), text, session, None).await;
     let id = completion_id(&owned);
     let mut owned = Events::of(owned);
     for _ in 0..owned_read {
         owned.next_json().await;
     }
     let follow = client()
-        .get(cluster.b.url(&format!("/v1/chat/completions/{id}/events")))
+        .get(b.url(&format!("/v1/chat/completions/{id}/events")))
         .send()
         .await
         .expect("sent");

@@ -195,3 +195,234 @@ where
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+/// `redis-cli` against the server on `port`.
+pub(crate) async fn cli_at(port: u16, args: &[&str]) -> String {
+    let output = Command::new("redis-cli")
+        .args(["-p", &port.to_string()])
+        .args(args)
+        .output()
+        .await
+        .expect("redis-cli runs");
+    String::from_utf8_lossy(&output.stdout).trim().to_owned()
+}
+
+/// A scratch directory for servers that write files, gone when dropped.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(what: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!(
+            "sluicegate-{what}-{}-{}",
+            std::process::id(),
+            free_port()
+        ));
+        std::fs::create_dir_all(&dir).expect("a scratch dir");
+        Self(dir)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn redis_server(args: &[String]) -> Child {
+    Command::new("redis-server")
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("redis-server runs (run scripts/setup-services)")
+}
+
+fn memory_only(port: u16, dir: &Scratch) -> Vec<String> {
+    [
+        "--bind",
+        "127.0.0.1",
+        "--port",
+        &port.to_string(),
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--daemonize",
+        "no",
+        "--dir",
+        &dir.0.display().to_string(),
+    ]
+    .map(str::to_owned)
+    .to_vec()
+}
+
+/// A Redis Cluster of three masters (no replicas), made with
+/// `redis-cli --cluster create` and waited for until every node says the
+/// cluster is ok.
+pub(crate) struct RedisCluster {
+    _nodes: Vec<Child>,
+    pub(crate) ports: Vec<u16>,
+    _dir: Scratch,
+}
+
+impl RedisCluster {
+    pub(crate) async fn start() -> Self {
+        let dir = Scratch::new("cluster");
+        let mut nodes = Vec::new();
+        let mut ports = Vec::new();
+        for _ in 0..3 {
+            let (port, bus) = (free_port(), free_port());
+            let mut args = memory_only(port, &dir);
+            args.extend(
+                [
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-port",
+                    &bus.to_string(),
+                    "--cluster-config-file",
+                    &format!("nodes-{port}.conf"),
+                ]
+                .map(str::to_owned),
+            );
+            nodes.push(redis_server(&args));
+            ports.push(port);
+        }
+        for port in &ports {
+            wait_for_port(*port, "a cluster node").await;
+        }
+        let addrs: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        let created = Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(&addrs)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .output()
+            .await
+            .expect("redis-cli runs");
+        assert!(
+            created.status.success(),
+            "cluster create: {}",
+            String::from_utf8_lossy(&created.stdout)
+        );
+        for port in &ports {
+            until(Duration::from_secs(20), || async {
+                cli_at(*port, &["CLUSTER", "INFO"])
+                    .await
+                    .contains("cluster_state:ok")
+            })
+            .await;
+        }
+        Self {
+            _nodes: nodes,
+            ports,
+            _dir: dir,
+        }
+    }
+
+    /// `redis+cluster://` naming every node.
+    pub(crate) fn url(&self) -> String {
+        let nodes: Vec<String> = self
+            .ports
+            .iter()
+            .map(|p| format!("127.0.0.1:{p}"))
+            .collect();
+        format!("redis+cluster://{}", nodes.join(","))
+    }
+}
+
+/// A primary, its replica, and one sentinel watching them as `mymaster`
+/// (quorum 1), ready to fail over: the sentinel knows the replica.
+pub(crate) struct SentinelSet {
+    _servers: Vec<Child>,
+    pub(crate) primary: u16,
+    pub(crate) replica: u16,
+    pub(crate) sentinel: u16,
+    _dir: Scratch,
+}
+
+impl SentinelSet {
+    pub(crate) async fn start() -> Self {
+        let dir = Scratch::new("sentinel");
+        let (primary, replica, sentinel) = (free_port(), free_port(), free_port());
+        let mut servers = vec![redis_server(&memory_only(primary, &dir))];
+        wait_for_port(primary, "the primary").await;
+        let mut args = memory_only(replica, &dir);
+        args.extend(["--replicaof", "127.0.0.1", &primary.to_string()].map(str::to_owned));
+        servers.push(redis_server(&args));
+        until(Duration::from_secs(20), || async {
+            cli_at(replica, &["INFO", "replication"])
+                .await
+                .contains("master_link_status:up")
+        })
+        .await;
+        let conf = dir.0.join("sentinel.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "bind 127.0.0.1\nport {sentinel}\ndir {}\n\
+                 sentinel monitor mymaster 127.0.0.1 {primary} 1\n\
+                 sentinel down-after-milliseconds mymaster 1000\n\
+                 sentinel failover-timeout mymaster 5000\n",
+                dir.0.display()
+            ),
+        )
+        .expect("sentinel.conf");
+        servers.push(
+            Command::new("redis-sentinel")
+                .arg(&conf)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .kill_on_drop(true)
+                .spawn()
+                .expect("redis-sentinel runs (run scripts/setup-services)"),
+        );
+        wait_for_port(sentinel, "redis-sentinel").await;
+        until(Duration::from_secs(30), || async {
+            cli_at(sentinel, &["SENTINEL", "REPLICAS", "mymaster"])
+                .await
+                .contains(&replica.to_string())
+        })
+        .await;
+        Self {
+            _servers: servers,
+            primary,
+            replica,
+            sentinel,
+            _dir: dir,
+        }
+    }
+
+    pub(crate) fn url(&self) -> String {
+        format!("redis+sentinel://127.0.0.1:{}/mymaster", self.sentinel)
+    }
+
+    /// The port of the primary the sentinel names now.
+    pub(crate) async fn named_primary(&self) -> u16 {
+        let reply = cli_at(
+            self.sentinel,
+            &["SENTINEL", "GET-MASTER-ADDR-BY-NAME", "mymaster"],
+        )
+        .await;
+        reply
+            .lines()
+            .nth(1)
+            .and_then(|p| p.trim().parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+/// Every key on the server at `port` has an expiry: nothing a generation
+/// wrote stays forever. How many keys there were.
+pub(crate) async fn every_key_expires_at(port: u16) -> usize {
+    let keys = cli_at(port, &["--scan"]).await;
+    let keys: Vec<&str> = keys.lines().filter(|k| !k.is_empty()).collect();
+    for key in &keys {
+        let ttl: i64 = cli_at(port, &["PTTL", key])
+            .await
+            .parse()
+            .expect("a number");
+        // -2: expired between the scan and the look.
+        assert!(ttl > 0 || ttl == -2, "{key} has no expiry ({ttl})");
+    }
+    keys.len()
+}

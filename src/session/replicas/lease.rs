@@ -12,6 +12,7 @@ use tokio::sync::mpsc;
 
 use super::super::{EndCause, GenerationId};
 use super::follow::text;
+use super::link::Primary;
 use super::mirror::own;
 use super::{Replicas, cause_from};
 use crate::telemetry;
@@ -83,11 +84,15 @@ impl Replicas {
     }
 
     /// Makes sure this instance hears cancels for what it owns, and under
-    /// Sentinel that the connections follow the primary: after a move,
-    /// every subscription is made again on the new one.
-    async fn listen_for_control(&self) {
+    /// Sentinel that the connections follow the primary. After a failover
+    /// every subscription is made again on the new primary, and what runs
+    /// or is retained here is written back: replication is asynchronous,
+    /// so the last writes to the old primary may be missing (each append
+    /// names its position, so what did arrive is not written twice).
+    async fn listen_for_control(self: &Arc<Self>) {
         match self.link.refresh().await {
-            Ok(true) => {
+            Ok(Primary::Same) => {}
+            Ok(moved) => {
                 self.listening.store(false, Ordering::Relaxed);
                 let followed: Vec<_> = self.lock_followed().keys().cloned().collect();
                 let mut subscriber = self.link.subscriber();
@@ -95,8 +100,10 @@ impl Replicas {
                     let channel = self.keys.events_channel(&id);
                     let _ = self.call(subscriber.subscribe(channel)).await;
                 }
+                if moved == Primary::Moved {
+                    self.write_back().await;
+                }
             }
-            Ok(false) => {}
             Err(err) => tracing::warn!(%err, "Sentinel did not name a Redis primary"),
         }
         if self.listening.load(Ordering::Relaxed) {
@@ -174,9 +181,10 @@ impl Replicas {
         }
     }
 
-    /// After Redis lost its data: the record of each generation running
-    /// here again (its mirror then writes its log from the start), and
-    /// each retained one whole, with its end.
+    /// After Redis lost data (a restart, an eviction, a failover): the
+    /// record of each generation running here again (its mirror then
+    /// writes what the log lacks), and each retained one whole, with its
+    /// end.
     async fn write_back(self: &Arc<Self>) {
         let owned: Vec<_> = self.lock_owned().values().cloned().collect();
         for generation in owned.iter().filter(|g| !g.is_done()) {

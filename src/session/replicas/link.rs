@@ -194,6 +194,17 @@ impl Conn {
     }
 }
 
+/// What a look at the sentinels found.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Primary {
+    /// As before (or no Sentinel).
+    Same,
+    /// The first primary named: connections made.
+    Named,
+    /// A failover: connections moved to a new primary.
+    Moved,
+}
+
 #[derive(Clone)]
 struct Pair {
     conn: Conn,
@@ -272,9 +283,13 @@ impl Link {
                 node,
             } => {
                 let node = SentinelNodeConnectionInfo::default().set_redis_connection_info(node);
-                let client =
-                    SentinelClient::build(sentinels, service, Some(node), SentinelServerType::Master)
-                        .map_err(|e| format!("--redis: {e}"))?;
+                let client = SentinelClient::build(
+                    sentinels,
+                    service,
+                    Some(node),
+                    SentinelServerType::Master,
+                )
+                .map_err(|e| format!("--redis: {e}"))?;
                 let pair = Pair {
                     conn: Conn::Unknown,
                     subscriber: Conn::Unknown,
@@ -352,11 +367,10 @@ impl Link {
     }
 
     /// Under Sentinel, asks which node is the primary now and moves the
-    /// connections there when it changed. `Ok(true)`: they moved, so
-    /// subscriptions must be made again.
-    pub(super) async fn refresh(&self) -> Result<bool, String> {
+    /// connections there when it changed.
+    pub(super) async fn refresh(&self) -> Result<Primary, String> {
         let Some(sentinel) = &self.sentinel else {
-            return Ok(false);
+            return Ok(Primary::Same);
         };
         let client = {
             let mut sentinel = sentinel.lock().await;
@@ -366,14 +380,18 @@ impl Link {
                 .map_err(|e| e.to_string())?
         };
         let primary = client.get_connection_info().addr().to_string();
-        if self.current().primary.as_deref() == Some(primary.as_str()) {
-            return Ok(false);
+        let before = self.current().primary;
+        if before.as_deref() == Some(primary.as_str()) {
+            return Ok(Primary::Same);
         }
         let mut pair = Self::server_pair(client, &self.config, &self.pushes)?;
         pair.primary = Some(primary.clone());
         *self.current.write().unwrap_or_else(|e| e.into_inner()) = pair;
         tracing::info!(%primary, "Redis primary named by Sentinel");
-        Ok(true)
+        Ok(match before {
+            None => Primary::Named,
+            Some(_) => Primary::Moved,
+        })
     }
 }
 
@@ -383,7 +401,10 @@ mod tests {
 
     #[test]
     fn urls_name_a_server_a_cluster_or_a_sentinel_set() {
-        assert!(matches!(parse("redis://127.0.0.1:6379"), Ok(Target::Server(_))));
+        assert!(matches!(
+            parse("redis://127.0.0.1:6379"),
+            Ok(Target::Server(_))
+        ));
         let Ok(Target::Cluster(nodes)) = parse("redis+cluster://u:p@10.0.0.1:7000,10.0.0.2:7001")
         else {
             panic!("a cluster URL");

@@ -1,0 +1,193 @@
+//! Replicas on the Redis deployments people run besides one server: a
+//! Cluster of three masters, and a primary watched by Sentinel that fails
+//! over mid-stream. Both are real redis-server processes on free loopback
+//! ports; each test asserts what clients see and what Redis holds.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::common::{Events, client, completion_id, read_all};
+use crate::process::Process;
+use crate::replicas::{instance_at, open, owned_here_followed_there, redis_ok, rest, words};
+use crate::services::{RedisCluster, SentinelSet, cli_at, every_key_expires_at, until};
+
+async fn pair_on(url: &str) -> (Process, Process) {
+    let (a, b) = tokio::join!(instance_at(url, &[]), instance_at(url, &[]));
+    for p in [&a, &b] {
+        until(Duration::from_secs(20), || redis_ok(p)).await;
+    }
+    (a, b)
+}
+
+fn assert_no_repeat(ids: &[String]) {
+    let unique: HashSet<&String> = ids.iter().collect();
+    assert_eq!(unique.len(), ids.len(), "an event came twice: {ids:?}");
+}
+
+async fn cancel_from(p: &Process, id: &str) -> Value {
+    client()
+        .post(p.url(&format!("/v1/chat/completions/{id}/cancel")))
+        .send()
+        .await
+        .expect("sent")
+        .json()
+        .await
+        .expect("json")
+}
+
+#[tokio::test]
+async fn a_redis_cluster_shares_generations_sessions_and_cancels_through_sharded_channels() {
+    let redis = RedisCluster::start().await;
+    let (a, b) = pair_on(&redis.url()).await;
+
+    // Several generations, so that their keys land on different masters;
+    // each is followed on the other instance to its end.
+    for n in 0..6 {
+        let text = words(20 + n);
+        let (id, owned, follow) = owned_here_followed_there(&a, &b, &text, None, 1).await;
+        let (owned, follow) = tokio::join!(rest(owned), rest(follow));
+        assert_eq!(owned.text, text);
+        assert!(owned.done && follow.done);
+        assert_no_repeat(&follow.ids);
+        assert!(owned.ids.ends_with(&follow.ids), "{id}: the same events");
+        let replay = client()
+            .get(b.url(&format!("/v1/chat/completions/{id}/events")))
+            .send()
+            .await
+            .expect("sent");
+        assert_eq!(read_all(replay).await.text, text, "{id} replayed elsewhere");
+    }
+
+    // A reader elsewhere listens on the generation's sharded channel, in
+    // its slot.
+    let (id, owned, follow) = owned_here_followed_there(&a, &b, &words(400), Some("conv"), 1).await;
+    let channel = format!("sg:{{{id}}}:ev");
+    until(Duration::from_secs(10), || async {
+        for port in &redis.ports {
+            if cli_at(*port, &["PUBSUB", "SHARDCHANNELS"])
+                .await
+                .contains(&channel)
+            {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+
+    // The session route and the cancel endpoint from the other instance.
+    let session = client()
+        .get(b.url("/v1/sessions/conv/stream"))
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(session.status(), 200);
+    assert_eq!(completion_id(&session), id);
+    drop(session);
+    let cancelled = cancel_from(&b, &id).await;
+    assert_eq!(cancelled["cancelled"], true, "{cancelled}");
+    let (owned, follow) = tokio::join!(rest(owned), rest(follow));
+    for t in [&owned, &follow] {
+        assert_eq!(t.finish_reason.as_deref(), Some("cancelled"));
+        assert!(t.done);
+    }
+    let again = cancel_from(&b, &id).await;
+    assert_eq!(again["cancelled"], false, "{again}");
+
+    // The next request of a session on one instance ends the one running
+    // on the other (its session key and its record sit in other slots).
+    let old = open(
+        &a.url("/v1/chat/completions"),
+        &words(400),
+        Some("conv2"),
+        None,
+    )
+    .await;
+    let mut old = Events::of(old);
+    old.next_json().await;
+    let new = open(
+        &b.url("/v1/chat/completions"),
+        "the next question",
+        Some("conv2"),
+        None,
+    )
+    .await;
+    let old = rest(old).await;
+    assert_eq!(old.finish_reason.as_deref(), Some("cancelled"));
+    assert!(old.done);
+    assert_eq!(read_all(new).await.text, "the next question");
+
+    // The keys are spread over the masters, and every one expires.
+    let mut holding = 0;
+    for port in &redis.ports {
+        if every_key_expires_at(*port).await > 0 {
+            holding += 1;
+        }
+    }
+    assert!(holding >= 2, "keys on {holding} of 3 masters");
+}
+
+#[tokio::test]
+async fn a_sentinel_failover_mid_stream_loses_and_repeats_nothing() {
+    let redis = SentinelSet::start().await;
+    let (a, b) = pair_on(&redis.url()).await;
+    let text = words(500);
+    let (id, owned, mut follow) = owned_here_followed_there(&a, &b, &text, None, 0).await;
+    follow.next_json().await;
+
+    // A sentinel takes a replica for fit only while its last look at it
+    // (every 10 s) is fresh: asked in between, it says NOGOODSLAVE.
+    until(Duration::from_secs(20), || async {
+        cli_at(redis.sentinel, &["SENTINEL", "FAILOVER", "mymaster"]).await == "OK"
+    })
+    .await;
+    until(Duration::from_secs(20), || async {
+        redis.named_primary().await == redis.replica
+    })
+    .await;
+    // Still mid-stream: the reader elsewhere gets a content event next.
+    let next = follow.next_json().await;
+    assert!(
+        next["choices"][0]["delta"]["content"].is_string(),
+        "the failover came mid-stream: {next}"
+    );
+
+    let (owned, follow) = tokio::join!(rest(owned), rest(follow));
+    assert_eq!(owned.text, text, "the owner's client got the whole answer");
+    assert_eq!(owned.finish_reason.as_deref(), Some("stop"));
+    assert!(owned.done && follow.done);
+    assert_eq!(follow.finish_reason.as_deref(), Some("stop"));
+    assert_no_repeat(&follow.ids);
+    assert!(
+        owned.ids.ends_with(&follow.ids),
+        "the reader elsewhere got the same events"
+    );
+
+    // The new primary holds the whole log: replayed on the other
+    // instance, once, in order.
+    until(Duration::from_secs(10), || async {
+        let replay = client()
+            .get(b.url(&format!("/v1/chat/completions/{id}/events")))
+            .send()
+            .await
+            .expect("sent");
+        replay.status() == 200 && read_all(replay).await.ids == owned.ids
+    })
+    .await;
+
+    // Work goes on after the failover, across instances.
+    let after = words(15);
+    let (id, owned, follow) = owned_here_followed_there(&a, &b, &after, None, 0).await;
+    let (owned, follow) = tokio::join!(rest(owned), rest(follow));
+    assert_eq!(owned.text, after);
+    assert!(owned.ids.ends_with(&follow.ids), "{id}");
+    let role = cli_at(redis.replica, &["ROLE"]).await;
+    assert!(role.starts_with("master"), "{role}");
+    until(Duration::from_secs(10), || async {
+        cli_at(redis.primary, &["ROLE"]).await.starts_with("slave")
+    })
+    .await;
+    assert!(every_key_expires_at(redis.replica).await > 0);
+}
