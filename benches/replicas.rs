@@ -101,14 +101,20 @@ impl Redis {
     }
 }
 
-/// Streams per second of echo tokens and CPU per token, on `server`.
-async fn cpu_per_token(server: &Server, redis: Option<&Redis>) -> (f64, f64, f64) {
+/// Tokens per second of echo answers of `answer` tokens over `streams`
+/// at once, and CPU per token, on `server` (and its Redis).
+async fn cpu_per_token(
+    server: &Server,
+    redis: Option<&Redis>,
+    answer: usize,
+    streams: usize,
+) -> (f64, f64, f64) {
     let url = format!("{}/v1/chat/completions", server.base);
-    let body = chat(&words(2_000));
+    let body = chat(&words(answer));
     let run_for = Duration::from_secs(6);
     let (cpu_before, redis_before) = (server.cpu_seconds(), redis.map_or(0.0, Redis::cpu_seconds));
-    let clients: Vec<_> = (0..32).map(|_| client()).collect();
-    let (tokens, wall) = support::stream_load(&clients, &url, &body, 32, run_for).await;
+    let clients: Vec<_> = (0..streams).map(|_| client()).collect();
+    let (tokens, wall) = support::stream_load(&clients, &url, &body, streams, run_for).await;
     let cpu = server.cpu_seconds() - cpu_before;
     let redis_cpu = redis.map_or(0.0, Redis::cpu_seconds) - redis_before;
     (
@@ -118,28 +124,36 @@ async fn cpu_per_token(server: &Server, redis: Option<&Redis>) -> (f64, f64, f64
     )
 }
 
+/// With and without `--redis`, side by side: long answers (where the
+/// per-token cost shows) and 100-token answers over 50 connections (the
+/// issue's h2load load, where the per-generation cost shows).
 async fn throughput() {
-    let local = Server::start(&["--max-queue", "1024"]).await;
-    let (rate, cpu, _) = cpu_per_token(&local, None).await;
-    println!("in-process state: 32 streams, {rate:.0} tokens/s, server CPU {cpu:.2} us/token");
-    drop(local);
-    let redis = Redis::start().await;
-    let shared = Server::start(&["--max-queue", "1024", "--redis", &redis.url()]).await;
-    let calls_before = redis.command_calls().await;
-    let started = Instant::now();
-    let (rate_r, cpu_r, redis_cpu) = cpu_per_token(&shared, Some(&redis)).await;
-    let tokens = rate_r * started.elapsed().as_secs_f64();
-    let calls_after = redis.command_calls().await;
-    println!(
-        "with --redis: 32 streams, {rate_r:.0} tokens/s ({:.2}x), server CPU {cpu_r:.2} us/token ({:.2}x), redis-server CPU {redis_cpu:.2} us/token",
-        rate_r / rate,
-        cpu_r / cpu
-    );
-    println!(
-        "with --redis: about {:.3} Redis commands and {:.3} stream entries per token",
-        (calls_after.0 - calls_before.0) as f64 / tokens,
-        (calls_after.1 - calls_before.1) as f64 / tokens,
-    );
+    for (answer, streams) in [(2_000, 32), (100, 50)] {
+        let local = Server::start(&["--max-queue", "1024"]).await;
+        let (rate, cpu, _) = cpu_per_token(&local, None, answer, streams).await;
+        println!(
+            "in-process state: {streams} streams of {answer}-token answers, {rate:.0} tokens/s, server CPU {cpu:.2} us/token"
+        );
+        drop(local);
+        let redis = Redis::start().await;
+        let shared = Server::start(&["--max-queue", "1024", "--redis", &redis.url()]).await;
+        let calls_before = redis.command_calls().await;
+        let started = Instant::now();
+        let (rate_r, cpu_r, redis_cpu) =
+            cpu_per_token(&shared, Some(&redis), answer, streams).await;
+        let tokens = rate_r * started.elapsed().as_secs_f64();
+        let calls_after = redis.command_calls().await;
+        println!(
+            "with --redis: {streams} streams of {answer}-token answers, {rate_r:.0} tokens/s ({:.2}x), server CPU {cpu_r:.2} us/token ({:.2}x), redis-server CPU {redis_cpu:.2} us/token",
+            rate_r / rate,
+            cpu_r / cpu
+        );
+        println!(
+            "with --redis: about {:.3} Redis commands and {:.3} stream entries per token",
+            (calls_after.0 - calls_before.0) as f64 / tokens,
+            (calls_after.1 - calls_before.1) as f64 / tokens,
+        );
+    }
 }
 
 /// Request to first byte of a new stream, one request at a time.

@@ -242,12 +242,21 @@ impl MemoryLog {
     /// Like [`LogSource::read`], one buffer per event: for a mirror that
     /// stores events one by one. `None` once the log is complete and read.
     pub async fn frames_from(&self, from: usize, limit: usize) -> Option<Vec<Bytes>> {
+        self.window_from(from, limit)
+            .await
+            .map(|(frames, _)| frames)
+    }
+
+    /// [`Self::frames_from`], and whether those frames end the closed log.
+    pub async fn window_from(&self, from: usize, limit: usize) -> Option<(Vec<Bytes>, bool)> {
         let mut rx = self.state.subscribe();
         loop {
             {
                 let state = rx.borrow_and_update();
                 if from < state.ends.len() {
-                    return Some(state.split_window(from, limit));
+                    let frames = state.split_window(from, limit);
+                    let last = state.closed && from + frames.len() == state.ends.len();
+                    return Some((frames, last));
                 }
                 if state.closed {
                     return None;

@@ -167,6 +167,17 @@ fn events_from(from: usize, entries: Entries) -> Vec<Vec<u8>> {
             break;
         }
         let blob = fields.swap_remove(1);
+        let blob = if fields[0] == b"z" {
+            match lz4_flex::decompress_size_prepended(&blob) {
+                Ok(blob) => blob,
+                Err(err) => {
+                    tracing::warn!(%err, entry = %id, "a log entry does not decompress; reading stops there");
+                    break;
+                }
+            }
+        } else {
+            blob
+        };
         for (seq, event) in (start..).zip(split_events(&blob)) {
             if seq == next {
                 frames.push(event.to_vec());
@@ -380,6 +391,29 @@ mod tests {
         // An overlap never repeats an event.
         let overlapping = vec![entry(0, &["e0", "e1"]), entry(1, &["x1", "e2"])];
         assert_eq!(texts(events_from(0, overlapping)), ["e0", "e1", "e2"]);
+    }
+
+    #[test]
+    fn compressed_entries_read_as_plain_ones_and_a_corrupt_one_is_a_gap() {
+        let compress = |(id, mut fields): (String, Vec<Vec<u8>>)| {
+            fields[1] = lz4_flex::compress_prepend_size(&fields[1]);
+            fields[0] = b"z".to_vec();
+            (id, fields)
+        };
+        let entries = vec![
+            compress(entry(0, &["e0", "e1"])),
+            compress(entry(2, &["e2"])),
+            entry(3, &["e3"]),
+        ];
+        assert_eq!(texts(events_from(1, entries)), ["e1", "e2", "e3"]);
+        let corrupt = vec![
+            entry(0, &["e0"]),
+            (
+                entry_id(1),
+                vec![b"z".to_vec(), b"\xff\xff\xff\x7fjunk".to_vec()],
+            ),
+        ];
+        assert_eq!(texts(events_from(0, corrupt)), ["e0"]);
     }
 
     #[test]

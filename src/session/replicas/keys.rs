@@ -10,7 +10,9 @@
 //!   `cancel` once some instance asked the owner to stop, and `end`
 //!   (`orphan`) when another instance ended it for a dead owner.
 //! - `<p>{g}:l`, a stream: each entry is a batch of whole events; entry
-//!   `0-(k+1)` starts with event `k` and holds them in field `f`. Explicit
+//!   `0-(k+1)` starts with event `k` and holds them in field `z`, LZ4
+//!   compressed (a block with its size first), or in field `f` as they
+//!   are (the few events of an orphan ending). Explicit
 //!   ids and `n` make every append a compare-and-set.
 //! - `<p>{g}:lease`, renewed by the owner while the generation runs.
 //! - `<p>{g}:rd`, renewed by instances that have readers of `g`.
@@ -137,37 +139,56 @@ pub(super) fn split_events(blob: &[u8]) -> impl Iterator<Item = &[u8]> {
 /// KEYS: meta, lease, log. ARGV: caller, instance, streamed, running TTL
 /// ms, lease ms.
 const RECORD: &str = r"
-local state = redis.call('HGET', KEYS[1], 'state')
-if state == 'done' then return -1 end
-if not state then redis.call('DEL', KEYS[3]) end
-redis.call('HSET', KEYS[1], 'caller', ARGV[1], 'inst', ARGV[2], 'streamed', ARGV[3], 'state', 'run')
-redis.call('HSETNX', KEYS[1], 'n', 0)
+local m = redis.call('HMGET', KEYS[1], 'state', 'n')
+if m[1] == 'done' then return -1 end
+local n = 0
+if m[1] then
+  n = tonumber(m[2] or '0')
+  redis.call('HSET', KEYS[1], 'caller', ARGV[1], 'inst', ARGV[2], 'streamed', ARGV[3], 'state', 'run')
+else
+  redis.call('DEL', KEYS[3])
+  redis.call('HSET', KEYS[1], 'caller', ARGV[1], 'inst', ARGV[2], 'streamed', ARGV[3], 'state', 'run', 'n', 0)
+end
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
 redis.call('SET', KEYS[2], 1, 'PX', ARGV[5])
-return tonumber(redis.call('HGET', KEYS[1], 'n'))
+return n
 ";
 
 /// Appends a batch of events that starts at event `first`, only if the
 /// log holds exactly `first` events: a retry of an append that did run
 /// changes nothing. Returns the log's length after (the caller goes on
 /// from there), -1 when the generation was ended elsewhere, -2 when
-/// Redis lost the record.
+/// Redis lost the record. The batch that ends the log also marks the
+/// end (state `done`, the resume TTL on what is kept, no lease): a
+/// short answer costs one script call for all its events and its end.
 ///
-/// KEYS: meta, log. ARGV: channel, first, events in the batch, log TTL
-/// ms, the batch, the publishing command (`SPUBLISH` on a Cluster).
+/// KEYS: meta, log, lease. ARGV: channel, first, events in the batch, log
+/// TTL ms, the batch (compressed), the publishing command (`SPUBLISH` on a Cluster),
+/// and for the last batch the TTL ms left to the ended generation (`0`
+/// for any other batch).
 const APPEND: &str = r"
 local m = redis.call('HMGET', KEYS[1], 'state', 'n')
 if not m[1] then return -2 end
-if m[1] == 'done' then return -1 end
-local n = tonumber(m[2] or '0')
 local first = tonumber(ARGV[2])
+local after = first + tonumber(ARGV[3])
+local n = tonumber(m[2] or '0')
+if m[1] == 'done' then
+  if ARGV[7] ~= '0' and n == after then return n end
+  return -1
+end
 if first ~= n then return n end
-redis.call('XADD', KEYS[2], '0-' .. (first + 1), 'f', ARGV[5])
-n = first + tonumber(ARGV[3])
-redis.call('HSET', KEYS[1], 'n', n)
-redis.call('PEXPIRE', KEYS[2], ARGV[4])
-redis.call(ARGV[6], ARGV[1], n)
-return n
+redis.call('XADD', KEYS[2], '0-' .. (first + 1), 'z', ARGV[5])
+if ARGV[7] == '0' then
+  redis.call('HSET', KEYS[1], 'n', after)
+  redis.call('PEXPIRE', KEYS[2], ARGV[4])
+else
+  redis.call('HSET', KEYS[1], 'n', after, 'state', 'done')
+  redis.call('PEXPIRE', KEYS[1], ARGV[7])
+  redis.call('PEXPIRE', KEYS[2], ARGV[7])
+  redis.call('DEL', KEYS[3])
+end
+redis.call(ARGV[6], ARGV[1], after)
+return after
 ";
 
 /// Ends a log whose owner died, at its current end, with the given

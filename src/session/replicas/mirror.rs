@@ -24,6 +24,8 @@ const BATCH_BYTES: usize = 64 * 1024;
 enum Mirrored {
     /// Every event is in Redis.
     Whole,
+    /// Every event is in Redis and its end is marked.
+    Finished,
     /// Another instance ended the generation (it took this one for dead).
     EndedElsewhere,
     /// Redis stayed away for longer than the log would have been kept.
@@ -63,16 +65,21 @@ pub(super) async fn own(replicas: Arc<Replicas>, generation: Arc<Generation>) {
     replicas.lock_owned().remove(&generation.id);
 }
 
-/// Marks the end: state `done`, the TTL on what is kept, no lease.
-async fn finish(replicas: &Replicas, generation: &Generation) {
-    let id = &generation.id;
-    let keys = &replicas.keys;
+/// What is left of the resume TTL of a generation that ended, in ms.
+fn end_ttl_ms(replicas: &Replicas, generation: &Generation) -> u64 {
     let ttl = generation
         .ended_at()
         .map_or(replicas.config.resume_ttl, |ended| {
             replicas.config.resume_ttl.saturating_sub(ended.elapsed())
         });
-    let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
+    u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1)
+}
+
+/// Marks the end: state `done`, the TTL on what is kept, no lease.
+async fn finish(replicas: &Replicas, generation: &Generation) {
+    let id = &generation.id;
+    let keys = &replicas.keys;
+    let ttl_ms = end_ttl_ms(replicas, generation);
     let mut pipe = redis::pipe();
     pipe.atomic();
     pipe.cmd("HSET")
@@ -100,7 +107,11 @@ async fn finish(replicas: &Replicas, generation: &Generation) {
 
 async fn mirror(replicas: &Replicas, generation: &Generation) -> Mirrored {
     let id = &generation.id;
-    let (meta, log) = (replicas.keys.meta(id), replicas.keys.log(id));
+    let (meta, log, lease) = (
+        replicas.keys.meta(id),
+        replicas.keys.log(id),
+        replicas.keys.lease(id),
+    );
     let channel = replicas.keys.events_channel(id);
     // Events Redis holds, as its last answer said.
     let mut written = 0usize;
@@ -110,25 +121,34 @@ async fn mirror(replicas: &Replicas, generation: &Generation) -> Mirrored {
         if let Some(last) = last_append {
             tokio::time::sleep_until(last + BATCH_WINDOW).await;
         }
-        let Some(frames) = generation.log.frames_from(written, BATCH_BYTES).await else {
+        let Some((frames, last)) = generation.log.window_from(written, BATCH_BYTES).await else {
             return Mirrored::Whole;
         };
-        let batch: Bytes = frames.concat().into();
+        let batch: Bytes = lz4_flex::compress_prepend_size(&frames.concat()).into();
         let mut append = replicas.scripts.append.key(&meta);
         append
             .key(&log)
+            .key(&lease)
             .arg(&channel)
             .arg(written)
             .arg(frames.len())
             .arg(replicas.running_ttl_ms())
             .arg(batch.as_ref())
-            .arg(replicas.link.publish());
+            .arg(replicas.link.publish())
+            .arg(if last {
+                end_ttl_ms(replicas, generation)
+            } else {
+                0
+            });
         // Taken anew each time: under Sentinel the primary may have moved.
         let mut conn = replicas.link.conn();
         let reply = replicas
             .script_call("append", append.invoke_async::<i64>(&mut conn))
             .await;
         match reply.map(Appended::from_reply) {
+            Ok(Appended::Len(len)) if last && len == written + frames.len() => {
+                return Mirrored::Finished;
+            }
             Ok(Appended::Len(len)) => {
                 // Past what was sent: an earlier try that timed out had run.
                 // Short of it: Redis lost events; write them again.

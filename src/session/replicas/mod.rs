@@ -307,13 +307,13 @@ impl Replicas {
         &self,
         generation: &Generation,
     ) -> Result<Option<usize>, SharedStateError> {
-        let mut pipe = redis::pipe();
-        // Loaded in the same round trip: Redis may have restarted empty.
-        pipe.load_script(&self.scripts.record).ignore();
-        pipe.invoke_script(&self.record_invocation(generation));
+        // By hash, loaded again only when Redis answers that it lacks it.
         let mut conn = self.link.conn();
-        let (len,): (i64,) = self
-            .script_call("record", pipe.query_async(&mut conn))
+        let len: i64 = self
+            .script_call(
+                "record",
+                self.record_invocation(generation).invoke_async(&mut conn),
+            )
             .await?;
         Ok(usize::try_from(len).ok())
     }
