@@ -77,7 +77,8 @@ impl Redis {
         };
         let all = text
             .lines()
-            .filter(|l| l.starts_with("cmdstat_"))
+            // Not the bench's own INFO calls.
+            .filter(|l| l.starts_with("cmdstat_") && !l.starts_with("cmdstat_info:"))
             .map(calls)
             .sum();
         let xadd = text
@@ -114,7 +115,22 @@ async fn cpu_per_token(
     let run_for = Duration::from_secs(6);
     let (cpu_before, redis_before) = (server.cpu_seconds(), redis.map_or(0.0, Redis::cpu_seconds));
     let clients: Vec<_> = (0..streams).map(|_| client()).collect();
-    let (tokens, wall) = support::stream_load(&clients, &url, &body, streams, run_for).await;
+    let (tokens, mut wall) = support::stream_load(&clients, &url, &body, streams, run_for).await;
+    if let Some(redis) = redis {
+        // Mirrors may still be writing what was streamed: their work
+        // counts, and so does the time it takes.
+        let settling = Instant::now();
+        let mut calls = redis.command_calls().await;
+        loop {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let now = redis.command_calls().await;
+            if now == calls {
+                break;
+            }
+            calls = now;
+        }
+        wall += settling.elapsed().as_secs_f64() - 0.1;
+    }
     let cpu = server.cpu_seconds() - cpu_before;
     let redis_cpu = redis.map_or(0.0, Redis::cpu_seconds) - redis_before;
     (

@@ -30,6 +30,7 @@ use redis::Value;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
+use tracing::Instrument;
 
 use super::generation::RemoteReaders;
 use super::{CallerId, EndCause, Generation, GenerationId, GenerationRegistry};
@@ -104,6 +105,12 @@ pub struct Replicas {
     /// This instance's marker was written once: finding it gone means
     /// Redis lost its data.
     marked: AtomicBool,
+}
+
+enum Looked {
+    Found(RemoteGeneration),
+    /// Another caller's: unknown to this one.
+    NotYours,
 }
 
 struct Followed {
@@ -255,50 +262,56 @@ impl Replicas {
 
     /// Publishes a generation that starts here: its record, its lease, and
     /// (with a session) the session's latest. The session's previous
-    /// generation, wherever it runs, is cancelled. Without Redis this
-    /// fails and the generation runs on, known to this instance only; its
-    /// mirror writes the record once Redis is back.
+    /// generation, wherever it runs, is cancelled. Only the session switch
+    /// is waited for, so that the session's next request, wherever it
+    /// lands, finds this one: the record is written meanwhile, and a
+    /// lookup elsewhere of an id this young waits for it ([`Self::find`]).
+    /// Without Redis the generation runs on, known to this instance only;
+    /// its mirror writes the record once Redis is back.
     pub async fn activate(self: &Arc<Self>, generation: &Arc<Generation>) {
         generation.watch_remote_readers(Arc::clone(self) as Arc<dyn RemoteReaders>);
         self.lock_owned()
             .insert(generation.id.clone(), Arc::clone(generation));
-        // The record and the session's latest live in different slots: two
-        // exchanges, sent together.
-        let session_swap = self.session_key(generation).map(|key| {
-            let mut swap = redis::cmd("SET");
-            swap.arg(key)
-                .arg(generation.id.as_str())
-                .arg("GET")
-                .arg("PX")
-                .arg(self.running_ttl_ms());
-            swap
-        });
-        let (recorded, previous) = tokio::join!(self.write_record(generation), async {
-            let swap = session_swap.as_ref()?;
-            let mut conn = self.link.conn();
-            self.call(swap.query_async::<Option<String>>(&mut conn))
-                .await
-                .ok()
-        });
-        self.tasks
-            .spawn(mirror::own(Arc::clone(self), Arc::clone(generation)));
-        if let Err(err) = recorded {
-            tracing::warn!(%err, "generation not shared yet: it is known to this instance only");
-        }
-        let previous = previous
+        let (replicas, owned) = (Arc::clone(self), Arc::clone(generation));
+        self.tasks.spawn(async move {
+            if let Err(err) = replicas.write_record(&owned).await {
+                tracing::warn!(%err, "generation not shared yet: it is known to this instance only");
+            }
+            mirror::own(replicas, owned).await;
+        }.instrument(tracing::Span::current()));
+        let Some(key) = self.session_key(generation) else {
+            return;
+        };
+        let mut swap = redis::cmd("SET");
+        swap.arg(key)
+            .arg(generation.id.as_str())
+            .arg("GET")
+            .arg("PX")
+            .arg(self.running_ttl_ms());
+        let mut conn = self.link.conn();
+        let previous = self
+            .call(swap.query_async::<Option<String>>(&mut conn))
+            .await
+            .ok()
             .flatten()
             .map(|id| GenerationId::from(id.as_str()))
             .filter(|id| *id != generation.id);
-        if let Some(previous) = previous {
-            if let Some(local) = self.registry.get_any(&previous) {
-                local.cancel(EndCause::SessionReplaced);
-            } else if let Err(err) = self
-                .ask_to_cancel(generation.owner, &previous, EndCause::SessionReplaced)
+        let Some(previous) = previous else {
+            return;
+        };
+        if let Some(local) = self.registry.get_any(&previous) {
+            local.cancel(EndCause::SessionReplaced);
+            return;
+        }
+        let (replicas, caller) = (Arc::clone(self), generation.owner);
+        self.tasks.spawn(async move {
+            if let Err(err) = replicas
+                .ask_to_cancel(caller, &previous, EndCause::SessionReplaced)
                 .await
             {
                 tracing::warn!(%err, replaced = %previous, "cannot cancel the session's previous generation");
             }
-        }
+        }.instrument(tracing::Span::current()));
     }
 
     /// Runs the record script. `Ok(None)`: the generation was ended
@@ -500,12 +513,36 @@ impl Replicas {
         }
     }
 
-    /// The caller's generation with this id, as Redis knows it.
+    /// The caller's generation with this id, as Redis knows it. An owner
+    /// sends its first byte before its record reaches Redis, so the record
+    /// of an id minted within the last command timeout is waited for
+    /// (bounded: about a dozen looks) before the id counts as unknown.
     pub async fn find(
         &self,
         caller: CallerId,
         id: &GenerationId,
     ) -> Result<Option<RemoteGeneration>, SharedStateError> {
+        let young = id.minted_within(self.config.timeout);
+        let deadline = Instant::now() + self.config.timeout;
+        let mut pause = Duration::from_millis(2);
+        loop {
+            match self.look_up(caller, id).await? {
+                Some(Looked::Found(found)) => return Ok(Some(found)),
+                Some(Looked::NotYours) => return Ok(None),
+                None if !young || Instant::now() >= deadline => return Ok(None),
+                None => {}
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(128));
+        }
+    }
+
+    /// One look at a record: `None` when there is none.
+    async fn look_up(
+        &self,
+        caller: CallerId,
+        id: &GenerationId,
+    ) -> Result<Option<Looked>, SharedStateError> {
         let mut conn = self.link.conn();
         let mut get = redis::cmd("HMGET");
         get.arg(self.keys.meta(id))
@@ -518,14 +555,14 @@ impl Replicas {
             return Ok(None);
         };
         if owner != self.caller(caller) {
-            return Ok(None);
+            return Ok(Some(Looked::NotYours));
         }
-        Ok(Some(RemoteGeneration {
+        Ok(Some(Looked::Found(RemoteGeneration {
             id: id.clone(),
             streamed: streamed.as_deref() == Some("1"),
             len: len.as_deref().and_then(|n| n.parse().ok()).unwrap_or(0),
             done: state.as_deref() == Some("done"),
-        }))
+        })))
     }
 
     /// The caller's latest generation in a session, as Redis knows it.
