@@ -370,6 +370,52 @@ async fn relay() {
     );
 }
 
+/// The load: 50 streams of 100-token answers at once, straight to
+/// an echo upstream and then through a relay in front of it, side by
+/// side: throughput, and CPU per token of the relay and of the upstream.
+async fn relay_load() {
+    let upstream = Server::start(&["--max-queue", "1024"]).await;
+    let relay = Server::spawn(&[
+        "--backend",
+        "openai",
+        "--upstream",
+        &upstream.base,
+        "--max-queue",
+        "1024",
+    ])
+    .await;
+    let body = chat(&words(100));
+    let clients: Vec<_> = (0..50).map(|_| client()).collect();
+    let run_for = Duration::from_secs(6);
+    let up_before = upstream.cpu_seconds();
+    let (direct, wall) = support::stream_load(
+        &clients,
+        &format!("{}/v1/chat/completions", upstream.base),
+        &body,
+        50,
+        run_for,
+    )
+    .await;
+    let direct_rate = direct as f64 / wall;
+    let direct_cpu = (upstream.cpu_seconds() - up_before) * 1e6 / direct as f64;
+    let (up_before, relay_before) = (upstream.cpu_seconds(), relay.cpu_seconds());
+    let (relayed, wall) = support::stream_load(
+        &clients,
+        &format!("{}/v1/chat/completions", relay.base),
+        &body,
+        50,
+        run_for,
+    )
+    .await;
+    let relayed_rate = relayed as f64 / wall;
+    let relay_cpu = (relay.cpu_seconds() - relay_before) * 1e6 / relayed as f64;
+    let up_cpu = (upstream.cpu_seconds() - up_before) * 1e6 / relayed as f64;
+    println!(
+        "relay load, 50 streams of 100-token answers: direct {direct_rate:.0} tokens/s (upstream CPU {direct_cpu:.2} us/token); relayed {relayed_rate:.0} tokens/s ({:.2}x), relay CPU {relay_cpu:.2} us/token, upstream CPU {up_cpu:.2} us/token",
+        relayed_rate / direct_rate
+    );
+}
+
 /// Many streams at 10 tokens/s each over HTTP/2 (200 per connection, the
 /// cap hyper sets): how far token gaps stray from the 100 ms the model
 /// keeps, as the count grows.
@@ -480,6 +526,9 @@ async fn main() {
     }
     if wanted("retention") {
         retained_generations().await;
+    }
+    if wanted("relay_load") {
+        relay_load().await;
     }
     if wanted("relay") {
         relay().await;

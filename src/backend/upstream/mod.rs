@@ -17,6 +17,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 mod redact;
+mod sse;
 mod wire;
 
 use wire::{Relay, RelayError, RelayStep, upstream_body};

@@ -7,10 +7,15 @@ use std::collections::VecDeque;
 use std::pin::Pin;
 use std::time::Duration;
 
+use std::borrow::Cow;
+
 use bytes::Bytes;
-use eventsource_stream::{Event, Eventsource};
 use futures_util::{Stream, StreamExt};
+use serde::Deserialize;
+use serde::de::IgnoredAny;
 use serde_json::{Value, json};
+
+use super::sse::{SseEvent, SseParser};
 
 use crate::backend::{ChoiceDelta, FinishReason, GenerateRequest, Prompt, Usage};
 
@@ -83,6 +88,7 @@ pub(super) enum RelayError {
     Broken(String),
 }
 
+#[derive(Debug)]
 pub(super) enum RelayStep {
     Text(String),
     Delta(Box<ChoiceDelta>),
@@ -92,7 +98,8 @@ pub(super) enum RelayStep {
 
 /// An upstream's SSE stream read as steps, whatever its dialect.
 pub(super) struct Relay {
-    events: Pin<Box<dyn Stream<Item = Result<Event, String>> + Send>>,
+    body: Pin<Box<dyn Stream<Item = reqwest::Result<Bytes>> + Send>>,
+    events: SseParser,
     chat: bool,
     timeout: Duration,
     /// Seen a `finish_reason`: a missing `[DONE]` after it is no failure.
@@ -103,13 +110,9 @@ pub(super) struct Relay {
 
 impl Relay {
     pub(super) fn new(resp: reqwest::Response, chat: bool, timeout: Duration) -> Self {
-        let events = resp
-            .bytes_stream()
-            .flat_map(|chunk| futures_util::stream::iter(one_event_each(chunk)))
-            .eventsource()
-            .map(|e| e.map_err(|err| err.to_string()));
         Self {
-            events: Box::pin(events),
+            body: Box::pin(resp.bytes_stream()),
+            events: SseParser::default(),
             chat,
             timeout,
             finish: None,
@@ -122,25 +125,22 @@ impl Relay {
             if let Some(step) = self.pending.pop_front() {
                 return Ok(step);
             }
-            let event = match tokio::time::timeout(self.timeout, self.events.next()).await {
-                Err(_) => return Err(RelayError::Broken("the upstream went silent".into())),
-                Ok(None) => {
-                    return match self.finish.take() {
-                        // Ended without [DONE] but after the answer was
-                        // complete: take it as the end.
-                        Some(reason) => Ok(RelayStep::Finished(reason)),
-                        None => Err(RelayError::Broken(
-                            "the upstream closed the stream before the end".into(),
-                        )),
-                    };
-                }
-                Ok(Some(Err(err))) => return Err(RelayError::Broken(err)),
-                Ok(Some(Ok(event))) => event,
+            let Some(SseEvent { error, data }) = self.next_event().await? else {
+                return match self.finish.take() {
+                    // Ended without [DONE] but after the answer was
+                    // complete: take it as the end.
+                    Some(reason) => Ok(RelayStep::Finished(reason)),
+                    None => Err(RelayError::Broken(
+                        "the upstream closed the stream before the end".into(),
+                    )),
+                };
             };
-            if event.event == "error" {
-                return Err(RelayError::Reported(error_message(event.data.trim())));
+            let data = std::str::from_utf8(&data)
+                .map_err(|e| RelayError::Broken(format!("the upstream sent invalid UTF-8: {e}")))?
+                .trim();
+            if error {
+                return Err(RelayError::Reported(error_message(data)));
             }
-            let data = event.data.trim();
             if data.is_empty() {
                 continue;
             }
@@ -148,6 +148,13 @@ impl Relay {
                 return Ok(RelayStep::Finished(
                     self.finish.take().unwrap_or(FinishReason::Stop),
                 ));
+            }
+            // Most chunks are one choice's text: read without building a
+            // tree of values, borrowing the text where it has no escapes.
+            if let Ok(plain) = serde_json::from_str::<PlainChunk<'_>>(data)
+                && self.decode_plain(&plain)
+            {
+                continue;
             }
             let chunk: Value = serde_json::from_str(data).map_err(|e| {
                 RelayError::Broken(format!("the upstream sent something other than JSON: {e}"))
@@ -160,6 +167,62 @@ impl Relay {
             }
             self.decode(&chunk);
         }
+    }
+
+    /// The next event of the body, within the silence timeout. `None`:
+    /// the body ended.
+    async fn next_event(&mut self) -> Result<Option<SseEvent>, RelayError> {
+        loop {
+            if let Some(event) = self.events.next_event() {
+                return Ok(Some(event));
+            }
+            match tokio::time::timeout(self.timeout, self.body.next()).await {
+                Err(_) => return Err(RelayError::Broken("the upstream went silent".into())),
+                Ok(Some(Ok(chunk))) => self.events.push(&chunk),
+                Ok(Some(Err(err))) => return Err(RelayError::Broken(err.to_string())),
+                Ok(None) => {
+                    self.events.close();
+                    return Ok(self.events.next_event());
+                }
+            }
+        }
+    }
+
+    /// A chunk whose choices are all the first one's text (and maybe its
+    /// finish), with nothing else to carry: its steps, exactly as
+    /// [`Self::decode`] would make them. `false`: not such a chunk, nothing
+    /// done.
+    fn decode_plain(&mut self, chunk: &PlainChunk<'_>) -> bool {
+        if chunk.error.is_some()
+            || chunk.choices.iter().any(|c| {
+                c.index != 0
+                    || c.logprobs.is_some()
+                    || c.stop_reason.is_some()
+                    || c.delta.as_ref().is_some_and(|d| d.extra())
+            })
+        {
+            return false;
+        }
+        for choice in &chunk.choices {
+            let text = if self.chat {
+                choice.delta.as_ref().and_then(|d| d.content.as_deref())
+            } else {
+                choice.text.as_deref()
+            };
+            if let Some(reason) = choice.finish_reason {
+                self.finish = Some(map_finish(reason));
+            }
+            if let Some(text) = text.filter(|t| !t.is_empty()) {
+                self.pending.push_back(RelayStep::Text(text.to_owned()));
+            }
+        }
+        if let Some(usage) = &chunk.usage {
+            self.pending.push_back(RelayStep::Usage(Usage {
+                prompt_tokens: usage.prompt_tokens,
+                completion_tokens: usage.completion_tokens,
+            }));
+        }
+        true
     }
 
     fn decode(&mut self, chunk: &Value) {
@@ -247,23 +310,72 @@ fn error_message(data: &str) -> String {
         .to_owned()
 }
 
-/// Splits a body chunk after each `\n\n`, so the SSE parser gets about one
-/// event at a time: eventsource-stream shifts its whole buffer after every
-/// event it takes, which on a chunk of hundreds of events (a fast upstream)
-/// cost most of the relay's CPU. Other line endings pass through unsplit.
-fn one_event_each(chunk: reqwest::Result<Bytes>) -> Vec<reqwest::Result<Bytes>> {
-    let mut chunk = match chunk {
-        Ok(chunk) => chunk,
-        Err(err) => return vec![Err(err)],
-    };
-    let mut pieces = Vec::new();
-    while let Some(end) = chunk.windows(2).position(|w| w == b"\n\n") {
-        pieces.push(Ok(chunk.split_to(end + 2)));
+/// A chunk read for [`Relay::decode_plain`]: the fields that matter, the
+/// others (ids, model, timestamps: sluicegate sets its own) skipped.
+#[derive(Deserialize)]
+struct PlainChunk<'a> {
+    #[serde(default, borrow)]
+    choices: Vec<PlainChoice<'a>>,
+    #[serde(default)]
+    usage: Option<PlainUsage>,
+    #[serde(default)]
+    error: Option<IgnoredAny>,
+}
+
+#[derive(Deserialize)]
+struct PlainChoice<'a> {
+    #[serde(default)]
+    index: u32,
+    #[serde(default, borrow)]
+    delta: Option<PlainDelta<'a>>,
+    #[serde(default, borrow)]
+    text: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    finish_reason: Option<&'a str>,
+    #[serde(default)]
+    logprobs: Option<IgnoredAny>,
+    #[serde(default)]
+    stop_reason: Option<IgnoredAny>,
+}
+
+/// A delta's role and content. The fields servers send as null beside
+/// them are known here; any of them set, or any other field, sends the
+/// chunk the long way.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PlainDelta<'a> {
+    #[serde(default, borrow)]
+    content: Option<Cow<'a, str>>,
+    #[serde(default, rename = "role")]
+    _role: Option<IgnoredAny>,
+    #[serde(default)]
+    tool_calls: Option<IgnoredAny>,
+    #[serde(default)]
+    function_call: Option<IgnoredAny>,
+    #[serde(default)]
+    refusal: Option<IgnoredAny>,
+    #[serde(default)]
+    reasoning_content: Option<IgnoredAny>,
+    #[serde(default)]
+    reasoning: Option<IgnoredAny>,
+}
+
+impl PlainDelta<'_> {
+    fn extra(&self) -> bool {
+        self.tool_calls.is_some()
+            || self.function_call.is_some()
+            || self.refusal.is_some()
+            || self.reasoning_content.is_some()
+            || self.reasoning.is_some()
     }
-    if !chunk.is_empty() {
-        pieces.push(Ok(chunk));
-    }
-    pieces
+}
+
+#[derive(Deserialize)]
+struct PlainUsage {
+    #[serde(default)]
+    prompt_tokens: u32,
+    #[serde(default)]
+    completion_tokens: u32,
 }
 
 /// Upstream finish reasons in the contract's; an unknown one is logged.
@@ -308,6 +420,58 @@ mod tests {
         assert_eq!(body["max_tokens"], 7);
         assert_eq!(body["stop"], json!(["x"]));
         assert!(body.get("top_k").is_none() && body.get("seed").is_none());
+    }
+
+    /// The steps of one chunk's data, the long way or the short one.
+    fn steps(data: &str, chat: bool, plain: bool) -> Option<String> {
+        let mut relay = Relay {
+            body: Box::pin(futures_util::stream::empty()),
+            events: SseParser::default(),
+            chat,
+            timeout: Duration::from_secs(1),
+            finish: None,
+            pending: VecDeque::new(),
+        };
+        if plain {
+            let chunk = serde_json::from_str::<PlainChunk<'_>>(data).ok()?;
+            if !relay.decode_plain(&chunk) {
+                return None;
+            }
+        } else {
+            relay.decode(&serde_json::from_str(data).expect("json"));
+        }
+        Some(format!("{:?} {:?}", relay.pending, relay.finish))
+    }
+
+    #[test]
+    fn the_short_way_reads_a_chunk_as_the_long_way_does_or_declines() {
+        let taken = [
+            r#"{"id":"x","choices":[{"index":0,"delta":{"role":"assistant","content":""},"logprobs":null,"finish_reason":null}]}"#,
+            r#"{"choices":[{"index":0,"delta":{"content":"He said \"hi\"\n"},"finish_reason":null}]}"#,
+            r#"{"choices":[{"index":0,"delta":{"content":"end","tool_calls":null,"refusal":null},"finish_reason":"length","stop_reason":null}]}"#,
+            r#"{"choices":[{"index":0,"delta":{},"finish_reason":"eos"}],"usage":{"prompt_tokens":3,"completion_tokens":9,"total_tokens":12}}"#,
+            r#"{"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":9}}"#,
+            r#"{"choices":[{"index":0,"text":" legacy","finish_reason":null}]}"#,
+        ];
+        for data in taken {
+            for chat in [true, false] {
+                let short = steps(data, chat, true);
+                assert!(short.is_some(), "{data}");
+                assert_eq!(short, steps(data, chat, false), "{data}");
+            }
+        }
+        let declined = [
+            r#"{"choices":[{"index":1,"delta":{"content":"b"}}]}"#,
+            r#"{"choices":[{"index":0,"delta":{"tool_calls":[{"index":0}]}}]}"#,
+            r#"{"choices":[{"index":0,"delta":{"content":"a","reasoning_content":"hm"}}]}"#,
+            r#"{"choices":[{"index":0,"delta":{"content":"a","custom":1}}]}"#,
+            r#"{"choices":[{"index":0,"delta":{"content":"a"},"logprobs":{"content":[]}}]}"#,
+            r#"{"choices":[{"index":0,"delta":{},"finish_reason":"stop","stop_reason":"STOP"}]}"#,
+            r#"{"error":{"message":"no"}}"#,
+        ];
+        for data in declined {
+            assert_eq!(steps(data, true, true), None, "{data}");
+        }
     }
 
     #[test]
