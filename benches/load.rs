@@ -370,6 +370,65 @@ async fn relay() {
     );
 }
 
+/// Relay memory per open stream: `n` slow streams held open through a
+/// relay (clients over 50 HTTP/2 connections, the relay to its upstream
+/// over HTTP/1.1 keep-alive, one connection per open stream).
+async fn relay_memory() {
+    let upstream = Server::start(&["--token-delay", "60s", "--max-queue", "20000"]).await;
+    let relay = Server::spawn(&[
+        "--backend",
+        "openai",
+        "--upstream",
+        &upstream.base,
+        "--max-queue",
+        "20000",
+    ])
+    .await;
+    let url = format!("{}/v1/chat/completions", relay.base);
+    let connections: Vec<reqwest::Client> = (0..50)
+        .map(|_| {
+            reqwest::Client::builder()
+                .http2_prior_knowledge()
+                .build()
+                .expect("client")
+        })
+        .collect();
+    let open = |n: usize| {
+        let url = url.clone();
+        let connections = connections.clone();
+        async move {
+            let tasks: Vec<_> = (0..n)
+                .map(|i| {
+                    let h2 = connections[i % connections.len()].clone();
+                    let url = url.clone();
+                    tokio::spawn(async move {
+                        let resp = h2
+                            .post(&url)
+                            .json(&chat("a b c"))
+                            .send()
+                            .await
+                            .expect("sent");
+                        let mut body = resp.bytes_stream();
+                        body.next().await.expect("role chunk").expect("chunk");
+                        body
+                    })
+                })
+                .collect();
+            let mut held = Vec::with_capacity(n);
+            for t in tasks {
+                held.push(t.await.expect("joined"));
+            }
+            held
+        }
+    };
+    let n = 10_000;
+    let (before, after) = rss_around(&relay, n, open).await;
+    println!(
+        "relay memory: {n} slow streams open through the relay, relay RSS {before} KiB -> {after} KiB = {:.1} KB per stream",
+        kb_each(before, after, n)
+    );
+}
+
 /// The load: 50 streams of 100-token answers at once, straight to
 /// an echo upstream and then through a relay in front of it, side by
 /// side: throughput, and CPU per token of the relay and of the upstream.
@@ -413,6 +472,33 @@ async fn relay_load() {
     println!(
         "relay load, 50 streams of 100-token answers: direct {direct_rate:.0} tokens/s (upstream CPU {direct_cpu:.2} us/token); relayed {relayed_rate:.0} tokens/s ({:.2}x), relay CPU {relay_cpu:.2} us/token, upstream CPU {up_cpu:.2} us/token",
         relayed_rate / direct_rate
+    );
+    drop(relay);
+    let relay = Server::spawn(&[
+        "--backend",
+        "openai",
+        "--upstream",
+        &upstream.base,
+        "--upstream-http2",
+        "--max-queue",
+        "1024",
+    ])
+    .await;
+    let (up_before, relay_before) = (upstream.cpu_seconds(), relay.cpu_seconds());
+    let (relayed, wall) = support::stream_load(
+        &clients,
+        &format!("{}/v1/chat/completions", relay.base),
+        &body,
+        50,
+        run_for,
+    )
+    .await;
+    let rate = relayed as f64 / wall;
+    println!(
+        "relay load with --upstream-http2: relayed {rate:.0} tokens/s ({:.2}x), relay CPU {:.2} us/token, upstream CPU {:.2} us/token",
+        rate / direct_rate,
+        (relay.cpu_seconds() - relay_before) * 1e6 / relayed as f64,
+        (upstream.cpu_seconds() - up_before) * 1e6 / relayed as f64,
     );
 }
 
@@ -526,6 +612,9 @@ async fn main() {
     }
     if wanted("retention") {
         retained_generations().await;
+    }
+    if wanted("relay_memory") {
+        relay_memory().await;
     }
     if wanted("relay_load") {
         relay_load().await;

@@ -76,6 +76,14 @@ pub struct Config {
     #[arg(long, env = "SLUICEGATE_UPSTREAM_CONNECT_TIMEOUT", value_parser = duration, default_value = "5s")]
     pub upstream_connect_timeout: Duration,
 
+    /// `openai`: speak HTTP/2 to the upstreams from the first byte (prior
+    /// knowledge; h2c over `http://`): many streams over few connections.
+    /// The upstreams must speak it (vLLM's server does not). Without it,
+    /// `https://` upstreams still get HTTP/2 when their TLS handshake
+    /// offers it.
+    #[arg(long, env = "SLUICEGATE_UPSTREAM_HTTP2")]
+    pub upstream_http2: bool,
+
     /// `openai`: give up on an upstream that sends nothing for this long.
     #[arg(long, env = "SLUICEGATE_UPSTREAM_FIRST_BYTE_TIMEOUT", value_parser = duration, default_value = "60s")]
     pub upstream_first_byte_timeout: Duration,

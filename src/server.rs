@@ -66,6 +66,7 @@ impl AppState {
                 api_key: config.upstream_api_key.clone(),
                 connect_timeout: config.upstream_connect_timeout,
                 first_byte_timeout: config.upstream_first_byte_timeout,
+                http2: config.upstream_http2,
             })?),
         };
         let registry = RegistryConfig {

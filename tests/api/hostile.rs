@@ -525,6 +525,7 @@ async fn an_upstream_error_mid_stream_reaches_the_client_without_credentials() {
         api_key: Some("upstream-secret".into()),
         connect_timeout: Duration::from_secs(2),
         first_byte_timeout: Duration::from_secs(5),
+        http2: false,
     })
     .expect("backend");
     let server = TestServer::options()

@@ -401,6 +401,67 @@ async fn tls_serves_http2_by_alpn_and_http1_too() {
 }
 
 #[tokio::test]
+async fn with_upstream_http2_the_relay_speaks_http2_from_the_first_byte() {
+    // What a relay sends first to a bare listener: the HTTP/2 preface.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bound");
+    let bare = format!("http://{}", listener.local_addr().expect("addr"));
+    let relay = Process::start(
+        &[
+            "--backend",
+            "openai",
+            "--upstream",
+            &bare,
+            "--upstream-http2",
+        ],
+        &[],
+    )
+    .await;
+    let request = tokio::spawn(
+        client()
+            .post(relay.url("/v1/chat/completions"))
+            .json(&chat("hello", true))
+            .send(),
+    );
+    let (mut socket, _) = tokio::time::timeout(Duration::from_secs(10), listener.accept())
+        .await
+        .expect("the relay connects")
+        .expect("accepted");
+    let mut preface = [0u8; 24];
+    tokio::io::AsyncReadExt::read_exact(&mut socket, &mut preface)
+        .await
+        .expect("read");
+    assert_eq!(&preface, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
+    drop(socket);
+    drop(request);
+
+    // And a whole answer through it, from an upstream that speaks h2c.
+    let upstream = crate::common::TestServer::echo().await;
+    let relay = Process::start(
+        &[
+            "--backend",
+            "openai",
+            "--upstream",
+            &upstream.base,
+            "--upstream-http2",
+        ],
+        &[],
+    )
+    .await;
+    let resp = client()
+        .post(relay.url("/v1/chat/completions"))
+        .json(&chat("relayed over one multiplexed connection", true))
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(resp.status(), 200);
+    let answer = crate::common::read_all(resp).await;
+    assert_eq!(answer.text, "relayed over one multiplexed connection");
+    assert!(answer.done);
+}
+
+#[tokio::test]
 async fn the_binary_fronts_an_upstream_with_backend_openai() {
     let upstream = crate::common::TestServer::echo().await;
     let server = Process::start(

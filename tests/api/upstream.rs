@@ -27,6 +27,7 @@ fn relay_to(urls: Vec<String>, first_byte_timeout: Duration) -> crate::common::O
         api_key: Some("upstream-secret".into()),
         connect_timeout: Duration::from_secs(2),
         first_byte_timeout,
+        http2: false,
     })
     .expect("backend");
     TestServer::options().backend(Arc::new(backend))

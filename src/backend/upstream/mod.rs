@@ -40,6 +40,8 @@ pub struct UpstreamConfig {
     pub api_key: Option<String>,
     pub connect_timeout: Duration,
     pub first_byte_timeout: Duration,
+    /// HTTP/2 with prior knowledge to `http://` upstreams.
+    pub http2: bool,
 }
 
 pub struct UpstreamBackend {
@@ -97,8 +99,22 @@ impl UpstreamBackend {
         // reqwest is built without a bundled TLS provider (ring is already
         // here for the server's own TLS); it reads the process default.
         let _ = tokio_rustls::rustls::crypto::ring::default_provider().install_default();
-        let client = reqwest::Client::builder()
+        // Idle connections are kept (HTTP/1.1 keep-alive, no cap per
+        // upstream), so a stream reuses one instead of connecting, and over
+        // TLS never shakes hands again; TCP keep-alive finds dead ones.
+        let mut client = reqwest::Client::builder()
             .connect_timeout(config.connect_timeout)
+            .tcp_nodelay(true)
+            .tcp_keepalive(Duration::from_secs(30))
+            .pool_idle_timeout(Duration::from_secs(90));
+        if config.http2 {
+            client = client
+                .http2_prior_knowledge()
+                .http2_adaptive_window(true)
+                .http2_keep_alive_interval(Duration::from_secs(30))
+                .http2_keep_alive_while_idle(true);
+        }
+        let client = client
             .build()
             .map_err(|e| BackendError::Unavailable(format!("HTTP client: {e}")))?;
         let upstreams = config
