@@ -162,13 +162,24 @@ return n
 /// end (state `done`, the resume TTL on what is kept, no lease): a
 /// short answer costs one script call for all its events and its end.
 ///
+/// The owner's first append also writes the record when there is none
+/// (as [`RECORD`] does): a short answer is then one script call in all.
+///
 /// KEYS: meta, log, lease. ARGV: channel, first, events in the batch, log
 /// TTL ms, the batch (compressed), the publishing command (`SPUBLISH` on a Cluster),
 /// and for the last batch the TTL ms left to the ended generation (`0`
-/// for any other batch).
+/// for any other batch); then, on a first append only, the record's
+/// caller, instance, streamed, running TTL ms and lease ms.
 const APPEND: &str = r"
 local m = redis.call('HMGET', KEYS[1], 'state', 'n')
-if not m[1] then return -2 end
+if not m[1] then
+  if not ARGV[8] then return -2 end
+  redis.call('DEL', KEYS[2])
+  redis.call('HSET', KEYS[1], 'caller', ARGV[8], 'inst', ARGV[9], 'streamed', ARGV[10], 'state', 'run', 'n', 0)
+  redis.call('PEXPIRE', KEYS[1], ARGV[11])
+  redis.call('SET', KEYS[3], 1, 'PX', ARGV[12])
+  m = {'run', '0'}
+end
 local first = tonumber(ARGV[2])
 local after = first + tonumber(ARGV[3])
 local n = tonumber(m[2] or '0')

@@ -116,11 +116,11 @@ async fn mirror(replicas: &Replicas, generation: &Generation) -> Mirrored {
     // Events Redis holds, as its last answer said.
     let mut written = 0usize;
     let mut backoff = Duration::from_millis(50);
-    let mut last_append: Option<Instant> = None;
+    // The first append waits a window too: a short answer is then one
+    // append that also writes the record and marks the end.
+    let mut last_append = Instant::now();
     loop {
-        if let Some(last) = last_append {
-            tokio::time::sleep_until(last + BATCH_WINDOW).await;
-        }
+        tokio::time::sleep_until(last_append + BATCH_WINDOW).await;
         let Some((frames, last)) = generation.log.window_from(written, BATCH_BYTES).await else {
             return Mirrored::Whole;
         };
@@ -140,6 +140,9 @@ async fn mirror(replicas: &Replicas, generation: &Generation) -> Mirrored {
             } else {
                 0
             });
+        if written == 0 {
+            replicas.record_args(&mut append, generation);
+        }
         // Taken anew each time: under Sentinel the primary may have moved.
         let mut conn = replicas.link.conn();
         let reply = replicas
@@ -154,7 +157,7 @@ async fn mirror(replicas: &Replicas, generation: &Generation) -> Mirrored {
                 // Short of it: Redis lost events; write them again.
                 written = len;
                 backoff = Duration::from_millis(50);
-                last_append = Some(Instant::now());
+                last_append = Instant::now();
                 continue;
             }
             Ok(Appended::EndedElsewhere) => {

@@ -274,7 +274,10 @@ impl Replicas {
             .insert(generation.id.clone(), Arc::clone(generation));
         let (replicas, owned) = (Arc::clone(self), Arc::clone(generation));
         self.tasks.spawn(async move {
-            if let Err(err) = replicas.write_record(&owned).await {
+            // A stream's first append writes its record.
+            if !owned.streamed
+                && let Err(err) = replicas.write_record(&owned).await
+            {
                 tracing::warn!(%err, "generation not shared yet: it is known to this instance only");
             }
             mirror::own(replicas, owned).await;
@@ -305,11 +308,24 @@ impl Replicas {
         }
         let (replicas, caller) = (Arc::clone(self), generation.owner);
         self.tasks.spawn(async move {
-            if let Err(err) = replicas
-                .ask_to_cancel(caller, &previous, EndCause::SessionReplaced)
-                .await
-            {
-                tracing::warn!(%err, replaced = %previous, "cannot cancel the session's previous generation");
+            // A previous generation this young may not have its record yet.
+            let young = previous.minted_within(replicas.config.timeout);
+            let deadline = Instant::now() + replicas.config.timeout;
+            let mut pause = Duration::from_millis(2);
+            loop {
+                match replicas
+                    .ask_to_cancel(caller, &previous, EndCause::SessionReplaced)
+                    .await
+                {
+                    Ok(None) if young && Instant::now() < deadline => {}
+                    Ok(_) => return,
+                    Err(err) => {
+                        tracing::warn!(%err, replaced = %previous, "cannot cancel the session's previous generation");
+                        return;
+                    }
+                }
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_millis(128));
             }
         }.instrument(tracing::Span::current()));
     }
@@ -331,16 +347,23 @@ impl Replicas {
         Ok(usize::try_from(len).ok())
     }
 
-    fn record_invocation(&self, generation: &Generation) -> redis::ScriptInvocation<'_> {
-        let mut invocation = self.scripts.record.key(self.keys.meta(&generation.id));
-        invocation
-            .key(self.keys.lease(&generation.id))
-            .key(self.keys.log(&generation.id))
+    /// A record's fields, as the record script and a first append take
+    /// them.
+    fn record_args(&self, append: &mut redis::ScriptInvocation<'_>, generation: &Generation) {
+        append
             .arg(self.caller(generation.owner))
             .arg(&self.instance)
             .arg(if generation.streamed { "1" } else { "0" })
             .arg(self.running_ttl_ms())
             .arg(self.lease_ms());
+    }
+
+    fn record_invocation(&self, generation: &Generation) -> redis::ScriptInvocation<'_> {
+        let mut invocation = self.scripts.record.key(self.keys.meta(&generation.id));
+        invocation
+            .key(self.keys.lease(&generation.id))
+            .key(self.keys.log(&generation.id));
+        self.record_args(&mut invocation, generation);
         invocation
     }
 
