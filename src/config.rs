@@ -185,7 +185,8 @@ pub struct Config {
     pub max_concurrent_per_key: Option<usize>,
 
     /// Generations of one API key running or waiting before it gets 429
-    /// (default with keys: half of --max-concurrent plus --max-queue).
+    /// (default with two or more API keys: half of (--max-concurrent +
+    /// --max-queue), rounded up; with one key or none, no limit of its own).
     #[arg(long, env = "SLUICEGATE_MAX_QUEUE_PER_KEY")]
     pub max_queue_per_key: Option<usize>,
 

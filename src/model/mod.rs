@@ -46,9 +46,13 @@ pub fn load(path: &Path, template: Option<&str>) -> Result<Model, ModelError> {
         reason,
     };
     if !path.is_file() {
-        return Err(fail(
-            "no such file; run scripts/fetch-model (or pass --model PATH to a GGUF file)".into(),
-        ));
+        let default =
+            path.file_name() == Some(std::ffi::OsStr::new(crate::config::DEFAULT_MODEL_FILE));
+        return Err(fail(if default {
+            "no such file; run scripts/fetch-model (or pass --model PATH to a GGUF file)".into()
+        } else {
+            "no such file; check the path given with --model".into()
+        }));
     }
     let (content, weights) = llama::load(path).map_err(|e| {
         fail(format!(

@@ -490,12 +490,63 @@ async fn the_binary_fronts_an_upstream_with_backend_openai() {
 }
 
 #[tokio::test]
+async fn every_flag_in_help_is_in_the_readme_flag_table_and_back() {
+    let help = Command::new(env!("CARGO_BIN_EXE_sluicegate"))
+        .arg("--help")
+        .output()
+        .await
+        .expect("ran");
+    let help = String::from_utf8_lossy(&help.stdout).into_owned();
+    let flag = |word: &str| {
+        let name: String = word
+            .trim_start_matches('-')
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '-')
+            .collect();
+        (word.starts_with("--") && !name.is_empty()).then(|| format!("--{name}"))
+    };
+    let in_help: std::collections::BTreeSet<String> = help
+        .lines()
+        .filter_map(|l| l.trim_start().split([' ', ',', '=']).find_map(flag))
+        .filter(|f| f != "--help" && f != "--version")
+        .collect();
+    let readme = include_str!("../../README.md");
+    let in_table: std::collections::BTreeSet<String> = readme
+        .lines()
+        .filter(|l| l.starts_with("| `--"))
+        .filter_map(|l| l.split('|').nth(1))
+        .flat_map(|cell| cell.split('`').filter_map(flag).collect::<Vec<_>>())
+        .collect();
+    assert!(in_help.len() > 40, "{in_help:?}");
+    let missing: Vec<_> = in_help.difference(&in_table).collect();
+    assert!(
+        missing.is_empty(),
+        "in --help, not in the README's table: {missing:?}"
+    );
+    let stale: Vec<_> = in_table.difference(&in_help).collect();
+    assert!(
+        stale.is_empty(),
+        "in the README's table, not in --help: {stale:?}"
+    );
+}
+
+#[tokio::test]
 async fn a_missing_or_corrupt_model_is_a_clear_startup_error() {
     let dir = std::env::temp_dir().join(format!("sluicegate-model-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
     let corrupt = dir.join("corrupt.gguf");
     std::fs::write(&corrupt, b"GGUF but not really a model").expect("written");
-    for (path, hint) in [(dir.join("missing.gguf"), "fetch-model"), (corrupt, "GGUF")] {
+    // Only the default model's file is fetched by scripts/fetch-model; a
+    // path the user gave is theirs to check.
+    let missing_default = dir.join("SmolLM2-135M-Instruct.Q4_1.gguf");
+    for (path, hint) in [
+        (
+            dir.join("missing.gguf"),
+            "check the path given with --model",
+        ),
+        (missing_default, "fetch-model"),
+        (corrupt, "GGUF"),
+    ] {
         let output = Command::new(env!("CARGO_BIN_EXE_sluicegate"))
             .args(["--port", "0", "--model"])
             .arg(&path)

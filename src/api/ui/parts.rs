@@ -11,6 +11,8 @@
 use bytes::{BufMut, Bytes, BytesMut};
 use serde::{Deserialize, Serialize};
 
+use crate::api::sse::RETRY;
+
 /// The end of every UI message stream.
 const DONE: &[u8] = b"data: [DONE]\n\n";
 
@@ -197,10 +199,12 @@ impl Transcoder {
         }
     }
 
-    /// `start` and `start-step`, once, before anything else.
+    /// `start` and `start-step`, once, before anything else, after the
+    /// `retry:` field every stream of this server opens with.
     fn start(&mut self, out: &mut BytesMut) {
         if !self.started {
             self.started = true;
+            out.put_slice(RETRY);
             put(
                 out,
                 &Part::Start {
@@ -263,6 +267,10 @@ mod tests {
 
     fn parts(bytes: &[u8]) -> Vec<Value> {
         let text = std::str::from_utf8(bytes).expect("UTF-8");
+        let text = text
+            .strip_prefix(std::str::from_utf8(RETRY).expect("ascii"))
+            .unwrap_or(text);
+        assert!(!text.contains("retry:"), "retry once, first: {text:?}");
         assert!(text.is_empty() || text.ends_with("\n\n"), "{text:?}");
         text.split_terminator("\n\n")
             .map(|event| {
@@ -293,6 +301,7 @@ mod tests {
         ];
         let mut t = Transcoder::new("chatcmpl-abc");
         let out: Vec<u8> = log.iter().flat_map(|ev| t.events(ev).to_vec()).collect();
+        assert!(out.starts_with(RETRY), "the stream opens with retry:");
         assert_eq!(
             parts(&out),
             [
