@@ -239,16 +239,10 @@ impl MemoryLog {
         self.state.borrow().data.len()
     }
 
-    /// Like [`LogSource::read`], one buffer per event: for a mirror that
-    /// stores events one by one. `None` once the log is complete and read.
-    pub async fn frames_from(&self, from: usize, limit: usize) -> Option<Vec<Bytes>> {
-        self.window_from(from, limit)
-            .await
-            .map(|(frames, _)| frames)
-    }
-
-    /// [`Self::frames_from`], and whether those frames end the closed log.
-    pub async fn window_from(&self, from: usize, limit: usize) -> Option<(Vec<Bytes>, bool)> {
+    /// Like [`LogSource::read`], one buffer per event, for the mirror; and
+    /// whether those frames end the closed log. `None` once the log is
+    /// complete and read.
+    pub async fn frames_from(&self, from: usize, limit: usize) -> Option<(Vec<Bytes>, bool)> {
         let mut rx = self.state.subscribe();
         loop {
             {
@@ -399,8 +393,9 @@ mod tests {
         // An event larger than the limit still goes out whole, alone.
         assert_eq!(read(3, 4).await, (Bytes::from_static(b"dddddddddd"), 1));
         assert_eq!(read(2, 3).await, (Bytes::from_static(b"cccc"), 1));
-        let frames = log.frames_from(1, 20).await.expect("frames");
+        let (frames, last) = log.frames_from(1, 20).await.expect("frames");
         assert_eq!(frames, [&b"bbbb"[..], b"cccc", b"dddddddddd"]);
+        assert!(!last, "the log is still open");
     }
 
     #[tokio::test]

@@ -121,7 +121,7 @@ async fn mirror(replicas: &Replicas, generation: &Generation) -> Mirrored {
     let mut last_append = Instant::now();
     loop {
         tokio::time::sleep_until(last_append + BATCH_WINDOW).await;
-        let Some((frames, last)) = generation.log.window_from(written, BATCH_BYTES).await else {
+        let Some((frames, last)) = generation.log.frames_from(written, BATCH_BYTES).await else {
             return Mirrored::Whole;
         };
         let batch: Bytes = lz4_flex::compress_prepend_size(&frames.concat()).into();

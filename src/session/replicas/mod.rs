@@ -308,24 +308,13 @@ impl Replicas {
         }
         let (replicas, caller) = (Arc::clone(self), generation.owner);
         self.tasks.spawn(async move {
-            // A previous generation this young may not have its record yet.
-            let young = previous.minted_within(replicas.config.timeout);
-            let deadline = Instant::now() + replicas.config.timeout;
-            let mut pause = Duration::from_millis(2);
-            loop {
-                match replicas
-                    .ask_to_cancel(caller, &previous, EndCause::SessionReplaced)
-                    .await
-                {
-                    Ok(None) if young && Instant::now() < deadline => {}
-                    Ok(_) => return,
-                    Err(err) => {
-                        tracing::warn!(%err, replaced = %previous, "cannot cancel the session's previous generation");
-                        return;
-                    }
-                }
-                tokio::time::sleep(pause).await;
-                pause = (pause * 2).min(Duration::from_millis(128));
+            let asked = replicas
+                .until_recorded(&previous, || {
+                    replicas.ask_to_cancel(caller, &previous, EndCause::SessionReplaced)
+                })
+                .await;
+            if let Err(err) = asked {
+                tracing::warn!(%err, replaced = %previous, "cannot cancel the session's previous generation");
             }
         }.instrument(tracing::Span::current()));
     }
@@ -545,15 +534,34 @@ impl Replicas {
         caller: CallerId,
         id: &GenerationId,
     ) -> Result<Option<RemoteGeneration>, SharedStateError> {
+        Ok(
+            match self.until_recorded(id, || self.look_up(caller, id)).await? {
+                Some(Looked::Found(found)) => Some(found),
+                Some(Looked::NotYours) | None => None,
+            },
+        )
+    }
+
+    /// Runs `look` (`Ok(None)`: no record of `id`) until it finds the
+    /// record. Only for an id minted within the command timeout, whose
+    /// record may still be on its way from its owner, it looks again, with
+    /// a pause that doubles from 2 ms to 128 ms, until that timeout has
+    /// passed: about a dozen looks at most.
+    async fn until_recorded<T, Fut>(
+        &self,
+        id: &GenerationId,
+        mut look: impl FnMut() -> Fut,
+    ) -> Result<Option<T>, SharedStateError>
+    where
+        Fut: Future<Output = Result<Option<T>, SharedStateError>>,
+    {
         let young = id.minted_within(self.config.timeout);
         let deadline = Instant::now() + self.config.timeout;
         let mut pause = Duration::from_millis(2);
         loop {
-            match self.look_up(caller, id).await? {
-                Some(Looked::Found(found)) => return Ok(Some(found)),
-                Some(Looked::NotYours) => return Ok(None),
-                None if !young || Instant::now() >= deadline => return Ok(None),
-                None => {}
+            match look().await? {
+                None if young && Instant::now() < deadline => {}
+                found => return Ok(found),
             }
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(Duration::from_millis(128));
