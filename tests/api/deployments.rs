@@ -3,14 +3,14 @@
 //! over mid-stream. Both are real redis-server processes on free loopback
 //! ports; each test asserts what clients see and what Redis holds.
 
-use std::collections::HashSet;
 use std::time::Duration;
-
-use serde_json::Value;
 
 use crate::common::{Events, client, completion_id, read_all};
 use crate::process::Process;
-use crate::replicas::{instance_at, open, owned_here_followed_there, redis_ok, rest, words};
+use crate::replicas::{
+    assert_no_repeat, cancel_on, instance_at, next_question_replaces, open,
+    owned_here_followed_there, redis_ok, rest, words,
+};
 use crate::services::{RedisCluster, SentinelSet, cli_at, every_key_expires_at, until};
 
 async fn pair_on(url: &str) -> (Process, Process) {
@@ -19,22 +19,6 @@ async fn pair_on(url: &str) -> (Process, Process) {
         until(Duration::from_secs(20), || redis_ok(p)).await;
     }
     (a, b)
-}
-
-fn assert_no_repeat(ids: &[String]) {
-    let unique: HashSet<&String> = ids.iter().collect();
-    assert_eq!(unique.len(), ids.len(), "an event came twice: {ids:?}");
-}
-
-async fn cancel_from(p: &Process, id: &str) -> Value {
-    client()
-        .post(p.url(&format!("/v1/chat/completions/{id}/cancel")))
-        .send()
-        .await
-        .expect("sent")
-        .json()
-        .await
-        .expect("json")
 }
 
 #[tokio::test]
@@ -86,14 +70,14 @@ async fn a_redis_cluster_shares_generations_sessions_and_cancels_through_sharded
     assert_eq!(session.status(), 200);
     assert_eq!(completion_id(&session), id);
     drop(session);
-    let cancelled = cancel_from(&b, &id).await;
+    let cancelled = cancel_on(&b, &id).await;
     assert_eq!(cancelled["cancelled"], true, "{cancelled}");
     let (owned, follow) = tokio::join!(rest(owned), rest(follow));
     for t in [&owned, &follow] {
         assert_eq!(t.finish_reason.as_deref(), Some("cancelled"));
         assert!(t.done);
     }
-    let again = cancel_from(&b, &id).await;
+    let again = cancel_on(&b, &id).await;
     assert_eq!(again["cancelled"], false, "{again}");
 
     // The next request of a session on one instance ends the one running
@@ -107,17 +91,7 @@ async fn a_redis_cluster_shares_generations_sessions_and_cancels_through_sharded
     .await;
     let mut old = Events::of(old);
     old.next_json().await;
-    let new = open(
-        &b.url("/v1/chat/completions"),
-        "the next question",
-        Some("conv2"),
-        None,
-    )
-    .await;
-    let old = rest(old).await;
-    assert_eq!(old.finish_reason.as_deref(), Some("cancelled"));
-    assert!(old.done);
-    assert_eq!(read_all(new).await.text, "the next question");
+    next_question_replaces(&b, "conv2", old).await;
 
     // The keys are spread over the masters, and every one expires.
     let mut holding = 0;

@@ -3,23 +3,17 @@
 //! see (the exact text, one `[DONE]`, the right finish) and what Redis
 //! holds afterwards (every key with an expiry).
 
-use std::collections::HashSet;
 use std::time::Duration;
 
-use serde_json::Value;
-
 use crate::common::{Events, Raw, client, completion_id, read_all, transcript};
-use crate::replicas::{Cluster, first_events, open, owned_and_followed, raw_body, rest, words};
+use crate::replicas::{
+    Cluster, assert_no_repeat, cancel_on, first_events, next_question_replaces, open,
+    owned_and_followed, raw_body, rest, words,
+};
 use crate::services::{Redis, every_key_expires_at, until};
 
 async fn every_key_expires(redis: &Redis) {
     every_key_expires_at(redis.port).await;
-}
-
-/// Event ids with no repeat.
-fn assert_no_repeat(ids: &[String]) {
-    let unique: HashSet<&String> = ids.iter().collect();
-    assert_eq!(unique.len(), ids.len(), "an event came twice: {ids:?}");
 }
 
 async fn pause_writes(redis: &Redis, ms: u64) {
@@ -135,17 +129,7 @@ async fn a_session_that_outlives_the_resume_ttl_stays_visible_and_cancellable_el
     assert_eq!(completion_id(&session), id);
     drop(session);
 
-    let next = open(
-        &cluster.b.url("/v1/chat/completions"),
-        "the next question",
-        Some("long"),
-        None,
-    )
-    .await;
-    let owned = rest(owned).await;
-    assert_eq!(owned.finish_reason.as_deref(), Some("cancelled"));
-    assert!(owned.done);
-    assert_eq!(read_all(next).await.text, "the next question");
+    next_question_replaces(&cluster.b, "long", owned).await;
     every_key_expires(&cluster.redis).await;
 }
 
@@ -160,14 +144,7 @@ async fn a_frozen_owner_is_ended_elsewhere_and_stops_when_it_thaws() {
     assert_eq!(error["error"]["code"], "instance_gone", "{error}");
 
     // A cancel now ends nothing: it has ended.
-    let cancel: Value = client()
-        .post(cluster.b.url(&format!("/v1/chat/completions/{id}/cancel")))
-        .send()
-        .await
-        .expect("sent")
-        .json()
-        .await
-        .expect("json");
+    let cancel = cancel_on(&cluster.b, &id).await;
     assert_eq!(cancel["cancelled"], false, "{cancel}");
 
     cluster.a.signal("CONT");
@@ -200,14 +177,7 @@ async fn a_cancel_of_a_dead_owners_generation_says_true_once_it_has_ended() {
     let (id, owned, _follow) = owned_and_followed(&cluster, &words(1000), None, 2).await;
     cluster.a.child.start_kill().expect("kill -9");
     drop(owned);
-    let cancel: Value = client()
-        .post(cluster.b.url(&format!("/v1/chat/completions/{id}/cancel")))
-        .send()
-        .await
-        .expect("sent")
-        .json()
-        .await
-        .expect("json");
+    let cancel = cancel_on(&cluster.b, &id).await;
     assert_eq!(cancel["cancelled"], true, "{cancel}");
     let meta = cluster
         .redis

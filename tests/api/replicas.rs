@@ -136,6 +136,40 @@ pub(crate) async fn owned_here_followed_there(
     (id, owned, follow)
 }
 
+/// Event ids with no repeat.
+pub(crate) fn assert_no_repeat(ids: &[String]) {
+    let unique: std::collections::HashSet<&String> = ids.iter().collect();
+    assert_eq!(unique.len(), ids.len(), "an event came twice: {ids:?}");
+}
+
+/// What the cancel endpoint on `p` answers for `id`.
+pub(crate) async fn cancel_on(p: &Process, id: &str) -> Value {
+    client()
+        .post(p.url(&format!("/v1/chat/completions/{id}/cancel")))
+        .send()
+        .await
+        .expect("sent")
+        .json()
+        .await
+        .expect("json")
+}
+
+/// The session's next question, asked on `p`: the stream it replaces ends
+/// cancelled with `[DONE]`, and the new answer comes whole.
+pub(crate) async fn next_question_replaces(p: &Process, session: &str, old: Events) {
+    let new = open(
+        &p.url("/v1/chat/completions"),
+        "the next question",
+        Some(session),
+        None,
+    )
+    .await;
+    let old = rest(old).await;
+    assert_eq!(old.finish_reason.as_deref(), Some("cancelled"));
+    assert!(old.done);
+    assert_eq!(read_all(new).await.text, "the next question");
+}
+
 /// Everything to the end of a stream, or a failure instead of a hang.
 pub(crate) async fn rest(events: Events) -> crate::common::Transcript {
     let all = tokio::time::timeout(Duration::from_secs(20), events.rest())
@@ -242,17 +276,12 @@ async fn a_cut_stream_resumes_byte_identically_whichever_instance_the_retry_reac
 async fn the_next_request_of_a_session_on_one_instance_cancels_the_other_instances_generation() {
     let cluster = Cluster::start(&[]).await;
     let a_url = cluster.a.url("/v1/chat/completions");
-    let b_url = cluster.b.url("/v1/chat/completions");
     let old = open(&a_url, &words(500), Some("conv"), None).await;
     let mut old = Events::of(old);
     old.next_json().await;
     old.next_json().await;
 
-    let new = open(&b_url, "the next question", Some("conv"), None).await;
-    let old = rest(old).await;
-    assert_eq!(old.finish_reason.as_deref(), Some("cancelled"));
-    assert!(old.done);
-    assert_eq!(read_all(new).await.text, "the next question");
+    next_question_replaces(&cluster.b, "conv", old).await;
     // The owner stopped it: its generation ended as replaced.
     until(Duration::from_secs(5), || async {
         let m = metrics(&cluster.a).await;
