@@ -129,21 +129,38 @@ async fn slow_streams_memory() {
 async fn slow_streams_memory_h2() {
     let server = Server::start(&["--token-delay", "60s", "--max-queue", "4096"]).await;
     let url = format!("{}/v1/chat/completions", server.base);
-    let connections: Vec<reqwest::Client> = (0..6)
+    let connections = h2_connections(6);
+    let n = 1_000;
+    let (before, after) = rss_around(&server, n, |n| hold_streams(&connections, &url, n)).await;
+    println!(
+        "slow streams over HTTP/2, 6 connections: {n} open, server RSS {before} KiB -> {after} KiB = {:.1} KB per stream",
+        kb_each(before, after, n)
+    );
+}
+
+/// `n` HTTP/2 client connections (prior knowledge).
+fn h2_connections(n: usize) -> Vec<reqwest::Client> {
+    (0..n)
         .map(|_| {
             reqwest::Client::builder()
                 .http2_prior_knowledge()
                 .build()
                 .expect("client")
         })
-        .collect();
-    let open = |n: usize| {
-        let url = url.clone();
-        let connections = connections.clone();
-        async move {
-            let mut held = Vec::with_capacity(n);
-            for i in 0..n {
-                let h2 = &connections[i % connections.len()];
+        .collect()
+}
+
+/// Opens `n` streams at `url` spread over `connections`, all at once, and
+/// holds each once its first chunk came.
+async fn hold_streams(
+    connections: &[reqwest::Client],
+    url: &str,
+    n: usize,
+) -> Vec<impl futures_util::Stream<Item = reqwest::Result<bytes::Bytes>> + use<>> {
+    let tasks: Vec<_> = (0..n)
+        .map(|i| {
+            let (h2, url) = (connections[i % connections.len()].clone(), url.to_owned());
+            tokio::spawn(async move {
                 let resp = h2
                     .post(&url)
                     .json(&chat("a b c"))
@@ -152,17 +169,15 @@ async fn slow_streams_memory_h2() {
                     .expect("sent");
                 let mut body = resp.bytes_stream();
                 body.next().await.expect("role chunk").expect("chunk");
-                held.push(body);
-            }
-            held
-        }
-    };
-    let n = 1_000;
-    let (before, after) = rss_around(&server, n, open).await;
-    println!(
-        "slow streams over HTTP/2, 6 connections: {n} open, server RSS {before} KiB -> {after} KiB = {:.1} KB per stream",
-        kb_each(before, after, n)
-    );
+                body
+            })
+        })
+        .collect();
+    let mut held = Vec::with_capacity(n);
+    for t in tasks {
+        held.push(t.await.expect("joined"));
+    }
+    held
 }
 
 /// Idle keep-alive HTTP/1.1 connections after one request each: the floor
@@ -385,42 +400,8 @@ async fn relay_memory() {
     ])
     .await;
     let url = format!("{}/v1/chat/completions", relay.base);
-    let connections: Vec<reqwest::Client> = (0..50)
-        .map(|_| {
-            reqwest::Client::builder()
-                .http2_prior_knowledge()
-                .build()
-                .expect("client")
-        })
-        .collect();
-    let open = |n: usize| {
-        let url = url.clone();
-        let connections = connections.clone();
-        async move {
-            let tasks: Vec<_> = (0..n)
-                .map(|i| {
-                    let h2 = connections[i % connections.len()].clone();
-                    let url = url.clone();
-                    tokio::spawn(async move {
-                        let resp = h2
-                            .post(&url)
-                            .json(&chat("a b c"))
-                            .send()
-                            .await
-                            .expect("sent");
-                        let mut body = resp.bytes_stream();
-                        body.next().await.expect("role chunk").expect("chunk");
-                        body
-                    })
-                })
-                .collect();
-            let mut held = Vec::with_capacity(n);
-            for t in tasks {
-                held.push(t.await.expect("joined"));
-            }
-            held
-        }
-    };
+    let connections = h2_connections(50);
+    let open = |n: usize| hold_streams(&connections, &url, n);
     let n = 10_000;
     let (before, after) = rss_around(&relay, n, open).await;
     println!(
@@ -430,76 +411,59 @@ async fn relay_memory() {
 }
 
 /// The load: 50 streams of 100-token answers at once, straight to
-/// an echo upstream and then through a relay in front of it, side by
-/// side: throughput, and CPU per token of the relay and of the upstream.
+/// an echo upstream and then through a relay in front of it (over HTTP/1.1
+/// and over HTTP/2), side by side: throughput, and CPU per token of the
+/// relay and of the upstream.
 async fn relay_load() {
     let upstream = Server::start(&["--max-queue", "1024"]).await;
-    let relay = Server::spawn(&[
-        "--backend",
-        "openai",
-        "--upstream",
-        &upstream.base,
-        "--max-queue",
-        "1024",
-    ])
-    .await;
-    let body = chat(&words(100));
+    let (direct_rate, direct_cpu, _) = relay_run(&upstream, None).await;
+    println!(
+        "relay load, 50 streams of 100-token answers: direct {direct_rate:.0} tokens/s, upstream CPU {direct_cpu:.2} us/token"
+    );
+    for (how, extra) in [
+        ("over HTTP/1.1", None),
+        ("with --upstream-http2", Some("--upstream-http2")),
+    ] {
+        let mut args = vec![
+            "--backend",
+            "openai",
+            "--upstream",
+            &upstream.base,
+            "--max-queue",
+            "1024",
+        ];
+        args.extend(extra);
+        let relay = Server::spawn(&args).await;
+        let (rate, up_cpu, relay_cpu) = relay_run(&upstream, Some(&relay)).await;
+        println!(
+            "relay load {how}: relayed {rate:.0} tokens/s ({:.2}x), relay CPU {relay_cpu:.2} us/token, upstream CPU {up_cpu:.2} us/token",
+            rate / direct_rate
+        );
+    }
+}
+
+/// 50 streams of 100-token answers for 6 s, through `relay` if given, else
+/// straight to `upstream`: tokens/s, and the upstream's and the relay's CPU
+/// per token.
+async fn relay_run(upstream: &Server, relay: Option<&Server>) -> (f64, f64, f64) {
+    let base = relay.map_or(&upstream.base, |r| &r.base);
     let clients: Vec<_> = (0..50).map(|_| client()).collect();
-    let run_for = Duration::from_secs(6);
-    let up_before = upstream.cpu_seconds();
-    let (direct, wall) = support::stream_load(
+    let relay_cpu = || relay.map_or(0.0, Server::cpu_seconds);
+    let (up_before, relay_before) = (upstream.cpu_seconds(), relay_cpu());
+    let (tokens, wall) = support::stream_load(
         &clients,
-        &format!("{}/v1/chat/completions", upstream.base),
-        &body,
+        &format!("{base}/v1/chat/completions"),
+        &chat(&words(100)),
         50,
-        run_for,
+        Duration::from_secs(6),
     )
     .await;
-    let direct_rate = direct as f64 / wall;
-    let direct_cpu = (upstream.cpu_seconds() - up_before) * 1e6 / direct as f64;
-    let (up_before, relay_before) = (upstream.cpu_seconds(), relay.cpu_seconds());
-    let (relayed, wall) = support::stream_load(
-        &clients,
-        &format!("{}/v1/chat/completions", relay.base),
-        &body,
-        50,
-        run_for,
+    let per_token = |cpu: f64| cpu * 1e6 / tokens as f64;
+    (
+        tokens as f64 / wall,
+        per_token(upstream.cpu_seconds() - up_before),
+        per_token(relay_cpu() - relay_before),
     )
-    .await;
-    let relayed_rate = relayed as f64 / wall;
-    let relay_cpu = (relay.cpu_seconds() - relay_before) * 1e6 / relayed as f64;
-    let up_cpu = (upstream.cpu_seconds() - up_before) * 1e6 / relayed as f64;
-    println!(
-        "relay load, 50 streams of 100-token answers: direct {direct_rate:.0} tokens/s (upstream CPU {direct_cpu:.2} us/token); relayed {relayed_rate:.0} tokens/s ({:.2}x), relay CPU {relay_cpu:.2} us/token, upstream CPU {up_cpu:.2} us/token",
-        relayed_rate / direct_rate
-    );
-    drop(relay);
-    let relay = Server::spawn(&[
-        "--backend",
-        "openai",
-        "--upstream",
-        &upstream.base,
-        "--upstream-http2",
-        "--max-queue",
-        "1024",
-    ])
-    .await;
-    let (up_before, relay_before) = (upstream.cpu_seconds(), relay.cpu_seconds());
-    let (relayed, wall) = support::stream_load(
-        &clients,
-        &format!("{}/v1/chat/completions", relay.base),
-        &body,
-        50,
-        run_for,
-    )
-    .await;
-    let rate = relayed as f64 / wall;
-    println!(
-        "relay load with --upstream-http2: relayed {rate:.0} tokens/s ({:.2}x), relay CPU {:.2} us/token, upstream CPU {:.2} us/token",
-        rate / direct_rate,
-        (relay.cpu_seconds() - relay_before) * 1e6 / relayed as f64,
-        (upstream.cpu_seconds() - up_before) * 1e6 / relayed as f64,
-    );
 }
 
 /// Many streams at 10 tokens/s each over HTTP/2 (200 per connection, the
