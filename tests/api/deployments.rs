@@ -9,7 +9,7 @@ use crate::common::{Events, client, completion_id, read_all};
 use crate::process::Process;
 use crate::replicas::{
     assert_no_repeat, cancel_on, instance_at, next_question_replaces, open,
-    owned_here_followed_there, redis_ok, rest, words,
+    owned_here_followed_there, redis_ok, rest, rest_within, words,
 };
 use crate::services::{RedisCluster, SentinelSet, cli_at, every_key_expires_at, until};
 
@@ -107,7 +107,10 @@ async fn a_redis_cluster_shares_generations_sessions_and_cancels_through_sharded
 async fn a_sentinel_failover_mid_stream_loses_and_repeats_nothing() {
     let redis = SentinelSet::start().await;
     let (a, b) = pair_on(&redis.url()).await;
-    let text = words(500);
+    // 30 s of answer (30 ms a token): room for the sentinel's wait for a
+    // fresh look at its replica (up to 10 s) and the failover itself,
+    // however busy the machine, so that it comes mid-stream.
+    let text = words(1000);
     let (id, owned, mut follow) = owned_here_followed_there(&a, &b, &text, None, 0).await;
     follow.next_json().await;
 
@@ -128,7 +131,8 @@ async fn a_sentinel_failover_mid_stream_loses_and_repeats_nothing() {
         "the failover came mid-stream: {next}"
     );
 
-    let (owned, follow) = tokio::join!(rest(owned), rest(follow));
+    let limit = Duration::from_secs(60);
+    let (owned, follow) = tokio::join!(rest_within(owned, limit), rest_within(follow, limit));
     assert_eq!(owned.text, text, "the owner's client got the whole answer");
     assert_eq!(owned.finish_reason.as_deref(), Some("stop"));
     assert!(owned.done && follow.done);

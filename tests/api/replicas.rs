@@ -172,7 +172,12 @@ pub(crate) async fn next_question_replaces(p: &Process, session: &str, old: Even
 
 /// Everything to the end of a stream, or a failure instead of a hang.
 pub(crate) async fn rest(events: Events) -> crate::common::Transcript {
-    let all = tokio::time::timeout(Duration::from_secs(20), events.rest())
+    rest_within(events, Duration::from_secs(20)).await
+}
+
+/// [`rest`] for a stream that may take up to `limit`.
+pub(crate) async fn rest_within(events: Events, limit: Duration) -> crate::common::Transcript {
+    let all = tokio::time::timeout(limit, events.rest())
         .await
         .expect("the stream ends");
     transcript(&all)

@@ -333,21 +333,18 @@ impl Link {
         })
     }
 
-    fn current(&self) -> Pair {
-        self.current
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+    fn current(&self) -> std::sync::RwLockReadGuard<'_, Pair> {
+        self.current.read().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The connection for commands.
     pub(super) fn conn(&self) -> Conn {
-        self.current().conn
+        self.current().conn.clone()
     }
 
     /// The connection that subscribes.
     pub(super) fn subscriber(&self) -> Conn {
-        self.current().subscriber
+        self.current().subscriber.clone()
     }
 
     /// The command that publishes to a channel: sharded on a Cluster.
@@ -380,7 +377,7 @@ impl Link {
                 .map_err(|e| e.to_string())?
         };
         let primary = client.get_connection_info().addr().to_string();
-        let before = self.current().primary;
+        let before = self.current().primary.clone();
         if before.as_deref() == Some(primary.as_str()) {
             return Ok(Primary::Same);
         }
