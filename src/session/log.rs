@@ -167,19 +167,6 @@ impl Frames {
             events,
         }
     }
-
-    /// The same window, one buffer per event.
-    fn split_window(&self, from: usize, limit: usize) -> Vec<Bytes> {
-        let batch = self.window(from, limit);
-        let start = self.start_of(from);
-        (from..from + batch.events)
-            .map(|n| {
-                let a = self.start_of(n) - start;
-                let b = self.ends[n] as usize - start;
-                batch.bytes.slice(a..b)
-            })
-            .collect()
-    }
 }
 
 impl Default for MemoryLog {
@@ -239,18 +226,17 @@ impl MemoryLog {
         self.state.borrow().data.len()
     }
 
-    /// Like [`LogSource::read`], one buffer per event, for the mirror; and
-    /// whether those frames end the closed log. `None` once the log is
-    /// complete and read.
-    pub async fn frames_from(&self, from: usize, limit: usize) -> Option<(Vec<Bytes>, bool)> {
+    /// Like [`LogSource::read`], for the mirror, and whether the batch ends
+    /// the closed log. `None` once the log is complete and read.
+    pub async fn frames_from(&self, from: usize, limit: usize) -> Option<(Batch, bool)> {
         let mut rx = self.state.subscribe();
         loop {
             {
                 let state = rx.borrow_and_update();
                 if from < state.ends.len() {
-                    let frames = state.split_window(from, limit);
-                    let last = state.closed && from + frames.len() == state.ends.len();
-                    return Some((frames, last));
+                    let batch = state.window(from, limit);
+                    let last = state.closed && from + batch.events == state.ends.len();
+                    return Some((batch, last));
                 }
                 if state.closed {
                     return None;
@@ -393,8 +379,9 @@ mod tests {
         // An event larger than the limit still goes out whole, alone.
         assert_eq!(read(3, 4).await, (Bytes::from_static(b"dddddddddd"), 1));
         assert_eq!(read(2, 3).await, (Bytes::from_static(b"cccc"), 1));
-        let (frames, last) = log.frames_from(1, 20).await.expect("frames");
-        assert_eq!(frames, [&b"bbbb"[..], b"cccc", b"dddddddddd"]);
+        let (batch, last) = log.frames_from(1, 20).await.expect("frames");
+        assert_eq!(batch.bytes, Bytes::from_static(b"bbbbccccdddddddddd"));
+        assert_eq!(batch.events, 3);
         assert!(!last, "the log is still open");
     }
 

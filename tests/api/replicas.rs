@@ -574,6 +574,55 @@ async fn another_callers_key_gets_404_on_another_instance_too() {
 }
 
 #[tokio::test]
+async fn what_the_resume_budget_evicts_on_its_owner_leaves_redis_and_every_instance() {
+    // Room for about one finished 40-word answer.
+    let cluster = Cluster::start(&["--resume-budget", "6000"]).await;
+    let url = cluster.a.url("/v1/chat/completions");
+    let mut ids = Vec::new();
+    for i in 0..6 {
+        let text = format!("r{i} {}", words(40));
+        let resp = open(&url, &text, None, None).await;
+        ids.push(completion_id(&resp));
+        assert_eq!(rest(Events::of(resp)).await.text, text);
+    }
+    let meta = |id: &str| format!("sg:{{{id}}}:m");
+    let log = |id: &str| format!("sg:{{{id}}}:l");
+    // The oldest were evicted on their owner, and deleted from Redis.
+    for id in &ids[..4] {
+        until(Duration::from_secs(10), || async {
+            cluster.redis.cli(&["EXISTS", &meta(id), &log(id)]).await == "0"
+        })
+        .await;
+        let elsewhere = client()
+            .get(cluster.b.url(&format!("/v1/chat/completions/{id}/events")))
+            .send()
+            .await
+            .expect("sent");
+        assert_eq!(elsewhere.status(), 404, "{id} is gone everywhere");
+    }
+    // The latest is still there, on both instances.
+    let last = ids.last().expect("six ids");
+    assert_eq!(
+        cluster
+            .redis
+            .cli(&["EXISTS", &meta(last), &log(last)])
+            .await,
+        "2"
+    );
+    let elsewhere = client()
+        .get(
+            cluster
+                .b
+                .url(&format!("/v1/chat/completions/{last}/events")),
+        )
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(elsewhere.status(), 200);
+    assert!(rest(Events::of(elsewhere)).await.done);
+}
+
+#[tokio::test]
 async fn sigterm_on_the_owner_ends_its_generations_for_readers_on_every_instance() {
     let cluster = Cluster::start(&["--shutdown-grace", "300ms"]).await;
     let (_, owned, follow) = owned_and_followed(&cluster, &words(1000), None, 1).await;

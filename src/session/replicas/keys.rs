@@ -163,7 +163,8 @@ return n
 /// short answer costs one script call for all its events and its end.
 ///
 /// The owner's first append also writes the record when there is none
-/// (as [`RECORD`] does): a short answer is then one script call in all.
+/// (as [`RECORD`] does): a short answer is then one script call in all,
+/// of six commands, with no lease ever written.
 ///
 /// KEYS: meta, log, lease. ARGV: channel, first, events in the batch, log
 /// TTL ms, the batch (compressed), the publishing command (`SPUBLISH` on a Cluster),
@@ -172,12 +173,9 @@ return n
 /// caller, instance, streamed, running TTL ms and lease ms.
 const APPEND: &str = r"
 local m = redis.call('HMGET', KEYS[1], 'state', 'n')
-if not m[1] then
+local fresh = not m[1]
+if fresh then
   if not ARGV[8] then return -2 end
-  redis.call('DEL', KEYS[2])
-  redis.call('HSET', KEYS[1], 'caller', ARGV[8], 'inst', ARGV[9], 'streamed', ARGV[10], 'state', 'run', 'n', 0)
-  redis.call('PEXPIRE', KEYS[1], ARGV[11])
-  redis.call('SET', KEYS[3], 1, 'PX', ARGV[12])
   m = {'run', '0'}
 end
 local first = tonumber(ARGV[2])
@@ -188,15 +186,33 @@ if m[1] == 'done' then
   return -1
 end
 if first ~= n then return n end
-redis.call('XADD', KEYS[2], '0-' .. (first + 1), 'z', ARGV[5])
+if fresh then
+  -- A log left from a record that Redis lost (evicted) starts over.
+  local added = redis.pcall('XADD', KEYS[2], '0-1', 'z', ARGV[5])
+  if type(added) == 'table' and added.err then
+    redis.call('DEL', KEYS[2])
+    redis.call('XADD', KEYS[2], '0-1', 'z', ARGV[5])
+  end
+else
+  redis.call('XADD', KEYS[2], '0-' .. (first + 1), 'z', ARGV[5])
+end
+local state = 'run'
+if ARGV[7] ~= '0' then state = 'done' end
+if fresh then
+  redis.call('HSET', KEYS[1], 'caller', ARGV[8], 'inst', ARGV[9], 'streamed', ARGV[10], 'state', state, 'n', after)
+else
+  redis.call('HSET', KEYS[1], 'n', after, 'state', state)
+end
 if ARGV[7] == '0' then
-  redis.call('HSET', KEYS[1], 'n', after)
+  if fresh then
+    redis.call('PEXPIRE', KEYS[1], ARGV[11])
+    redis.call('SET', KEYS[3], 1, 'PX', ARGV[12])
+  end
   redis.call('PEXPIRE', KEYS[2], ARGV[4])
 else
-  redis.call('HSET', KEYS[1], 'n', after, 'state', 'done')
   redis.call('PEXPIRE', KEYS[1], ARGV[7])
   redis.call('PEXPIRE', KEYS[2], ARGV[7])
-  redis.call('DEL', KEYS[3])
+  if not fresh then redis.call('DEL', KEYS[3]) end
 end
 redis.call(ARGV[6], ARGV[1], after)
 return after

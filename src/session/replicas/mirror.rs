@@ -5,7 +5,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use tokio::time::Instant;
 
 use super::super::{EndCause, Generation};
@@ -119,21 +118,23 @@ async fn mirror(replicas: &Replicas, generation: &Generation) -> Mirrored {
     // The first append waits a window too: a short answer is then one
     // append that also writes the record and marks the end.
     let mut last_append = Instant::now();
+    // One buffer for every compressed batch of this generation.
+    let mut packed = Vec::new();
     loop {
         tokio::time::sleep_until(last_append + BATCH_WINDOW).await;
-        let Some((frames, last)) = generation.log.frames_from(written, BATCH_BYTES).await else {
+        let Some((batch, last)) = generation.log.frames_from(written, BATCH_BYTES).await else {
             return Mirrored::Whole;
         };
-        let batch: Bytes = lz4_flex::compress_prepend_size(&frames.concat()).into();
+        let packed = compress(&batch.bytes, &mut packed);
         let mut append = replicas.scripts.append.key(&meta);
         append
             .key(&log)
             .key(&lease)
             .arg(&channel)
             .arg(written)
-            .arg(frames.len())
+            .arg(batch.events)
             .arg(replicas.running_ttl_ms())
-            .arg(batch.as_ref())
+            .arg(packed)
             .arg(replicas.link.publish())
             .arg(if last {
                 end_ttl_ms(replicas, generation)
@@ -149,7 +150,7 @@ async fn mirror(replicas: &Replicas, generation: &Generation) -> Mirrored {
             .script_call("append", append.invoke_async::<i64>(&mut conn))
             .await;
         match reply.map(Appended::from_reply) {
-            Ok(Appended::Len(len)) if last && len == written + frames.len() => {
+            Ok(Appended::Len(len)) if last && len == written + batch.events => {
                 return Mirrored::Finished;
             }
             Ok(Appended::Len(len)) => {
@@ -188,10 +189,45 @@ async fn mirror(replicas: &Replicas, generation: &Generation) -> Mirrored {
     }
 }
 
+/// LZ4 with the length in front (`lz4_flex`'s `compress_prepend_size`
+/// format), into `buffer`, which keeps its capacity for the next batch.
+fn compress<'a>(batch: &[u8], buffer: &'a mut Vec<u8>) -> &'a [u8] {
+    let length = u32::try_from(batch.len()).unwrap_or(u32::MAX);
+    buffer.resize(4 + lz4_flex::block::get_maximum_output_size(batch.len()), 0);
+    buffer[..4].copy_from_slice(&length.to_le_bytes());
+    match lz4_flex::block::compress_into(batch, &mut buffer[4..]) {
+        Ok(packed) => &buffer[..4 + packed],
+        // Not expected with the room the crate asks for.
+        Err(_) => {
+            *buffer = lz4_flex::compress_prepend_size(batch);
+            buffer
+        }
+    }
+}
+
 /// A finished generation whose log could not reach Redis for a whole TTL
 /// is not worth writing any more.
 fn give_up(generation: &Generation, replicas: &Replicas) -> bool {
     generation
         .ended_at()
         .is_some_and(|ended| ended.elapsed() > replicas.config.resume_ttl)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::compress;
+
+    #[test]
+    fn a_batch_compressed_into_a_kept_buffer_reads_back_as_the_crate_reads_it() {
+        let mut buffer = Vec::new();
+        let long = "data: {\"choices\":[{\"delta\":{\"content\":\" word\"}}]}\n\n".repeat(200);
+        for batch in [long.as_bytes(), b"short", b""] {
+            let packed = compress(batch, &mut buffer).to_vec();
+            assert_eq!(
+                lz4_flex::decompress_size_prepended(&packed).expect("decompresses"),
+                batch
+            );
+        }
+        assert!(buffer.capacity() >= long.len() / 2, "the buffer is kept");
+    }
 }

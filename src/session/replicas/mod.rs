@@ -105,7 +105,16 @@ pub struct Replicas {
     /// This instance's marker was written once: finding it gone means
     /// Redis lost its data.
     marked: AtomicBool,
+    /// Generations the resume budget evicted here, to delete from Redis.
+    evicted: mpsc::Sender<GenerationId>,
 }
+
+/// Evictions waiting for their deletion from Redis. Past this many (Redis
+/// slow or away) the rest are left to their TTL.
+const EVICTIONS_QUEUED: usize = 4096;
+
+/// Most evictions deleted in one exchange.
+const EVICTIONS_PER_DELETE: usize = 512;
 
 enum Looked {
     Found(RemoteGeneration),
@@ -136,6 +145,7 @@ impl Replicas {
         epilogue: Epilogue,
     ) -> Result<Arc<Self>, String> {
         let (pushes, received) = mpsc::unbounded_channel();
+        let (evicted, evictions) = mpsc::channel(EVICTIONS_QUEUED);
         let link = Link::open(
             &config.url,
             LinkConfig {
@@ -160,13 +170,18 @@ impl Replicas {
             tasks: TaskTracker::new(),
             listening: AtomicBool::new(false),
             marked: AtomicBool::new(false),
+            evicted,
         });
         let weak = Arc::downgrade(&replicas);
         replicas.registry.on_evict(Box::new(move |ids| {
             if let Some(replicas) = weak.upgrade() {
-                replicas.forget(ids.to_vec());
+                for id in ids {
+                    // Full: Redis is behind, and the TTL removes the rest.
+                    let _ = replicas.evicted.try_send(id.clone());
+                }
             }
         }));
+        tokio::spawn(forget(Arc::downgrade(&replicas), evictions));
         tokio::spawn(lease::listen(Arc::downgrade(&replicas), received));
         tokio::spawn(lease::renew(Arc::downgrade(&replicas)));
         Ok(replicas)
@@ -741,25 +756,6 @@ impl Replicas {
         Ok(deleted > 0)
     }
 
-    /// Deletes what the resume budget evicted here from Redis too, so that
-    /// Redis holds no more than the instances' budgets (and each log no
-    /// more than `--max-log-bytes`, for no longer than the TTL).
-    fn forget(self: &Arc<Self>, ids: Vec<GenerationId>) {
-        let replicas = Arc::clone(self);
-        self.tasks.spawn(async move {
-            let deletes = ids
-                .iter()
-                .map(|id| {
-                    let mut del = redis::cmd("DEL");
-                    del.arg(replicas.keys.meta(id)).arg(replicas.keys.log(id));
-                    (replicas.keys.meta(id), del)
-                })
-                .collect();
-            // Redis away: the TTL removes them instead.
-            let _ = replicas.query_spread(deletes).await;
-        });
-    }
-
     /// Waits until every mirror has written its last event, or `deadline`.
     pub async fn flush(&self, deadline: Instant) {
         self.tasks.close();
@@ -769,5 +765,33 @@ impl Replicas {
         {
             tracing::warn!("some generations were not fully written to Redis before exit");
         }
+    }
+}
+
+/// Deletes what the resume budget evicted here from Redis too, so that
+/// Redis holds no more than the instances' budgets (and each log no more
+/// than `--max-log-bytes`, for no longer than the TTL). Evictions that
+/// pile up while one deletion is on its way go out together: one `DEL`
+/// (one per slot on a Cluster) for many generations.
+async fn forget(replicas: std::sync::Weak<Replicas>, mut evictions: mpsc::Receiver<GenerationId>) {
+    let mut ids = Vec::with_capacity(EVICTIONS_PER_DELETE);
+    while evictions.recv_many(&mut ids, EVICTIONS_PER_DELETE).await > 0 {
+        let Some(replicas) = replicas.upgrade() else {
+            return;
+        };
+        // By slot group: one `DEL` each.
+        let mut deletes: Vec<(String, redis::Cmd)> = Vec::new();
+        let mut groups: HashMap<String, usize> = HashMap::new();
+        for id in ids.drain(..) {
+            let meta = replicas.keys.meta(&id);
+            let group = replicas.link.group_of(&meta).to_owned();
+            let at = *groups.entry(group).or_insert_with(|| {
+                deletes.push((meta.clone(), redis::cmd("DEL")));
+                deletes.len() - 1
+            });
+            deletes[at].1.arg(meta).arg(replicas.keys.log(&id));
+        }
+        // Redis away: the TTL removes them instead.
+        let _ = replicas.query_spread(deletes).await;
     }
 }
