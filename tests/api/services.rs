@@ -8,12 +8,24 @@ use std::time::Duration;
 
 use tokio::process::{Child, Command};
 
-/// A port nobody listens on now.
+/// A port for a server that cannot bind port 0 and report it (redis-server,
+/// redis-sentinel, nginx): one that nobody listens on now, picked at random
+/// below the kernel's ephemeral range. No port-0 bind and no outgoing
+/// connection of a test running beside this one can be handed it between
+/// this look and the server's own bind; a clash with another test's pick
+/// is what [`Redis::start`] retries.
 pub(crate) fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
+    use std::hash::{BuildHasher, RandomState};
+    let ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let (low, span) = (10_000u16, ephemeral.saturating_sub(10_000).max(1000));
+    let random = RandomState::new();
+    (0u64..)
+        .map(|attempt| low + (random.hash_one(attempt) % u64::from(span)) as u16)
+        .find(|&port| std::net::TcpListener::bind(("127.0.0.1", port)).is_ok())
         .expect("a free port")
-        .port()
 }
 
 async fn wait_for_port(port: u16, what: &str) {
@@ -39,19 +51,24 @@ pub(crate) struct Redis {
 
 impl Redis {
     pub(crate) async fn start() -> Self {
-        let mut redis = Self {
-            child: None,
-            port: free_port(),
-        };
-        redis.spawn().await;
-        redis
+        loop {
+            let mut redis = Self {
+                child: None,
+                port: free_port(),
+            };
+            // Another server took the port first: pick another.
+            if redis.spawn().await {
+                return redis;
+            }
+        }
     }
 
     pub(crate) fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
     }
 
-    async fn spawn(&mut self) {
+    /// Starts the server on `self.port`: false when another server has it.
+    async fn spawn(&mut self) -> bool {
         let child = Command::new("redis-server")
             .args(["--bind", "127.0.0.1", "--port"])
             .arg(self.port.to_string())
@@ -61,8 +78,31 @@ impl Redis {
             .kill_on_drop(true)
             .spawn()
             .expect("redis-server runs (run scripts/setup-services)");
+        let pid = child.id().expect("a pid").to_string();
         self.child = Some(child);
         wait_for_port(self.port, "redis-server").await;
+        // What answers on the port is this server, or this one has exited.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "redis-server on {} neither answered nor exited",
+                self.port
+            );
+            let info = cli_at(self.port, &["INFO", "server"]).await;
+            if info
+                .lines()
+                .any(|l| l.trim() == format!("process_id:{pid}"))
+            {
+                return true;
+            }
+            if let Some(child) = &mut self.child
+                && child.try_wait().expect("redis-server's status").is_some()
+            {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     /// Kills the server and waits until it is gone.
@@ -75,7 +115,11 @@ impl Redis {
     /// Starts it again on the same port, empty.
     pub(crate) async fn restart(&mut self) {
         self.stop().await;
-        self.spawn().await;
+        assert!(
+            self.spawn().await,
+            "port {} taken while restarting",
+            self.port
+        );
     }
 
     /// A raw command through `redis-cli`, for checks from outside.
