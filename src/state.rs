@@ -151,7 +151,7 @@ impl AppState {
         let secret = config.secret.as_deref().unwrap_or_default().as_bytes();
         if secret.is_empty() && !keys.is_empty() {
             tracing::warn!(
-                "--redis-secret is not set: records name callers by a hash that anyone who reads Redis can test guessed API keys against"
+                "--redis-secret is not set: records name callers by a slow hash of their API key, which someone who reads Redis can still test guessed keys against; set the same secret on every instance"
             );
         }
         let callers = std::iter::once(caller_hash(secret, None))

@@ -274,22 +274,36 @@ impl Default for Scripts {
     }
 }
 
-/// The caller as records name it: an HMAC of the API key under the
-/// deployment's secret, the same on every instance whatever the order of
-/// its `--api-key` flags, and no help to someone who reads Redis and
-/// wants the key back.
+/// Rounds of the key derivation that names callers when the deployment
+/// has no secret: each guess at a key then costs as much, about a tenth of
+/// a second of one core.
+const UNKEYED_ROUNDS: u32 = 200_000;
+
+/// The caller as records name it, the same on every instance whatever the
+/// order of its `--api-key` flags: an HMAC of the API key under the
+/// deployment's secret, which gives someone who reads Redis nothing to
+/// guess against. Without a secret, a slow derivation (PBKDF2-SHA256) of
+/// the key instead, so that testing guessed keys against what Redis holds
+/// is slow. Computed once per key, at start-up.
 pub fn caller_hash(secret: &[u8], key: Option<&str>) -> String {
-    match key {
-        None => "anonymous".to_owned(),
-        Some(key) => {
-            let mac = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret);
-            let tag = ring::hmac::sign(&mac, key.as_bytes());
-            tag.as_ref()[..16]
-                .iter()
-                .map(|b| format!("{b:02x}"))
-                .collect()
-        }
+    let Some(key) = key else {
+        return "anonymous".to_owned();
+    };
+    let mut tag = [0u8; 16];
+    if secret.is_empty() {
+        let rounds = std::num::NonZeroU32::new(UNKEYED_ROUNDS).unwrap_or(std::num::NonZeroU32::MIN);
+        ring::pbkdf2::derive(
+            ring::pbkdf2::PBKDF2_HMAC_SHA256,
+            rounds,
+            b"sluicegate caller",
+            key.as_bytes(),
+            &mut tag,
+        );
+    } else {
+        let mac = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret);
+        tag.copy_from_slice(&ring::hmac::sign(&mac, key.as_bytes()).as_ref()[..16]);
     }
+    tag.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[cfg(test)]
@@ -305,6 +319,20 @@ mod tests {
         assert_eq!(a.len(), 32);
         assert!(!a.contains("sekrit"));
         assert_eq!(caller_hash(b"one secret", None), "anonymous");
+        // Without a secret: still one name per key, and not the HMAC
+        // under an empty key that a guesser could run at full speed.
+        let unkeyed = caller_hash(b"", Some("sekrit-one"));
+        assert_eq!(unkeyed, caller_hash(b"", Some("sekrit-one")));
+        assert_ne!(unkeyed, caller_hash(b"", Some("sekrit-two")));
+        let fast = ring::hmac::sign(
+            &ring::hmac::Key::new(ring::hmac::HMAC_SHA256, b""),
+            b"sekrit-one",
+        );
+        let fast: String = fast.as_ref()[..16]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        assert_ne!(unkeyed, fast);
     }
 
     #[test]
