@@ -574,6 +574,47 @@ async fn another_callers_key_gets_404_on_another_instance_too() {
 }
 
 #[tokio::test]
+async fn a_short_answer_kept_whole_in_its_record_replays_and_resumes_on_the_other_instance() {
+    // No token delay: the whole answer is one batch, written at once.
+    let redis = Redis::start().await;
+    let fast = ["--backend", "echo", "--redis", &redis.url()];
+    let (a, b) = (
+        Process::start(&fast, &[]).await,
+        Process::start(&fast, &[]).await,
+    );
+    for p in [&a, &b] {
+        until(Duration::from_secs(10), || redis_ok(p)).await;
+    }
+    let text = "one short answer of seven words";
+    let resp = open(&a.url("/v1/chat/completions"), text, None, None).await;
+    let id = completion_id(&resp);
+    let owned = raw_body(resp).await;
+    let meta = format!("sg:{{{id}}}:m");
+    until(Duration::from_secs(10), || async {
+        redis.cli(&["HGET", &meta, "state"]).await == "done"
+    })
+    .await;
+    // Kept in the record's field `z`, with no log key, and expiring.
+    assert_eq!(redis.cli(&["HEXISTS", &meta, "z"]).await, "1");
+    assert_eq!(redis.cli(&["EXISTS", &format!("sg:{{{id}}}:l")]).await, "0");
+    let ttl: i64 = redis.cli(&["PTTL", &meta]).await.parse().expect("a number");
+    assert!(ttl > 0, "{ttl}");
+
+    let events = |last: Option<String>| {
+        let mut req = client().get(b.url(&format!("/v1/chat/completions/{id}/events")));
+        if let Some(last) = last {
+            req = req.header("last-event-id", last);
+        }
+        req.send()
+    };
+    let replay = raw_body(events(None).await.expect("sent")).await;
+    assert_eq!(replay, owned, "the other instance replays it byte for byte");
+    let (before, last) = first_events(&owned, 3);
+    let after = raw_body(events(Some(last)).await.expect("sent")).await;
+    assert_eq!(format!("{before}{after}"), owned, "no gap, no repeat");
+}
+
+#[tokio::test]
 async fn what_the_resume_budget_evicts_on_its_owner_leaves_redis_and_every_instance() {
     // Room for about one finished 40-word answer.
     let cluster = Cluster::start(&["--resume-budget", "6000"]).await;

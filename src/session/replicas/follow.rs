@@ -210,14 +210,21 @@ impl RedisLog {
         pipe.cmd("HMGET")
             .arg(keys.meta(&self.id))
             .arg("state")
-            .arg("n");
+            .arg("n")
+            .arg("z");
         pipe.cmd("EXISTS").arg(keys.lease(&self.id));
         let mut conn = self.replicas.link.conn();
-        type Reply = (Entries, Entries, (Option<String>, Option<usize>), bool);
-        let (holding, after, (state, len), leased): Reply =
+        type Meta = (Option<String>, Option<usize>, Option<Vec<u8>>);
+        type Reply = (Entries, Entries, Meta, bool);
+        let (holding, after, (state, len, whole), leased): Reply =
             self.replicas.call(pipe.query_async(&mut conn)).await?;
+        let entries = match whole {
+            // The whole log, kept in the record.
+            Some(blob) => vec![(entry_id(0), vec![b"z".to_vec(), blob])],
+            None => holding.into_iter().chain(after).collect(),
+        };
         Ok(Look {
-            frames: events_from(from, holding.into_iter().chain(after).collect()),
+            frames: events_from(from, entries),
             state: RecordState::parse(state.as_deref()),
             leased,
             len: len.unwrap_or(0),

@@ -5,10 +5,12 @@
 //!
 //! Per generation `g`, all keys share the hash tag `{g}`:
 //!
-//! - `<p>{g}:m`, a hash: `caller` (the caller's HMAC), `inst` (the owner),
+//! - `<p>{g}:m`, a hash: `caller` (the caller's name), `inst` (the owner),
 //!   `streamed`, `state` (`run` or `done`), `n` (events in the log),
-//!   `cancel` once some instance asked the owner to stop, and `end`
-//!   (`orphan`) when another instance ended it for a dead owner.
+//!   `cancel` once some instance asked the owner to stop, `end`
+//!   (`orphan`) when another instance ended it for a dead owner, and `z`
+//!   when the whole log is one batch written at once (a short answer):
+//!   entry `0-1` of the log, kept here with no log key.
 //! - `<p>{g}:l`, a stream: each entry is a batch of whole events; entry
 //!   `0-(k+1)` starts with event `k` and holds them in field `z`, LZ4
 //!   compressed (a block with its size first), or in field `f` as they
@@ -163,8 +165,9 @@ return n
 /// short answer costs one script call for all its events and its end.
 ///
 /// The owner's first append also writes the record when there is none
-/// (as [`RECORD`] does): a short answer is then one script call in all,
-/// of six commands, with no lease ever written.
+/// (as [`RECORD`] does). When that first append is also the last (a
+/// short answer), the batch goes into the record's field `z` instead of
+/// a log: the answer is one script call of four commands, and one key.
 ///
 /// KEYS: meta, log, lease. ARGV: channel, first, events in the batch, log
 /// TTL ms, the batch (compressed), the publishing command (`SPUBLISH` on a Cluster),
@@ -186,6 +189,13 @@ if m[1] == 'done' then
   return -1
 end
 if first ~= n then return n end
+if fresh and ARGV[7] ~= '0' then
+  -- A whole answer in one batch lives in its record: one key, no log.
+  redis.call('HSET', KEYS[1], 'caller', ARGV[8], 'inst', ARGV[9], 'streamed', ARGV[10], 'state', 'done', 'n', after, 'z', ARGV[5])
+  redis.call('PEXPIRE', KEYS[1], ARGV[7])
+  redis.call(ARGV[6], ARGV[1], after)
+  return after
+end
 if fresh then
   -- A log left from a record that Redis lost (evicted) starts over.
   local added = redis.pcall('XADD', KEYS[2], '0-1', 'z', ARGV[5])
@@ -196,23 +206,20 @@ if fresh then
 else
   redis.call('XADD', KEYS[2], '0-' .. (first + 1), 'z', ARGV[5])
 end
-local state = 'run'
-if ARGV[7] ~= '0' then state = 'done' end
-if fresh then
-  redis.call('HSET', KEYS[1], 'caller', ARGV[8], 'inst', ARGV[9], 'streamed', ARGV[10], 'state', state, 'n', after)
-else
-  redis.call('HSET', KEYS[1], 'n', after, 'state', state)
-end
 if ARGV[7] == '0' then
   if fresh then
+    redis.call('HSET', KEYS[1], 'caller', ARGV[8], 'inst', ARGV[9], 'streamed', ARGV[10], 'state', 'run', 'n', after)
     redis.call('PEXPIRE', KEYS[1], ARGV[11])
     redis.call('SET', KEYS[3], 1, 'PX', ARGV[12])
+  else
+    redis.call('HSET', KEYS[1], 'n', after)
   end
   redis.call('PEXPIRE', KEYS[2], ARGV[4])
 else
+  redis.call('HSET', KEYS[1], 'n', after, 'state', 'done')
   redis.call('PEXPIRE', KEYS[1], ARGV[7])
   redis.call('PEXPIRE', KEYS[2], ARGV[7])
-  if not fresh then redis.call('DEL', KEYS[3]) end
+  redis.call('DEL', KEYS[3])
 end
 redis.call(ARGV[6], ARGV[1], after)
 return after
