@@ -156,14 +156,20 @@ impl Frames {
         }
     }
 
-    /// Events `from..` that fit in `limit` bytes, at least one.
-    fn window(&self, from: usize, limit: usize) -> Batch {
+    /// Events `from..` that fit in `limit` bytes, at least one: their
+    /// bytes and how many they are.
+    fn span(&self, from: usize, limit: usize) -> (&[u8], usize) {
         let start = self.start_of(from);
         let fitting = self.ends[from..].partition_point(|&end| end as usize - start <= limit);
         let events = fitting.max(1);
         let end = self.ends[from + events - 1] as usize;
+        (&self.data[start..end], events)
+    }
+
+    fn window(&self, from: usize, limit: usize) -> Batch {
+        let (bytes, events) = self.span(from, limit);
         Batch {
-            bytes: Bytes::copy_from_slice(&self.data[start..end]),
+            bytes: Bytes::copy_from_slice(bytes),
             events,
         }
     }
@@ -226,17 +232,25 @@ impl MemoryLog {
         self.state.borrow().data.len()
     }
 
-    /// Like [`LogSource::read`], for the mirror, and whether the batch ends
-    /// the closed log. `None` once the log is complete and read.
-    pub async fn frames_from(&self, from: usize, limit: usize) -> Option<(Batch, bool)> {
+    /// Like [`LogSource::read`], for the mirror: hands the window's bytes
+    /// to `f` where they lie (no copy), and returns what `f` made of them,
+    /// how many events they are and whether they end the closed log.
+    /// `None` once the log is complete and read. `f` runs while the log's
+    /// writer waits, so it must be quick.
+    pub async fn window_with<R>(
+        &self,
+        from: usize,
+        limit: usize,
+        f: impl FnOnce(&[u8]) -> R,
+    ) -> Option<(R, usize, bool)> {
         let mut rx = self.state.subscribe();
         loop {
             {
                 let state = rx.borrow_and_update();
                 if from < state.ends.len() {
-                    let batch = state.window(from, limit);
-                    let last = state.closed && from + batch.events == state.ends.len();
-                    return Some((batch, last));
+                    let (bytes, events) = state.span(from, limit);
+                    let last = state.closed && from + events == state.ends.len();
+                    return Some((f(bytes), events, last));
                 }
                 if state.closed {
                     return None;
@@ -379,9 +393,12 @@ mod tests {
         // An event larger than the limit still goes out whole, alone.
         assert_eq!(read(3, 4).await, (Bytes::from_static(b"dddddddddd"), 1));
         assert_eq!(read(2, 3).await, (Bytes::from_static(b"cccc"), 1));
-        let (batch, last) = log.frames_from(1, 20).await.expect("frames");
-        assert_eq!(batch.bytes, Bytes::from_static(b"bbbbccccdddddddddd"));
-        assert_eq!(batch.events, 3);
+        let (bytes, events, last) = log
+            .window_with(1, 20, <[u8]>::to_vec)
+            .await
+            .expect("frames");
+        assert_eq!(bytes, b"bbbbccccdddddddddd");
+        assert_eq!(events, 3);
         assert!(!last, "the log is still open");
     }
 

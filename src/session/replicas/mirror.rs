@@ -118,23 +118,26 @@ async fn mirror(replicas: &Replicas, generation: &Generation) -> Mirrored {
     // The first append waits a window too: a short answer is then one
     // append that also writes the record and marks the end.
     let mut last_append = Instant::now();
-    // One buffer for every compressed batch of this generation.
-    let mut packed = Vec::new();
     loop {
         tokio::time::sleep_until(last_append + BATCH_WINDOW).await;
-        let Some((batch, last)) = generation.log.frames_from(written, BATCH_BYTES).await else {
+        // Compressed where the events lie: a copy of the compressed bytes
+        // (about a twentieth of them) is all that leaves the log.
+        let Some((packed, events, last)) = generation
+            .log
+            .window_with(written, BATCH_BYTES, compress)
+            .await
+        else {
             return Mirrored::Whole;
         };
-        let packed = compress(&batch.bytes, &mut packed);
         let mut append = replicas.scripts.append.key(&meta);
         append
             .key(&log)
             .key(&lease)
             .arg(&channel)
             .arg(written)
-            .arg(batch.events)
+            .arg(events)
             .arg(replicas.running_ttl_ms())
-            .arg(packed)
+            .arg(&packed)
             .arg(replicas.link.publish())
             .arg(if last {
                 end_ttl_ms(replicas, generation)
@@ -150,7 +153,7 @@ async fn mirror(replicas: &Replicas, generation: &Generation) -> Mirrored {
             .script_call("append", append.invoke_async::<i64>(&mut conn))
             .await;
         match reply.map(Appended::from_reply) {
-            Ok(Appended::Len(len)) if last && len == written + batch.events => {
+            Ok(Appended::Len(len)) if last && len == written + events => {
                 return Mirrored::Finished;
             }
             Ok(Appended::Len(len)) => {
@@ -189,20 +192,28 @@ async fn mirror(replicas: &Replicas, generation: &Generation) -> Mirrored {
     }
 }
 
+thread_local! {
+    /// Room for compressing, kept by each thread across batches and
+    /// generations, so that a batch costs no zeroed allocation of its size.
+    static ROOM: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 /// LZ4 with the length in front (`lz4_flex`'s `compress_prepend_size`
-/// format), into `buffer`, which keeps its capacity for the next batch.
-fn compress<'a>(batch: &[u8], buffer: &'a mut Vec<u8>) -> &'a [u8] {
-    let length = u32::try_from(batch.len()).unwrap_or(u32::MAX);
-    buffer.resize(4 + lz4_flex::block::get_maximum_output_size(batch.len()), 0);
-    buffer[..4].copy_from_slice(&length.to_le_bytes());
-    match lz4_flex::block::compress_into(batch, &mut buffer[4..]) {
-        Ok(packed) => &buffer[..4 + packed],
-        // Not expected with the room the crate asks for.
-        Err(_) => {
-            *buffer = lz4_flex::compress_prepend_size(batch);
-            buffer
+/// format).
+fn compress(batch: &[u8]) -> Vec<u8> {
+    ROOM.with_borrow_mut(|room| {
+        let needed = 4 + lz4_flex::block::get_maximum_output_size(batch.len());
+        if room.len() < needed {
+            room.resize(needed, 0);
         }
-    }
+        let length = u32::try_from(batch.len()).unwrap_or(u32::MAX);
+        room[..4].copy_from_slice(&length.to_le_bytes());
+        match lz4_flex::block::compress_into(batch, &mut room[4..needed]) {
+            Ok(packed) => room[..4 + packed].to_vec(),
+            // Not expected with the room the crate asks for.
+            Err(_) => lz4_flex::compress_prepend_size(batch),
+        }
+    })
 }
 
 /// A finished generation whose log could not reach Redis for a whole TTL
@@ -218,16 +229,14 @@ mod tests {
     use super::compress;
 
     #[test]
-    fn a_batch_compressed_into_a_kept_buffer_reads_back_as_the_crate_reads_it() {
-        let mut buffer = Vec::new();
+    fn a_batch_compressed_in_the_kept_room_reads_back_as_the_crate_reads_it() {
         let long = "data: {\"choices\":[{\"delta\":{\"content\":\" word\"}}]}\n\n".repeat(200);
+        // Long, then shorter ones in the same room: no tail of the long one.
         for batch in [long.as_bytes(), b"short", b""] {
-            let packed = compress(batch, &mut buffer).to_vec();
             assert_eq!(
-                lz4_flex::decompress_size_prepended(&packed).expect("decompresses"),
+                lz4_flex::decompress_size_prepended(&compress(batch)).expect("decompresses"),
                 batch
             );
         }
-        assert!(buffer.capacity() >= long.len() / 2, "the buffer is kept");
     }
 }
