@@ -13,8 +13,8 @@ use crate::replicas::{
 };
 use crate::services::{RedisCluster, SentinelSet, cli_at, every_key_expires_at, until};
 
-async fn pair_on(url: &str) -> (Process, Process) {
-    let (a, b) = tokio::join!(instance_at(url, &[]), instance_at(url, &[]));
+async fn pair_on(url: &str, extra: &[&str]) -> (Process, Process) {
+    let (a, b) = tokio::join!(instance_at(url, extra), instance_at(url, extra));
     for p in [&a, &b] {
         until(Duration::from_secs(20), || redis_ok(p)).await;
     }
@@ -24,7 +24,7 @@ async fn pair_on(url: &str) -> (Process, Process) {
 #[tokio::test]
 async fn a_redis_cluster_shares_generations_sessions_and_cancels_through_sharded_channels() {
     let redis = RedisCluster::start().await;
-    let (a, b) = pair_on(&redis.url()).await;
+    let (a, b) = pair_on(&redis.url(), &[]).await;
 
     // Several generations, so that their keys land on different masters;
     // each is followed on the other instance to its end.
@@ -103,10 +103,35 @@ async fn a_redis_cluster_shares_generations_sessions_and_cancels_through_sharded
     assert!(holding >= 2, "keys on {holding} of 3 masters");
 }
 
+/// How the primary is lost mid-stream.
+enum Failover {
+    /// `SENTINEL FAILOVER`: the primary hands over and becomes a replica.
+    Asked,
+    /// SIGKILL: the sentinel finds it down and promotes the replica; what
+    /// the replica had not copied yet is gone, and the instances write it
+    /// back.
+    PrimaryKilled,
+}
+
 #[tokio::test]
 async fn a_sentinel_failover_mid_stream_loses_and_repeats_nothing() {
-    let redis = SentinelSet::start().await;
-    let (a, b) = pair_on(&redis.url()).await;
+    failover_mid_stream(Failover::Asked).await;
+}
+
+#[tokio::test]
+async fn a_killed_primary_under_sentinel_mid_stream_loses_and_repeats_nothing() {
+    failover_mid_stream(Failover::PrimaryKilled).await;
+}
+
+async fn failover_mid_stream(how: Failover) {
+    let mut redis = SentinelSet::start().await;
+    // Readers wait two leases for Redis. A killed primary is first found
+    // down (after 1 s here) and then replaced: leases of 5 s leave room.
+    let lease = match how {
+        Failover::Asked => "1s",
+        Failover::PrimaryKilled => "5s",
+    };
+    let (a, b) = pair_on(&redis.url(), &["--redis-lease", lease]).await;
     // 30 s of answer (30 ms a token): room for the sentinel's wait for a
     // fresh look at its replica (up to 10 s) and the failover itself,
     // however busy the machine, so that it comes mid-stream.
@@ -114,13 +139,18 @@ async fn a_sentinel_failover_mid_stream_loses_and_repeats_nothing() {
     let (id, owned, mut follow) = owned_here_followed_there(&a, &b, &text, None, 0).await;
     follow.next_json().await;
 
-    // A sentinel takes a replica for fit only while its last look at it
-    // (every 10 s) is fresh: asked in between, it says NOGOODSLAVE.
-    until(Duration::from_secs(20), || async {
-        cli_at(redis.sentinel, &["SENTINEL", "FAILOVER", "mymaster"]).await == "OK"
-    })
-    .await;
-    until(Duration::from_secs(20), || async {
+    match how {
+        // A sentinel takes a replica for fit only while its last look at
+        // it (every 10 s) is fresh: asked in between, it says NOGOODSLAVE.
+        Failover::Asked => {
+            until(Duration::from_secs(20), || async {
+                cli_at(redis.sentinel, &["SENTINEL", "FAILOVER", "mymaster"]).await == "OK"
+            })
+            .await;
+        }
+        Failover::PrimaryKilled => redis.kill_primary().await,
+    }
+    until(Duration::from_secs(25), || async {
         redis.named_primary().await == redis.replica
     })
     .await;
@@ -163,9 +193,11 @@ async fn a_sentinel_failover_mid_stream_loses_and_repeats_nothing() {
     assert!(owned.ids.ends_with(&follow.ids), "{id}");
     let role = cli_at(redis.replica, &["ROLE"]).await;
     assert!(role.starts_with("master"), "{role}");
-    until(Duration::from_secs(10), || async {
-        cli_at(redis.primary, &["ROLE"]).await.starts_with("slave")
-    })
-    .await;
+    if let Failover::Asked = how {
+        until(Duration::from_secs(10), || async {
+            cli_at(redis.primary, &["ROLE"]).await.starts_with("slave")
+        })
+        .await;
+    }
     assert!(every_key_expires_at(redis.replica).await > 0);
 }

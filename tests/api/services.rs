@@ -377,7 +377,8 @@ impl RedisCluster {
 /// A primary, its replica, and one sentinel watching them as `mymaster`
 /// (quorum 1), ready to fail over: the sentinel knows the replica.
 pub(crate) struct SentinelSet {
-    _servers: Vec<Child>,
+    /// The primary, the replica and the sentinel, in that order.
+    servers: Vec<Child>,
     pub(crate) primary: u16,
     pub(crate) replica: u16,
     pub(crate) sentinel: u16,
@@ -428,7 +429,7 @@ impl SentinelSet {
         })
         .await;
         Self {
-            _servers: servers,
+            servers,
             primary,
             replica,
             sentinel,
@@ -438,6 +439,11 @@ impl SentinelSet {
 
     pub(crate) fn url(&self) -> String {
         format!("redis+sentinel://127.0.0.1:{}/mymaster", self.sentinel)
+    }
+
+    /// SIGKILL to the first primary, waited for.
+    pub(crate) async fn kill_primary(&mut self) {
+        let _ = self.servers[0].kill().await;
     }
 
     /// The port of the primary the sentinel names now.
