@@ -6,10 +6,10 @@
 use std::time::Duration;
 
 use crate::common::{Events, client, completion_id, read_all};
-use crate::process::Process;
+use crate::process::{Process, sample};
 use crate::replicas::{
-    assert_no_repeat, cancel_on, instance_at, next_question_replaces, open,
-    owned_here_followed_there, redis_ok, rest, rest_within, words,
+    assert_no_repeat, cancel_on, instance_at, metrics, next_question_replaces, open,
+    owned_here_followed_there, raw_body, redis_ok, rest, rest_within, words,
 };
 use crate::services::{RedisCluster, SentinelSet, cli_at, every_key_expires_at, until};
 
@@ -43,6 +43,28 @@ async fn a_redis_cluster_shares_generations_sessions_and_cancels_through_sharded
             .expect("sent");
         assert_eq!(read_all(replay).await.text, text, "{id} replayed elsewhere");
     }
+
+    // Short answers written whole at once (no token delay), on masters
+    // of their own slots, replayed elsewhere byte for byte.
+    let fast = instance_at(&redis.url(), &["--token-delay", "0ms"]).await;
+    until(Duration::from_secs(20), || redis_ok(&fast)).await;
+    for n in 0..6 {
+        let text = format!("short answer {n}");
+        let resp = open(&fast.url("/v1/chat/completions"), &text, None, None).await;
+        let id = completion_id(&resp);
+        let owned = raw_body(resp).await;
+        until(Duration::from_secs(10), || async {
+            let replay = client()
+                .get(b.url(&format!("/v1/chat/completions/{id}/events")))
+                .send()
+                .await
+                .expect("sent");
+            replay.status() == 200 && raw_body(replay).await == owned
+        })
+        .await;
+    }
+    let errors = sample(&metrics(&fast).await, "sluicegate_redis_errors_total", &[]);
+    assert_eq!(errors, 0.0, "each one written whole on its first try");
 
     // A reader elsewhere listens on the generation's sharded channel, in
     // its slot.

@@ -42,12 +42,14 @@ pub(crate) async fn instance(redis: &Redis, extra: &[&str]) -> Process {
     instance_at(&redis.url(), extra).await
 }
 
-/// An echo instance on the Redis at `url`, with a lease of 1 s unless
-/// `extra` names one.
+/// An echo instance on the Redis at `url`: 30 ms a token and a lease of
+/// 1 s, unless `extra` names its own.
 pub(crate) async fn instance_at(url: &str, extra: &[&str]) -> Process {
-    let mut args = vec!["--backend", "echo", "--token-delay", "30ms", "--redis", url];
-    if !extra.contains(&"--redis-lease") {
-        args.extend(["--redis-lease", "1s"]);
+    let mut args = vec!["--backend", "echo", "--redis", url];
+    for (flag, default) in [("--token-delay", "30ms"), ("--redis-lease", "1s")] {
+        if !extra.contains(&flag) {
+            args.extend([flag, default]);
+        }
     }
     args.extend_from_slice(extra);
     Process::start(&args, &[]).await

@@ -13,7 +13,7 @@ use tokio::sync::mpsc;
 use super::super::{EndCause, GenerationId};
 use super::follow::text;
 use super::link::Primary;
-use super::mirror::own;
+use super::mirror::{Start, own};
 use super::{Replicas, cause_from};
 use crate::telemetry;
 
@@ -202,7 +202,8 @@ impl Replicas {
             }
             self.lock_owned()
                 .insert(generation.id.clone(), Arc::clone(&generation));
-            self.tasks.spawn(own(Arc::clone(self), generation));
+            self.tasks
+                .spawn(own(Arc::clone(self), generation, Start::Again));
         }
     }
 }

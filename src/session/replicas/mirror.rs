@@ -48,12 +48,21 @@ impl Appended {
     }
 }
 
+/// Whose record a mirror starts from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Start {
+    /// A generation that starts here now: Redis has never seen its id.
+    New,
+    /// A write-back: Redis may hold some of it, or another ending.
+    Again,
+}
+
 /// Mirrors a generation that runs here into Redis, then marks it done
 /// with what is left of the resume TTL. Also the write-back of a retained
 /// generation after Redis lost its data: the same steps from event 0.
-pub(super) async fn own(replicas: Arc<Replicas>, generation: Arc<Generation>) {
+pub(super) async fn own(replicas: Arc<Replicas>, generation: Arc<Generation>, start: Start) {
     let mirrored = if generation.streamed {
-        mirror(&replicas, &generation).await
+        mirror(&replicas, &generation, start).await
     } else {
         generation.finished().await;
         Mirrored::Whole
@@ -104,7 +113,52 @@ async fn finish(replicas: &Replicas, generation: &Generation) {
     tracing::warn!(completion_id = %id, "the end of a generation could not be written to Redis");
 }
 
-async fn mirror(replicas: &Replicas, generation: &Generation) -> Mirrored {
+/// A whole answer in one batch, on the first try for a new id: nothing
+/// in Redis can name this id yet (the scripts that mark or end a record
+/// need one to exist), so the record is written outright, in one
+/// transaction with its expiry, as the append script would write it
+/// (field `z`, no log key), without a script's cost.
+async fn write_whole(
+    replicas: &Replicas,
+    generation: &Generation,
+    meta: &str,
+    channel: &str,
+    packed: &[u8],
+    events: usize,
+) -> bool {
+    let mut pipe = redis::pipe();
+    pipe.atomic()
+        .cmd("HSET")
+        .arg(meta)
+        .arg("caller")
+        .arg(replicas.caller(generation.owner))
+        .arg("inst")
+        .arg(&replicas.instance)
+        .arg("streamed")
+        .arg("1")
+        .arg("state")
+        .arg("done")
+        .arg("n")
+        .arg(events)
+        .arg("z")
+        .arg(packed)
+        .ignore()
+        .cmd("PEXPIRE")
+        .arg(meta)
+        .arg(end_ttl_ms(replicas, generation))
+        .ignore()
+        .cmd(replicas.link.publish())
+        .arg(channel)
+        .arg(events)
+        .ignore();
+    let mut conn = replicas.link.conn();
+    replicas
+        .call(pipe.query_async::<()>(&mut conn))
+        .await
+        .is_ok()
+}
+
+async fn mirror(replicas: &Replicas, generation: &Generation, start: Start) -> Mirrored {
     let id = &generation.id;
     let (meta, log, lease) = (
         replicas.keys.meta(id),
@@ -118,6 +172,9 @@ async fn mirror(replicas: &Replicas, generation: &Generation) -> Mirrored {
     // The first append waits a window too: a short answer is then one
     // append that also writes the record and marks the end.
     let mut last_append = Instant::now();
+    // Only the very first try may take the shortcut: after a try whose
+    // answer was lost, Redis may hold what it wrote.
+    let mut untried = start == Start::New;
     loop {
         tokio::time::sleep_until(last_append + BATCH_WINDOW).await;
         // Compressed where the events lie: a copy of the compressed bytes
@@ -129,6 +186,12 @@ async fn mirror(replicas: &Replicas, generation: &Generation) -> Mirrored {
         else {
             return Mirrored::Whole;
         };
+        if std::mem::take(&mut untried) && last {
+            if write_whole(replicas, generation, &meta, &channel, &packed, events).await {
+                return Mirrored::Finished;
+            }
+            continue;
+        }
         let mut append = replicas.scripts.append.key(&meta);
         append
             .key(&log)

@@ -295,7 +295,7 @@ impl Replicas {
             {
                 tracing::warn!(%err, "generation not shared yet: it is known to this instance only");
             }
-            mirror::own(replicas, owned).await;
+            mirror::own(replicas, owned, mirror::Start::New).await;
         }.instrument(tracing::Span::current()));
         let Some(key) = self.session_key(generation) else {
             return;
