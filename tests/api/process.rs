@@ -612,3 +612,103 @@ async fn every_client_that_drops_a_stream_midway_is_counted() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// The README's `sh` blocks under "Try it with curl", each split into the
+/// arguments of its `scripts/serve … &` line and the rest of the block.
+fn readme_curl_blocks() -> Vec<(Vec<String>, String)> {
+    let readme = include_str!("../../README.md");
+    let section = readme
+        .split("\n## Try it with curl\n")
+        .nth(1)
+        .and_then(|rest| rest.split("\n## ").next())
+        .expect("a \"Try it with curl\" section");
+    section
+        .split("```sh\n")
+        .skip(1)
+        .map(|block| {
+            let block = block.split("```").next().unwrap_or_default();
+            let (serve, rest) = block.split_once('\n').expect("lines");
+            let args = serve
+                .strip_prefix("scripts/serve")
+                .and_then(|a| a.split('&').next())
+                .unwrap_or_else(|| panic!("a block starts its server: {serve}"));
+            let args = args.split_whitespace().map(str::to_owned).collect();
+            (args, rest.to_owned())
+        })
+        .collect()
+}
+
+/// Runs a block with the test's own server in place of `scripts/serve`
+/// (the release build, the model fetch and port 8080 are the only
+/// differences) and without the `kill %1` that stops it.
+async fn run_readme_block(args: &[String], rest: &str) -> String {
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let server = Process::start(&args, &[]).await;
+    let host = server.base.trim_start_matches("http://");
+    let script = rest
+        .lines()
+        .filter(|l| l.trim() != "kill %1")
+        .collect::<Vec<_>>()
+        .join("\n")
+        .replace("127.0.0.1:8080", host);
+    let scratch =
+        std::env::temp_dir().join(format!("sluicegate-readme-{}", host.replace(':', "-")));
+    std::fs::create_dir_all(&scratch).expect("scratch dir");
+    // Its files go to a directory of its own, so that parallel runs and
+    // the user's /tmp stay apart.
+    let script = script.replace("/tmp/", &format!("{}/", scratch.display()));
+    let run = Command::new("bash")
+        .args(["-e", "-o", "pipefail", "-c", &format!("{script}\nwait")])
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(120), run)
+        .await
+        .expect("the block ends")
+        .expect("bash runs");
+    let _ = std::fs::remove_dir_all(&scratch);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{}\n{stdout}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+#[tokio::test]
+async fn the_readmes_curl_blocks_run_as_pasted() {
+    let blocks = readme_curl_blocks();
+    assert_eq!(blocks.len(), 2, "the real model's block and the echo block");
+
+    let (args, rest) = &blocks[0];
+    assert!(args.is_empty(), "the default model: {args:?}");
+    let out = run_readme_block(args, rest).await;
+    assert!(out.contains("Paris"), "{out}");
+    assert_eq!(out.matches("data: [DONE]").count(), 1, "{out}");
+
+    let (args, rest) = &blocks[1];
+    let out = run_readme_block(args, rest).await;
+    for word in ["\"hello\"", "\" streaming\"", "\" world\""] {
+        assert!(out.contains(word), "the first answer streams {word}: {out}");
+    }
+    assert!(
+        out.contains("\"finish_reason\":\"cancelled\""),
+        "the session's next question ends the first: {out}"
+    );
+    assert!(
+        out.contains("\" question\""),
+        "the next question's answer: {out}"
+    );
+    assert!(
+        out.contains("\"cancelled\":true"),
+        "the cancel by id: {out}"
+    );
+    // The resume after event 2 of the cancelled answer: events 3 and on,
+    // then the end.
+    let resumed = out
+        .rsplit("\"cancelled\":true")
+        .next()
+        .expect("what follows the cancel");
+    assert!(resumed.contains(".3\n"), "from event 3: {resumed}");
+    assert!(!resumed.contains(".2\n"), "not event 2 again: {resumed}");
+    assert_eq!(resumed.matches("data: [DONE]").count(), 1, "{resumed}");
+}
