@@ -57,7 +57,14 @@ pub fn routes() -> Router<AppState> {
         .route("/v1/ui/chat/{chat_id}/stream", get(ui::resume))
         .route("/v1/models", get(models::list))
         .route("/v1/models/{model}", get(models::retrieve))
-        .route("/", get(page::index))
+        .merge(
+            // Only the page is compressed: a stream must reach the client
+            // as each event is written.
+            Router::new()
+                .route("/", get(page::index))
+                .route("/ui/{*path}", get(page::file))
+                .layer(tower_http::compression::CompressionLayer::new()),
+        )
         .route("/health", get(models::health))
         .route("/metrics", get(models::metrics))
         .fallback(|uri: Uri| async move { ApiError::RouteNotFound(uri.path().to_owned()) })

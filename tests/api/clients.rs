@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use tokio::process::Command;
 
+use crate::common::{chat, read_all};
 use crate::process::Process;
 
 fn clients() -> PathBuf {
@@ -166,23 +167,66 @@ async fn curl_sees_the_raw_framing() {
 }
 
 #[tokio::test]
-async fn the_page_is_served_at_the_root() {
+async fn the_page_and_its_files_are_served_with_a_policy_validators_and_compression() {
     let server = Process::start(&["--backend", "echo"], &[]).await;
-    let resp = crate::common::client()
-        .get(server.url("/"))
+    let http = crate::common::client();
+    let get = |path: &str, headers: &[(&str, &str)]| {
+        let mut req = http.get(server.url(path));
+        for (name, value) in headers {
+            req = req.header(*name, *value);
+        }
+        req.send()
+    };
+    let header = |resp: &reqwest::Response, name: &str| {
+        resp.headers()
+            .get(name)
+            .map(|v| v.to_str().expect("ascii").to_owned())
+    };
+
+    let page = get("/", &[]).await.expect("sent");
+    assert_eq!(page.status(), 200);
+    assert!(header(&page, "content-type").is_some_and(|t| t.starts_with("text/html")));
+    let policy = header(&page, "content-security-policy").expect("a policy");
+    assert!(policy.contains("script-src 'self'") && policy.contains("default-src 'none'"));
+    let html = page.text().await.expect("text");
+    assert!(html.contains("/ui/app.js"), "{html}");
+
+    let app = get("/ui/app.js", &[]).await.expect("sent");
+    assert!(header(&app, "content-type").is_some_and(|t| t.starts_with("text/javascript")));
+    let tag = header(&app, "etag").expect("a validator");
+    assert_eq!(header(&app, "cache-control").as_deref(), Some("no-cache"));
+    let code = app.text().await.expect("text");
+    assert!(
+        code.contains("X-Session-Id") && code.contains("/cancel"),
+        "the page uses sessions and cancel"
+    );
+    let again = get("/ui/app.js", &[("if-none-match", &tag)])
+        .await
+        .expect("sent");
+    assert_eq!(again.status(), 304, "revalidated, not sent again");
+
+    // The libraries go out compressed to a browser that accepts it.
+    let plain = get("/ui/vendor/purify.es.mjs", &[]).await.expect("sent");
+    let plain_len = plain.bytes().await.expect("bytes").len();
+    let packed = get("/ui/vendor/purify.es.mjs", &[("accept-encoding", "gzip")])
+        .await
+        .expect("sent");
+    assert_eq!(header(&packed, "content-encoding").as_deref(), Some("gzip"));
+    let packed_len = packed.bytes().await.expect("bytes").len();
+    assert!(packed_len * 2 < plain_len, "{packed_len} of {plain_len}");
+
+    let missing = get("/ui/nothing.js", &[]).await.expect("sent");
+    assert_eq!(missing.status(), 404);
+
+    // A stream is never compressed: each event must reach the client as
+    // it is written.
+    let stream = http
+        .post(server.url("/v1/chat/completions"))
+        .header("accept-encoding", "gzip")
+        .json(&chat("not compressed", true))
         .send()
         .await
         .expect("sent");
-    assert_eq!(resp.status(), 200);
-    assert!(
-        resp.headers()["content-type"]
-            .to_str()
-            .expect("ascii")
-            .starts_with("text/html")
-    );
-    let html = resp.text().await.expect("text");
-    assert!(
-        html.contains("X-Session-Id") && html.contains("/cancel"),
-        "the page uses sessions and cancel"
-    );
+    assert_eq!(header(&stream, "content-encoding"), None);
+    assert_eq!(read_all(stream).await.text, "not compressed");
 }

@@ -1,6 +1,9 @@
 // The built-in chat page in Debian's Chromium, driven by playwright-core:
 // streaming shows progressively, a message sent mid-answer stops the
-// answer, Stop stops it, model output is text, and the page fits a phone.
+// answer, Stop and Escape stop it, answers render as sanitized markdown
+// (incrementally, with copy buttons), raw HTML in them stays text, the
+// page keeps to its Content-Security-Policy, follows a dark system
+// theme, and fits a phone.
 import assert from "node:assert/strict";
 import { chromium } from "playwright-core";
 
@@ -13,7 +16,11 @@ const browser = await chromium.launch({
 });
 try {
   const page = await browser.newPage({ viewport: { width: 1100, height: 800 } });
-  await page.goto(`${base}/`);
+  await page.context().grantPermissions(["clipboard-read", "clipboard-write"], { origin: base });
+  const violations = [];
+  page.on("console", (m) => { if (/Content Security Policy/i.test(m.text())) violations.push(m.text()); });
+  const response = await page.goto(`${base}/`);
+  assert.match(response.headers()["content-security-policy"] ?? "", /script-src 'self'/);
   await page.waitForFunction(() => document.querySelector("#model").value === "echo");
 
   const answerText = (n) => page.evaluate((n) => document.querySelectorAll(".msg.assistant .text")[n]?.textContent ?? "", n);
@@ -62,7 +69,75 @@ try {
   assert.equal(await page.locator("#transcript img, #transcript b").count(), 0);
   assert.equal(await page.evaluate(() => window.pwned), undefined);
 
+  // 5. Markdown from the model: inline marks, and links that open apart
+  //    from the page; a javascript: link loses its target.
+  await send("**bold** and `code` and [a link](https://example.com/x) and [bad](javascript:alert(1))");
+  await page.waitForFunction(() => /done/.test(document.querySelectorAll(".msg.assistant .meta")[5]?.textContent ?? ""));
+  const marks = await page.evaluate(() => {
+    const el = document.querySelectorAll(".msg.assistant .text")[5];
+    const link = el.querySelector('a[href="https://example.com/x"]');
+    return {
+      strong: el.querySelector("strong")?.textContent,
+      code: el.querySelector("code")?.textContent,
+      rel: link?.getAttribute("rel"),
+      target: link?.getAttribute("target"),
+      scripted: el.querySelectorAll('a[href^="javascript"]').length,
+    };
+  });
+  assert.deepEqual(marks, { strong: "bold", code: "code", rel: "noopener noreferrer", target: "_blank", scripted: 0 });
+  // Copy answer puts the answer's markdown on the clipboard.
+  await page.locator(".msg.assistant").nth(5).getByRole("button", { name: "Copy answer" }).click();
+  assert.equal(await page.evaluate(() => navigator.clipboard.readText()),
+    "**bold** and `code` and [a link](https://example.com/x) and [bad](javascript:alert(1))");
+
+  // 6. Blocks render as they stream, each complete block once: the
+  //    page's own module fed a text piece by piece, a frame per piece.
+  const blocks = await page.evaluate(async () => {
+    const { renderer } = await import("/ui/markdown.js");
+    const box = document.createElement("div");
+    document.body.append(box);
+    const view = renderer(box);
+    const text = "# Title\n\nSome *text*.\n\n- one\n- two\n\n```js\nlet x = 1;\n```\n\n| a | b |\n|---|---|\n| 1 | 2 |\n\n<script>window.pwned = 2</script>\n";
+    let heading = null;
+    for (let i = 1; i <= text.length; i += 3) {
+      view.update(text.slice(0, i));
+      await new Promise((r) => requestAnimationFrame(r));
+      // Once the heading is complete it is kept: the same node to the end.
+      heading ??= box.firstElementChild.querySelector("h1");
+    }
+    view.finish(text);
+    const result = {
+      kept: heading !== null && box.querySelector("h1") === heading,
+      h1: box.querySelector("h1")?.textContent,
+      em: box.querySelector("em")?.textContent,
+      items: box.querySelectorAll("li").length,
+      code: box.querySelector("pre code")?.textContent,
+      copy: box.querySelectorAll(".code button.copy").length,
+      cells: box.querySelectorAll("td").length,
+      scripts: box.querySelectorAll("script").length,
+      shown: box.textContent.includes("<script>window.pwned = 2</script>"),
+    };
+    box.remove();
+    return result;
+  });
+  assert.deepEqual(blocks, { kept: true, h1: "Title", em: "text", items: 2, code: "let x = 1;\n", copy: 1, cells: 2, scripts: 0, shown: true });
+  assert.equal(await page.evaluate(() => window.pwned), undefined);
+
+  // 7. Escape stops the answer that streams.
+  await send(words(60, "esc"));
+  await page.waitForFunction(() => (document.querySelectorAll(".msg.assistant .text")[6]?.textContent ?? "").length > 0);
+  await page.keyboard.press("Escape");
+  await page.waitForFunction(() => document.querySelectorAll(".msg.assistant")[6].classList.contains("stopped"));
+  assert.deepEqual(violations, [], "nothing the page does breaks its policy");
+
   await page.screenshot({ path: `${shots}/chat-desktop.png`, fullPage: true });
+  // 8. Dark mode follows the system.
+  const background = () => page.evaluate(() => getComputedStyle(document.body).backgroundColor);
+  const light = await background();
+  await page.emulateMedia({ colorScheme: "dark" });
+  assert.notEqual(await background(), light);
+  await page.screenshot({ path: `${shots}/chat-dark.png`, fullPage: true });
+  await page.emulateMedia({ colorScheme: "light" });
   await page.setViewportSize({ width: 390, height: 844 });
   const overflow = await page.evaluate(() => document.documentElement.scrollWidth - window.innerWidth);
   assert.ok(overflow <= 0, `no sideways scrolling on a phone (${overflow}px)`);
