@@ -20,6 +20,7 @@ const FILES: &[(&str, &str, &str)] = &[
         JAVASCRIPT,
         include_str!("../../web/markdown.js"),
     ),
+    ("store.js", JAVASCRIPT, include_str!("../../web/store.js")),
     (
         "style.css",
         "text/css; charset=utf-8",

@@ -5,6 +5,7 @@
 // page keeps to its Content-Security-Policy, follows a dark system
 // theme, and fits a phone.
 import assert from "node:assert/strict";
+import { readFile } from "node:fs/promises";
 import { chromium } from "playwright-core";
 
 const base = process.env.SLUICEGATE_URL;
@@ -138,6 +139,55 @@ try {
   assert.notEqual(await background(), light);
   await page.screenshot({ path: `${shots}/chat-dark.png`, fullPage: true });
   await page.emulateMedia({ colorScheme: "light" });
+  // 9. Conversations are kept in the browser. A reload while an answer
+  //    streams continues it through the session route, with no gap and
+  //    no repeat.
+  const longText = words(40, "re");
+  await send(longText);
+  await page.waitForFunction(() => (document.querySelectorAll(".msg.assistant .text")[7]?.textContent ?? "").length > 20);
+  await page.reload();
+  await page.waitForFunction(() => /done/.test(document.querySelectorAll(".msg.assistant .meta")[7]?.textContent ?? ""));
+  assert.equal(await answerText(7), longText);
+  assert.equal(await page.locator("#list li").count(), 1);
+
+  // 10. A new conversation, its answer regenerated and its question
+  //     edited; then back to the first, whole.
+  await page.click("#new");
+  assert.equal(await page.locator(".msg").count(), 0);
+  await send("second conversation");
+  const doneAt = (i) => page.waitForFunction((i) => /done/.test(document.querySelectorAll(".msg.assistant .meta")[i]?.textContent ?? ""), i);
+  await doneAt(0);
+  await page.getByRole("button", { name: "Regenerate" }).click();
+  await doneAt(0);
+  assert.equal(await page.locator(".msg.assistant").count(), 1);
+  assert.equal(await answerText(0), "second conversation");
+  await page.getByRole("button", { name: "Edit and resend" }).click();
+  assert.equal(await page.inputValue("#input"), "second conversation");
+  assert.equal(await page.locator(".msg").count(), 0);
+  await page.fill("#input", "second conversation edited");
+  await page.press("#input", "Enter");
+  await doneAt(0);
+  assert.equal(await answerText(0), "second conversation edited");
+  assert.equal(await page.locator("#list li").count(), 2);
+  await page.locator("#list li .open").nth(1).click();
+  assert.equal(await page.locator(".msg.assistant").count(), 8);
+
+  // 11. Rename, export, delete, and import the export back.
+  page.once("dialog", (d) => d.accept("Renamed"));
+  await page.locator("#list li.current .rename").click();
+  await page.waitForFunction(() => document.querySelector("#list li.current .open")?.textContent === "Renamed");
+  const [download] = await Promise.all([page.waitForEvent("download"), page.click("#export")]);
+  const file = await download.path();
+  const exported = JSON.parse(await readFile(file, "utf8"));
+  assert.deepEqual(exported.map((c) => c.title).sort(), ["Renamed", "second conversation edited"]);
+  page.once("dialog", (d) => d.accept());
+  await page.locator("#list li.current .delete").click();
+  await page.waitForFunction(() => document.querySelectorAll("#list li").length === 1);
+  await page.setInputFiles("#import", file);
+  await page.waitForFunction(() => document.querySelectorAll("#list li").length === 2);
+  await page.locator("#list li .open", { hasText: "Renamed" }).click();
+  assert.equal(await answerText(7), longText);
+
   await page.setViewportSize({ width: 390, height: 844 });
   const overflow = await page.evaluate(() => document.documentElement.scrollWidth - window.innerWidth);
   assert.ok(overflow <= 0, `no sideways scrolling on a phone (${overflow}px)`);
