@@ -8,6 +8,7 @@
 
 import { Lexer, Marked } from "./vendor/marked.esm.js";
 import DOMPurify from "./vendor/purify.es.mjs";
+import hljs from "./vendor/highlight.min.js";
 
 const escapeHtml = (s) =>
   s.replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" })[c]);
@@ -50,6 +51,10 @@ function render(markdown) {
   }
   for (const pre of fragment.querySelectorAll("pre")) {
     const code = pre.querySelector("code");
+    // Coloured when the fence names a language highlight.js knows: it
+    // rebuilds the block from its text, escaped.
+    const language = code && /(?:^|\s)language-([\w+#-]+)/.exec(code.className);
+    if (language && hljs.getLanguage(language[1])) hljs.highlightElement(code);
     const button = document.createElement("button");
     button.type = "button";
     button.className = "copy";

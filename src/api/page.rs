@@ -1,6 +1,7 @@
 //! `GET /` and `GET /ui/{file}`: the built-in chat page and its few files
-//! (its module, its styles, and two pinned libraries: marked renders
-//! markdown, DOMPurify sanitizes it), compiled into the binary.
+//! (its modules, its styles, and three pinned libraries: marked renders
+//! markdown, DOMPurify sanitizes it, highlight.js colours code), compiled
+//! into the binary.
 
 use std::sync::LazyLock;
 
@@ -30,6 +31,11 @@ const FILES: &[(&str, &str, &str)] = &[
         "vendor/marked.esm.js",
         JAVASCRIPT,
         include_str!("../../web/vendor/marked.esm.js"),
+    ),
+    (
+        "vendor/highlight.min.js",
+        JAVASCRIPT,
+        include_str!("../../web/vendor/highlight.min.js"),
     ),
     (
         "vendor/purify.es.mjs",
@@ -149,6 +155,6 @@ mod tests {
             );
             checked += 1;
         }
-        assert_eq!(checked, 2);
+        assert_eq!(checked, 3);
     }
 }

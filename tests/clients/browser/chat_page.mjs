@@ -113,6 +113,7 @@ try {
       em: box.querySelector("em")?.textContent,
       items: box.querySelectorAll("li").length,
       code: box.querySelector("pre code")?.textContent,
+      coloured: box.querySelector("pre code .hljs-keyword")?.textContent,
       copy: box.querySelectorAll(".code button.copy").length,
       cells: box.querySelectorAll("td").length,
       scripts: box.querySelectorAll("script").length,
@@ -121,7 +122,7 @@ try {
     box.remove();
     return result;
   });
-  assert.deepEqual(blocks, { kept: true, h1: "Title", em: "text", items: 2, code: "let x = 1;\n", copy: 1, cells: 2, scripts: 0, shown: true });
+  assert.deepEqual(blocks, { kept: true, h1: "Title", em: "text", items: 2, code: "let x = 1;\n", coloured: "let", copy: 1, cells: 2, scripts: 0, shown: true });
   assert.equal(await page.evaluate(() => window.pwned), undefined);
 
   // 7. Escape stops the answer that streams.
@@ -188,7 +189,7 @@ try {
   await page.locator("#list li .open", { hasText: "Renamed" }).click();
   assert.equal(await answerText(7), longText);
 
-  await page.setViewportSize({ width: 390, height: 844 });
+  await page.setViewportSize({ width: 375, height: 812 });
   const overflow = await page.evaluate(() => document.documentElement.scrollWidth - window.innerWidth);
   assert.ok(overflow <= 0, `no sideways scrolling on a phone (${overflow}px)`);
   await page.screenshot({ path: `${shots}/chat-phone.png` });
