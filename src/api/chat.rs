@@ -47,11 +47,14 @@ async fn handle(
     if let Some(resumed) = control::resume_from_post(&state, caller, headers).await? {
         return Ok(resumed);
     }
-    let plan = params::plan(
+    let mut plan = params::plan(
         body,
         flavor,
         &state.default_model(),
         state.backend.capabilities(),
     )?;
+    // OpenAI's own routes refuse a limit beyond the room left, as OpenAI
+    // and vLLM do.
+    plan.request.max_tokens_field = Some(plan.max_tokens_field);
     run::start(&state, caller, session, flavor, plan).await
 }

@@ -215,6 +215,9 @@ impl From<BackendError> for ApiError {
         match err {
             BackendError::ModelNotFound(model) => Self::ModelNotFound(model),
             e @ BackendError::ContextLength { .. } => Self::ContextLength(e.to_string()),
+            e @ BackendError::MaxTokens { field, .. } => {
+                Self::invalid(format!("{e}."), Some(field.to_owned()))
+            }
             BackendError::InvalidRequest(message) => Self::invalid(message, None),
             BackendError::Unavailable(detail) => {
                 tracing::error!(%detail, "backend unavailable");

@@ -12,6 +12,9 @@ use crate::backend::{Capabilities, ChatMessage, GenerateRequest, Prompt, Samplin
 pub struct Plan {
     pub request: GenerateRequest,
     pub stream: bool,
+    /// Which request field set `max_tokens` (`max_tokens` or
+    /// `max_completion_tokens`), for a dialect that names it in errors.
+    pub max_tokens_field: &'static str,
     pub include_usage: bool,
 }
 
@@ -62,10 +65,11 @@ pub fn plan(
         Flavor::Chat => Prompt::Chat(messages(body.messages)?),
         Flavor::Legacy => Prompt::Text(prompt(body.prompt)?),
     };
-    let max_tokens = match (body.max_completion_tokens, body.max_tokens) {
+    let (max_tokens, max_tokens_field) = match (body.max_completion_tokens, body.max_tokens) {
         (Some(0), _) => return Err(positive("max_completion_tokens")),
         (None, Some(0)) => return Err(positive("max_tokens")),
-        (n @ Some(_), _) | (None, n) => n,
+        (n @ Some(_), _) => (n, "max_completion_tokens"),
+        (None, n) => (n, "max_tokens"),
     };
     let n = body.n.unwrap_or(1);
     if n == 0 || n > capabilities.max_choices {
@@ -104,6 +108,8 @@ pub fn plan(
             prompt,
             sampling,
             max_tokens,
+            // Refused beyond the room only where the caller says so.
+            max_tokens_field: None,
             stop: stop(body.stop)?,
             demand: Default::default(),
             extra: body.extra,
@@ -112,6 +118,7 @@ pub fn plan(
             cache_key: None,
         },
         stream,
+        max_tokens_field,
         include_usage: stream
             && body
                 .stream_options

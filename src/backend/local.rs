@@ -279,6 +279,17 @@ impl Backend for LocalBackend {
             });
         }
         let room = context - prompt_tokens;
+        if let (Some(requested), Some(field)) = (req.max_tokens, req.max_tokens_field)
+            && requested > room
+        {
+            return Err(BackendError::MaxTokens {
+                field,
+                requested,
+                prompt: prompt_tokens,
+                limit: context,
+                room,
+            });
+        }
         let max_tokens = req.max_tokens.map_or(room, |n| n.min(room));
         let (events, mut received) = tokio_mpsc::unbounded_channel();
         let waker = self.jobs.clone();

@@ -154,6 +154,12 @@ pub struct GenerateRequest {
     pub sampling: Sampling,
     /// Upper bound on generated tokens; `None` leaves it to the backend.
     pub max_tokens: Option<u32>,
+    /// The request field `max_tokens` came from, when the dialect refuses
+    /// one beyond the room the prompt leaves (OpenAI's chat and legacy
+    /// routes answer 400, as OpenAI and vLLM do). `None`: cut it down to
+    /// the room (what Claude Code and Responses clients, which send large
+    /// limits, expect).
+    pub max_tokens_field: Option<&'static str>,
     /// Text that ends the answer; never sent to the client.
     pub stop: Vec<String>,
     /// Whether anyone reads the answer now; a backend that can pause
@@ -280,6 +286,16 @@ pub enum BackendError {
         "this model's maximum context length is {limit} tokens, but the prompt has {prompt} tokens"
     )]
     ContextLength { prompt: u32, limit: u32 },
+    #[error(
+        "`{field}` is too large: {requested}. This model's maximum context length is {limit} tokens and the prompt has {prompt}, which leaves room for {room} (send at most {room}, or none)"
+    )]
+    MaxTokens {
+        field: &'static str,
+        requested: u32,
+        prompt: u32,
+        limit: u32,
+        room: u32,
+    },
     #[error("{0}")]
     InvalidRequest(String),
     #[error("the backend is unavailable: {0}")]

@@ -220,6 +220,58 @@ async fn a_prompt_longer_than_the_context_is_400_before_any_stream() {
 }
 
 #[tokio::test]
+async fn max_tokens_beyond_the_room_left_is_400_on_openais_routes_and_cut_on_messages() {
+    let server = server().await;
+    for (route, field, body) in [
+        (
+            "/v1/chat/completions",
+            "max_tokens",
+            chat(None, FRANCE, json!({"max_tokens": 100_000})),
+        ),
+        (
+            "/v1/chat/completions",
+            "max_completion_tokens",
+            chat(None, FRANCE, json!({"max_completion_tokens": 100_000})),
+        ),
+        (
+            "/v1/completions",
+            "max_tokens",
+            json!({"model": "SmolLM2-135M-Instruct", "prompt": "Paris is", "max_tokens": 100_000}),
+        ),
+    ] {
+        let resp = post(&server, route, &body).send().await.expect("sent");
+        assert_eq!(resp.status(), 400, "{route} {field}");
+        let body: Value = resp.json().await.expect("json");
+        assert_eq!(body["error"]["param"], field, "{body}");
+        assert_eq!(body["error"]["type"], "invalid_request_error");
+        let message = body["error"]["message"].as_str().expect("a message");
+        assert!(
+            message.contains("100000") && message.contains("8192") && message.contains("room"),
+            "{message}"
+        );
+    }
+    // Claude Code always sends 32000: Anthropic's route cuts it down.
+    let resp = post(
+        &server,
+        "/v1/messages",
+        &json!({"model": "SmolLM2-135M-Instruct", "max_tokens": 32_000, "temperature": 0,
+            "system": "You are a helpful assistant.",
+            "messages": [{"role": "user", "content": FRANCE}]}),
+    )
+    .send()
+    .await
+    .expect("sent");
+    assert_eq!(resp.status(), 200);
+    let body: Value = resp.json().await.expect("json");
+    assert!(
+        body["content"][0]["text"]
+            .as_str()
+            .is_some_and(|t| t.contains("Paris")),
+        "{body}"
+    );
+}
+
+#[tokio::test]
 async fn cancelling_mid_answer_stops_decoding() {
     // Its own decode thread, so that other tests' tokens do not count.
     let backend = Arc::new(load_backend());

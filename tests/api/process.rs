@@ -1,6 +1,7 @@
 //! The real binary as users start it: configuration from the environment,
 //! what it logs, and SIGTERM.
 
+use std::path::Path;
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -9,6 +10,7 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
 use crate::common::{Events, chat, client, completion_id, metrics_text, read_all, transcript};
+use crate::services::until;
 
 /// The binary as users run it, on port 0.
 pub(crate) struct Process {
@@ -613,54 +615,91 @@ async fn every_client_that_drops_a_stream_midway_is_counted() {
     }
 }
 
-/// The README's `sh` blocks under "Try it with curl", each split into the
-/// arguments of its `scripts/serve … &` line and the rest of the block.
-fn readme_curl_blocks() -> Vec<(Vec<String>, String)> {
+/// One `sh` block of the README: the servers its `scripts/serve … &`
+/// lines start, and the rest of it.
+struct ShBlock {
+    servers: Vec<Vec<String>>,
+    rest: String,
+}
+
+/// Every `sh` block of the README but `scripts/test` (the suite itself).
+fn readme_sh_blocks() -> Vec<ShBlock> {
     let readme = include_str!("../../README.md");
-    let section = readme
-        .split("\n## Try it with curl\n")
-        .nth(1)
-        .and_then(|rest| rest.split("\n## ").next())
-        .expect("a \"Try it with curl\" section");
-    section
+    readme
         .split("```sh\n")
         .skip(1)
+        .map(|block| block.split("```").next().unwrap_or_default())
+        .filter(|block| block.trim() != "scripts/test")
         .map(|block| {
-            let block = block.split("```").next().unwrap_or_default();
-            let (serve, rest) = block.split_once('\n').expect("lines");
-            let args = serve
-                .strip_prefix("scripts/serve")
-                .and_then(|a| a.split('&').next())
-                .unwrap_or_else(|| panic!("a block starts its server: {serve}"));
-            let args = args.split_whitespace().map(str::to_owned).collect();
-            (args, rest.to_owned())
+            let mut servers = Vec::new();
+            let mut rest = Vec::new();
+            for line in block.lines() {
+                match line.strip_prefix("scripts/serve") {
+                    Some(args) => {
+                        let args = args.split('&').next().unwrap_or_default();
+                        servers.push(args.split_whitespace().map(str::to_owned).collect());
+                    }
+                    None => rest.push(line),
+                }
+            }
+            ShBlock {
+                servers,
+                rest: rest.join("\n"),
+            }
         })
         .collect()
 }
 
-/// Runs a block with the test's own server in place of `scripts/serve`
-/// (the release build, the model fetch and port 8080 are the only
-/// differences) and without the `kill %1` that stops it.
-async fn run_readme_block(args: &[String], rest: &str) -> String {
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let server = Process::start(&args, &[]).await;
-    let host = server.base.trim_start_matches("http://");
-    let script = rest
+/// Runs a block as pasted, but for ports: its servers are the test's own
+/// on ports of their own (the release build, the model fetch and ports
+/// 8080 to 8082 are the differences), Redis is the test's, its files go to
+/// a directory of its own, and the `kill %1` that stops its server goes.
+/// Where it starts no server, it talks to `default`. The servers, and what
+/// the block printed.
+async fn run_readme_block(
+    block: &ShBlock,
+    redis: &str,
+    default: Option<&Process>,
+) -> (Vec<Process>, String) {
+    let mut servers = Vec::new();
+    for args in &block.servers {
+        let mut args: Vec<String> = args
+            .iter()
+            .map(|a| a.replace("redis://127.0.0.1:6379", redis))
+            .collect();
+        if let Some(at) = args.iter().position(|a| a == "--port") {
+            args.drain(at..at + 2);
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        servers.push(Process::start(&args, &[]).await);
+    }
+    let target = servers.first().or(default).expect("a server to talk to");
+    let host = target.base.trim_start_matches("http://").to_owned();
+    let scratch =
+        std::env::temp_dir().join(format!("sluicegate-readme-{}", host.replace(':', "-")));
+    std::fs::create_dir_all(&scratch).expect("scratch dir");
+    let script = block
+        .rest
         .lines()
         .filter(|l| l.trim() != "kill %1")
         .collect::<Vec<_>>()
         .join("\n")
-        .replace("127.0.0.1:8080", host);
-    let scratch =
-        std::env::temp_dir().join(format!("sluicegate-readme-{}", host.replace(':', "-")));
-    std::fs::create_dir_all(&scratch).expect("scratch dir");
-    // Its files go to a directory of its own, so that parallel runs and
-    // the user's /tmp stay apart.
-    let script = script.replace("/tmp/", &format!("{}/", scratch.display()));
+        .replace("127.0.0.1:8080", &host)
+        .replace("/tmp/", &format!("{}/", scratch.display()));
+    let clients = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients/node_modules/.bin");
+    let path = format!(
+        "{}:{}",
+        clients.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
     let run = Command::new("bash")
         .args(["-e", "-o", "pipefail", "-c", &format!("{script}\nwait")])
+        .current_dir(&scratch)
+        .env("PATH", path)
+        .env("HOME", &scratch)
+        .stdin(Stdio::null())
         .output();
-    let out = tokio::time::timeout(Duration::from_secs(120), run)
+    let out = tokio::time::timeout(Duration::from_secs(180), run)
         .await
         .expect("the block ends")
         .expect("bash runs");
@@ -668,25 +707,68 @@ async fn run_readme_block(args: &[String], rest: &str) -> String {
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         out.status.success(),
-        "{}\n{stdout}",
+        "{script}\n{}\n{stdout}",
         String::from_utf8_lossy(&out.stderr)
     );
-    stdout
+    (servers, stdout)
 }
 
 #[tokio::test]
-async fn the_readmes_curl_blocks_run_as_pasted() {
-    let blocks = readme_curl_blocks();
-    assert_eq!(blocks.len(), 2, "the real model's block and the echo block");
+async fn every_shell_example_in_the_readme_runs_as_pasted() {
+    let redis = crate::services::Redis::start().await;
+    // For the blocks that talk to a server they do not start (Claude Code):
+    // echo under the name they use.
+    let named = Process::start(
+        &["--backend", "echo", "--model-name", "SmolLM2-135M-Instruct"],
+        &[],
+    )
+    .await;
+    let blocks = readme_sh_blocks();
+    assert_eq!(blocks.len(), 5, "the blocks this test knows");
+    let mut checked = 0;
+    for block in &blocks {
+        let (servers, out) = run_readme_block(block, &redis.url(), Some(&named)).await;
+        let rest = &block.rest;
+        if rest.contains("claude -p") {
+            // Echo answers the last user turn, which ends with the prompt.
+            assert!(out.trim_end().ends_with("hello"), "{out}");
+        } else if block.servers.len() == 2 {
+            // Two replicas on one Redis: both reach it, and one's answer
+            // replays on the other.
+            for p in &servers {
+                until(Duration::from_secs(10), || crate::replicas::redis_ok(p)).await;
+            }
+            let resp = crate::replicas::open(
+                &servers[0].url("/v1/chat/completions"),
+                "shared by two",
+                None,
+                None,
+            )
+            .await;
+            let id = completion_id(&resp);
+            read_all(resp).await;
+            let replay = client()
+                .get(servers[1].url(&format!("/v1/chat/completions/{id}/events")))
+                .send()
+                .await
+                .expect("sent");
+            assert_eq!(read_all(replay).await.text, "shared by two");
+        } else if rest.contains("hello streaming world") {
+            assert_echo_block(&out);
+        } else {
+            // The real model, asked for the capital of France, streamed or not.
+            assert!(out.contains("Paris"), "{out}");
+            let streamed = rest.contains("\"stream\":true");
+            let ends = out.matches("data: [DONE]").count();
+            assert_eq!(ends, usize::from(streamed), "{out}");
+        }
+        checked += 1;
+    }
+    assert_eq!(checked, 5);
+}
 
-    let (args, rest) = &blocks[0];
-    assert!(args.is_empty(), "the default model: {args:?}");
-    let out = run_readme_block(args, rest).await;
-    assert!(out.contains("Paris"), "{out}");
-    assert_eq!(out.matches("data: [DONE]").count(), 1, "{out}");
-
-    let (args, rest) = &blocks[1];
-    let out = run_readme_block(args, rest).await;
+/// What the echo block under "Try it with curl" shows.
+fn assert_echo_block(out: &str) {
     for word in ["\"hello\"", "\" streaming\"", "\" world\""] {
         assert!(out.contains(word), "the first answer streams {word}: {out}");
     }
