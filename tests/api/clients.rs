@@ -167,6 +167,13 @@ async fn curl_sees_the_raw_framing() {
 }
 
 #[tokio::test]
+async fn chromium_runs_the_chat_page_on_the_real_model() {
+    let server = Process::start(&[], &[]).await;
+    let out = run(&server, "node", "browser/chat_page_model.mjs", &[]).await;
+    assert!(out.contains("chromium on the model: ok"), "{out}");
+}
+
+#[tokio::test]
 async fn the_page_and_its_files_are_served_with_a_policy_validators_and_compression() {
     let server = Process::start(&["--backend", "echo"], &[]).await;
     let http = crate::common::client();

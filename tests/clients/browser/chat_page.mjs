@@ -5,16 +5,20 @@
 // page keeps to its Content-Security-Policy, follows a dark system
 // theme, and fits a phone.
 import assert from "node:assert/strict";
-import { readFile } from "node:fs/promises";
+import { mkdtemp, readFile, rm } from "node:fs/promises";
+import { createRequire } from "node:module";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
 import { chromium } from "playwright-core";
 
 const base = process.env.SLUICEGATE_URL;
 const shots = process.env.SCREENSHOT_DIR;
-const browser = await chromium.launch({
+const chromiumOptions = {
   executablePath: "/usr/bin/chromium",
   args: ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
     "--disable-component-update", "--disable-sync", "--no-first-run"],
-});
+};
+const browser = await chromium.launch(chromiumOptions);
 try {
   const page = await browser.newPage({ viewport: { width: 1100, height: 800 } });
   await page.context().grantPermissions(["clipboard-read", "clipboard-write"], { origin: base });
@@ -155,9 +159,24 @@ try {
   //     edited; then back to the first, whole.
   await page.click("#new");
   assert.equal(await page.locator(".msg").count(), 0);
-  await send("second conversation");
   const doneAt = (i) => page.waitForFunction((i) => /done/.test(document.querySelectorAll(".msg.assistant .meta")[i]?.textContent ?? ""), i);
+  // Editing the question whose answer streams, then sending it, cancels
+  // that answer on the server (the session's next request replaces it).
+  const replaced = async () => Number(/sluicegate_generations_ended_total\{cause="session_replaced"\} (\d+)/
+    .exec(await (await fetch(`${base}/metrics`)).text())?.[1] ?? 0);
+  const before = await replaced();
+  await send(words(60, "edit"));
+  await page.waitForFunction(() => (document.querySelector(".msg.assistant .text")?.textContent ?? "").length > 0);
+  await page.getByRole("button", { name: "Edit and resend" }).click();
+  assert.equal(await page.locator(".msg").count(), 0);
+  await page.fill("#input", "second conversation");
+  await page.press("#input", "Enter");
   await doneAt(0);
+  assert.equal(await answerText(0), "second conversation");
+  for (let i = 0; (await replaced()) !== before + 1; i++) {
+    assert.ok(i < 50, "the edited question's answer was cancelled on the server");
+    await new Promise((r) => setTimeout(r, 100));
+  }
   await page.getByRole("button", { name: "Regenerate" }).click();
   await doneAt(0);
   assert.equal(await page.locator(".msg.assistant").count(), 1);
@@ -188,6 +207,54 @@ try {
   await page.waitForFunction(() => document.querySelectorAll("#list li").length === 2);
   await page.locator("#list li .open", { hasText: "Renamed" }).click();
   assert.equal(await answerText(7), longText);
+
+  // 12. Accessibility: axe-core finds nothing serious or critical, light
+  //     or dark (in a context that lets the test inject it past the
+  //     page's policy).
+  const axePath = createRequire(import.meta.url).resolve("axe-core/axe.min.js");
+  const audit = await browser.newContext({ bypassCSP: true, viewport: { width: 1100, height: 800 } });
+  const auditPage = await audit.newPage();
+  await auditPage.goto(`${base}/`);
+  await auditPage.waitForFunction(() => document.querySelector("#model").value === "echo");
+  await auditPage.fill("#input", "**an answer** with `code` and a [link](https://example.com)");
+  await auditPage.press("#input", "Enter");
+  await auditPage.waitForFunction(() => /done/.test(document.querySelector(".msg.assistant .meta")?.textContent ?? ""));
+  await auditPage.addScriptTag({ path: axePath });
+  for (const colorScheme of ["light", "dark"]) {
+    await auditPage.emulateMedia({ colorScheme });
+    const found = await auditPage.evaluate(async () => (await window.axe.run()).violations
+      .filter((v) => v.impact === "serious" || v.impact === "critical")
+      .map((v) => `${v.id}: ${v.nodes.map((n) => n.target.join(" ")).join(", ")}`));
+    assert.deepEqual(found, [], `axe, ${colorScheme}`);
+  }
+  await audit.close();
+
+  // 13. History survives a browser restart with the same profile.
+  const profile = await mkdtemp(join(tmpdir(), "sluicegate-profile-"));
+  try {
+    const open = async () => {
+      const context = await chromium.launchPersistentContext(profile, chromiumOptions);
+      const tab = context.pages()[0] ?? await context.newPage();
+      await tab.goto(`${base}/`);
+      await tab.waitForFunction(() => document.querySelector("#model").value === "echo");
+      return [context, tab];
+    };
+    let [context, tab] = await open();
+    await tab.fill("#input", "kept across a restart");
+    await tab.press("#input", "Enter");
+    // Written to IndexedDB, ended, before the browser goes.
+    await tab.waitForFunction(async () => {
+      const { all } = await import("/ui/store.js");
+      return (await all()).some((c) => c.messages.at(-1)?.state === "stop");
+    });
+    await context.close();
+    [context, tab] = await open();
+    await tab.waitForFunction(() => document.querySelector(".msg.assistant .text")?.textContent === "kept across a restart");
+    assert.equal(await tab.textContent("#list li.current .open"), "kept across a restart");
+    await context.close();
+  } finally {
+    await rm(profile, { recursive: true, force: true });
+  }
 
   await page.setViewportSize({ width: 375, height: 812 });
   const overflow = await page.evaluate(() => document.documentElement.scrollWidth - window.innerWidth);
