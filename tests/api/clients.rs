@@ -174,6 +174,28 @@ async fn chromium_runs_the_chat_page_on_the_real_model() {
 }
 
 #[tokio::test]
+async fn the_chat_pages_errors_say_what_to_do() {
+    let server = Process::start(
+        &[
+            "--backend",
+            "echo",
+            "--token-delay",
+            "60ms",
+            "--api-key",
+            "k",
+            "--max-concurrent",
+            "1",
+            "--max-queue",
+            "0",
+        ],
+        &[],
+    )
+    .await;
+    let out = run(&server, "node", "browser/chat_page_errors.mjs", &[]).await;
+    assert!(out.contains("chromium errors: ok"), "{out}");
+}
+
+#[tokio::test]
 async fn the_page_and_its_files_are_served_with_a_policy_validators_and_compression() {
     let server = Process::start(&["--backend", "echo"], &[]).await;
     let http = crate::common::client();
