@@ -21,6 +21,27 @@ async fn pair_on(url: &str, extra: &[&str]) -> (Process, Process) {
     (a, b)
 }
 
+/// Polls until `p` replays generation `id` and its raw body passes `fits`.
+async fn until_replayed(p: &Process, id: &str, fits: impl Fn(&str) -> bool) {
+    until(Duration::from_secs(10), || async {
+        let replay = client()
+            .get(p.url(&format!("/v1/chat/completions/{id}/events")))
+            .send()
+            .await
+            .expect("sent");
+        replay.status() == 200 && fits(&raw_body(replay).await)
+    })
+    .await;
+}
+
+/// The event ids of a raw SSE body, in order.
+fn event_ids(raw: &str) -> Vec<String> {
+    raw.lines()
+        .filter_map(|l| l.strip_prefix("id: "))
+        .map(str::to_owned)
+        .collect()
+}
+
 #[tokio::test]
 async fn a_redis_cluster_shares_generations_sessions_and_cancels_through_sharded_channels() {
     let redis = RedisCluster::start().await;
@@ -53,15 +74,7 @@ async fn a_redis_cluster_shares_generations_sessions_and_cancels_through_sharded
         let resp = open(&fast.url("/v1/chat/completions"), &text, None, None).await;
         let id = completion_id(&resp);
         let owned = raw_body(resp).await;
-        until(Duration::from_secs(10), || async {
-            let replay = client()
-                .get(b.url(&format!("/v1/chat/completions/{id}/events")))
-                .send()
-                .await
-                .expect("sent");
-            replay.status() == 200 && raw_body(replay).await == owned
-        })
-        .await;
+        until_replayed(&b, &id, |raw| raw == owned).await;
     }
     let errors = sample(&metrics(&fast).await, "sluicegate_redis_errors_total", &[]);
     assert_eq!(errors, 0.0, "each one written whole on its first try");
@@ -197,15 +210,7 @@ async fn failover_mid_stream(how: Failover) {
 
     // The new primary holds the whole log: replayed on the other
     // instance, once, in order.
-    until(Duration::from_secs(10), || async {
-        let replay = client()
-            .get(b.url(&format!("/v1/chat/completions/{id}/events")))
-            .send()
-            .await
-            .expect("sent");
-        replay.status() == 200 && read_all(replay).await.ids == owned.ids
-    })
-    .await;
+    until_replayed(&b, &id, |raw| event_ids(raw) == owned.ids).await;
 
     // Work goes on after the failover, across instances.
     let after = words(15);

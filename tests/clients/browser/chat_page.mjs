@@ -10,14 +10,10 @@ import { createRequire } from "node:module";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { chromium } from "playwright-core";
+import { chromiumOptions } from "./chromium.mjs";
 
 const base = process.env.SLUICEGATE_URL;
 const shots = process.env.SCREENSHOT_DIR;
-const chromiumOptions = {
-  executablePath: "/usr/bin/chromium",
-  args: ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-    "--disable-component-update", "--disable-sync", "--no-first-run"],
-};
 const browser = await chromium.launch(chromiumOptions);
 try {
   const page = await browser.newPage({ viewport: { width: 1100, height: 800 } });

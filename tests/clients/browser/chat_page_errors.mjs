@@ -3,13 +3,10 @@
 // generation at a time with no queue.
 import assert from "node:assert/strict";
 import { chromium } from "playwright-core";
+import { chromiumOptions } from "./chromium.mjs";
 
 const base = process.env.SLUICEGATE_URL;
-const browser = await chromium.launch({
-  executablePath: "/usr/bin/chromium",
-  args: ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-    "--disable-component-update", "--disable-sync", "--no-first-run"],
-});
+const browser = await chromium.launch(chromiumOptions);
 try {
   const page = await browser.newPage();
   await page.goto(`${base}/`);

@@ -10,6 +10,7 @@ import path from "node:path";
 import { readFile } from "node:fs/promises";
 import { build } from "esbuild";
 import { chromium } from "playwright-core";
+import { chromiumOptions } from "./chromium.mjs";
 
 const base = process.env.SLUICEGATE_URL;
 const waiting = process.env.SLUICEGATE_WAITING_URL;
@@ -45,11 +46,7 @@ const sample = async (series) => {
 };
 const clientGone = 'sluicegate_generations_ended_total{cause="client_gone"}';
 
-const browser = await chromium.launch({
-  executablePath: "/usr/bin/chromium",
-  args: ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-    "--disable-component-update", "--disable-sync", "--no-first-run"],
-});
+const browser = await chromium.launch(chromiumOptions);
 try {
   const page = await browser.newPage({ viewport: { width: 900, height: 700 } });
   const errors = [];
