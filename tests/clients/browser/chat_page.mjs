@@ -20,6 +20,8 @@ try {
   await page.context().grantPermissions(["clipboard-read", "clipboard-write"], { origin: base });
   const violations = [];
   page.on("console", (m) => { if (/Content Security Policy/i.test(m.text())) violations.push(m.text()); });
+  const missing = [];
+  page.on("response", (r) => { if (r.status() === 404) missing.push(r.url()); });
   const response = await page.goto(`${base}/`);
   assert.match(response.headers()["content-security-policy"] ?? "", /script-src 'self'/);
   await page.waitForFunction(() => document.querySelector("#model").value === "echo");
@@ -131,6 +133,7 @@ try {
   await page.keyboard.press("Escape");
   await page.waitForFunction(() => document.querySelectorAll(".msg.assistant")[6].classList.contains("stopped"));
   assert.deepEqual(violations, [], "nothing the page does breaks its policy");
+  assert.deepEqual(missing, [], "every file the page asks for is there");
 
   await page.screenshot({ path: `${shots}/chat-desktop.png`, fullPage: true });
   // 8. Dark mode follows the system.
