@@ -161,10 +161,11 @@ async fn a_killed_primary_under_sentinel_mid_stream_loses_and_repeats_nothing() 
 async fn failover_mid_stream(how: Failover) {
     let mut redis = SentinelSet::start().await;
     // Readers wait two leases for Redis. A killed primary is first found
-    // down (after 1 s here) and then replaced: leases of 5 s leave room.
+    // down (after 1 s here) and then replaced, in a few seconds: leases of
+    // 15 s leave the readers far more patience than that takes.
     let lease = match how {
         Failover::Asked => "1s",
-        Failover::PrimaryKilled => "5s",
+        Failover::PrimaryKilled => "15s",
     };
     let (a, b) = pair_on(&redis.url(), &["--redis-lease", lease]).await;
     // 30 s of answer (30 ms a token): room for the sentinel's wait for a
