@@ -6,6 +6,7 @@
 use std::time::Duration;
 
 use crate::common::{Events, Raw, client, completion_id, read_all, transcript};
+use crate::process::sample;
 use crate::replicas::{
     Cluster, assert_no_repeat, cancel_on, first_events, next_question_replaces, open,
     owned_and_followed, raw_body, rest, words,
@@ -52,6 +53,51 @@ async fn a_redis_stall_mid_stream_loses_and_repeats_nothing() {
     let replay = read_all(replay).await;
     assert_eq!(replay.text, text);
     assert_eq!(replay.ids, owned.ids);
+    every_key_expires(&cluster.redis).await;
+}
+
+#[tokio::test]
+async fn a_stall_while_short_answers_are_written_whole_loses_and_repeats_nothing() {
+    // No token delay: answers end before the mirror's first look, so each
+    // goes out whole in one transaction, and that transaction waits in a
+    // paused Redis past the command timeout (1 s). The retry (the append
+    // script) must find what the late first try wrote, not write it again.
+    let cluster = Cluster::start(&["--token-delay", "0ms"]).await;
+    pause_writes(&cluster.redis, 1500).await;
+    let url = cluster.a.url("/v1/chat/completions");
+    let answers: Vec<_> = (0..5)
+        .map(|n| {
+            let url = url.clone();
+            tokio::spawn(async move {
+                let text = format!("short answer {n} in a stall");
+                let resp = open(&url, &text, None, None).await;
+                let id = completion_id(&resp);
+                let owned = raw_body(resp).await;
+                assert!(owned.contains("data: [DONE]"), "{owned}");
+                (id, owned)
+            })
+        })
+        .collect();
+    for answer in answers {
+        let (id, owned) = answer.await.expect("an answer");
+        // Once Redis answers, the other instance replays it byte for byte:
+        // nothing lost, nothing twice.
+        until(Duration::from_secs(20), || async {
+            let replay = client()
+                .get(cluster.b.url(&format!("/v1/chat/completions/{id}/events")))
+                .send()
+                .await
+                .expect("sent");
+            replay.status() == 200 && raw_body(replay).await == owned
+        })
+        .await;
+    }
+    let timed_out = sample(
+        &crate::replicas::metrics(&cluster.a).await,
+        "sluicegate_redis_errors_total",
+        &[],
+    );
+    assert!(timed_out >= 1.0, "the first tries timed out in the stall");
     every_key_expires(&cluster.redis).await;
 }
 
