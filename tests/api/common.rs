@@ -148,7 +148,12 @@ pub(crate) fn post(server: &TestServer, path: &str, body: &Value) -> reqwest::Re
 
 /// Posts `body` and reads the JSON answer, whatever its status.
 pub(crate) async fn post_json(server: &TestServer, path: &str, body: &Value) -> Value {
-    post(server, path, body)
+    json_reply(post(server, path, body)).await
+}
+
+/// Sends `request` and reads the JSON answer, whatever its status.
+pub(crate) async fn json_reply(request: reqwest::RequestBuilder) -> Value {
+    request
         .send()
         .await
         .expect("sent")

@@ -698,6 +698,7 @@ async fn run_readme_block(
         .env("PATH", path)
         .env("HOME", &scratch)
         .stdin(Stdio::null())
+        .kill_on_drop(true)
         .output();
     let out = tokio::time::timeout(Duration::from_secs(180), run)
         .await
