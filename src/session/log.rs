@@ -260,6 +260,18 @@ impl MemoryLog {
         }
     }
 
+    /// The whole closed log handed to `f` where it lies, with its number
+    /// of events, when it is not empty and fits in `limit` bytes (one
+    /// window of [`Self::window_with`] from 0 that is also the last).
+    pub fn whole_with<R>(&self, limit: usize, f: impl FnOnce(&[u8]) -> R) -> Option<(R, usize)> {
+        let state = self.state.borrow();
+        if !state.closed || state.ends.is_empty() {
+            return None;
+        }
+        let (bytes, events) = state.span(0, limit);
+        (events == state.ends.len()).then(|| (f(bytes), events))
+    }
+
     /// Memory the log's buffers hold, the figure the resume budget counts.
     pub fn held_bytes(&self) -> usize {
         let s = self.state.borrow();

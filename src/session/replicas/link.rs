@@ -348,6 +348,10 @@ impl Link {
     }
 
     /// The command that publishes to a channel: sharded on a Cluster.
+    pub(super) fn is_cluster(&self) -> bool {
+        self.cluster
+    }
+
     pub(super) fn publish(&self) -> &'static str {
         if self.cluster { "SPUBLISH" } else { "PUBLISH" }
     }

@@ -2,9 +2,11 @@
 //! batch by batch, its record is written back when Redis lost it, and its
 //! end is marked with the resume TTL.
 
-use std::sync::Arc;
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
+use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use super::super::{EndCause, Generation};
@@ -53,8 +55,115 @@ impl Appended {
 pub(super) enum Start {
     /// A generation that starts here now: Redis has never seen its id.
     New,
+    /// Like `New`, for a generation whose first window is already over
+    /// (it waited among the fresh ones and was still running).
+    Waited,
     /// A write-back: Redis may hold some of it, or another ending.
     Again,
+}
+
+/// Most whole answers in one transaction.
+const WHOLE_PER_WRITE: usize = 64;
+
+/// Generations that started here in the last window, oldest first. A
+/// short answer is over within its first window: it is then written
+/// whole in one transaction with the others of its window, and only a
+/// longer one gets a mirror of its own. So a short answer costs no task,
+/// no timer and no exchange with Redis of its own.
+#[derive(Default)]
+pub(super) struct Fresh {
+    queue: Mutex<VecDeque<(Instant, Arc<Generation>)>>,
+    wake: Notify,
+}
+
+impl Fresh {
+    /// Takes a generation that starts now.
+    pub(super) fn push(&self, generation: Arc<Generation>) {
+        let mut queue = self.lock();
+        queue.push_back((Instant::now() + BATCH_WINDOW, generation));
+        if queue.len() == 1 {
+            self.wake.notify_one();
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<(Instant, Arc<Generation>)>> {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// The task that takes fresh generations once their first window is
+/// over (all of them, due or not, when `replicas` flushes).
+pub(super) async fn sweep(fresh: Arc<Fresh>, replicas: Weak<Replicas>) {
+    loop {
+        let due = fresh.lock().front().map(|(due, _)| *due);
+        match due {
+            Some(due) => tokio::time::sleep_until(due).await,
+            None => {
+                // Now and then, to end with the replicas it serves.
+                let _ = tokio::time::timeout(Duration::from_secs(1), fresh.wake.notified()).await;
+            }
+        }
+        let Some(replicas) = replicas.upgrade() else {
+            return;
+        };
+        replicas.take_fresh(false);
+    }
+}
+
+impl Replicas {
+    /// Fresh generations whose first window is over (`all`: every one):
+    /// the short answers go out whole, together; the rest get their
+    /// mirrors. Spawned under the queue's lock, so that a flush that
+    /// drains the queue then waits for them.
+    pub(super) fn take_fresh(self: &Arc<Self>, all: bool) {
+        let now = Instant::now();
+        let mut queue = self.fresh.lock();
+        let mut whole = Vec::new();
+        while queue.front().is_some_and(|(due, _)| all || *due <= now) {
+            let Some((_, generation)) = queue.pop_front() else {
+                break;
+            };
+            match generation.log.whole_with(BATCH_BYTES, compress) {
+                Some((packed, events)) => whole.push((generation, packed, events)),
+                None => {
+                    self.tasks
+                        .spawn(own(Arc::clone(self), generation, Start::Waited));
+                }
+            }
+            if whole.len() == WHOLE_PER_WRITE {
+                self.tasks
+                    .spawn(write_wholes(Arc::clone(self), std::mem::take(&mut whole)));
+            }
+        }
+        if !whole.is_empty() {
+            self.tasks.spawn(write_wholes(Arc::clone(self), whole));
+        }
+    }
+}
+
+/// Whole answers on their first try, in one transaction. Should it fail
+/// (its reply may be lost after it ran), each goes the way of any later
+/// try: its own mirror, whose script finds what is there.
+async fn write_wholes(replicas: Arc<Replicas>, whole: Vec<(Arc<Generation>, Vec<u8>, usize)>) {
+    let mut pipe = redis::pipe();
+    pipe.atomic();
+    for (generation, packed, events) in &whole {
+        write_whole(&replicas, &mut pipe, generation, packed, *events);
+    }
+    let mut conn = replicas.link.conn();
+    let written = replicas
+        .call(pipe.query_async::<()>(&mut conn))
+        .await
+        .is_ok();
+    for (generation, _, _) in whole {
+        if written {
+            replicas.lock_owned().remove(&generation.id);
+        } else {
+            replicas
+                .tasks
+                .spawn(own(Arc::clone(&replicas), generation, Start::Again));
+        }
+    }
 }
 
 /// Mirrors a generation that runs here into Redis, then marks it done
@@ -118,18 +227,16 @@ async fn finish(replicas: &Replicas, generation: &Generation) {
 /// need one to exist), so the record is written outright, in one
 /// transaction with its expiry, as the append script would write it
 /// (field `z`, no log key), without a script's cost.
-async fn write_whole(
+fn write_whole(
     replicas: &Replicas,
+    pipe: &mut redis::Pipeline,
     generation: &Generation,
-    meta: &str,
-    channel: &str,
     packed: &[u8],
     events: usize,
-) -> bool {
-    let mut pipe = redis::pipe();
-    pipe.atomic()
-        .cmd("HSET")
-        .arg(meta)
+) {
+    let meta = replicas.keys.meta(&generation.id);
+    pipe.cmd("HSET")
+        .arg(&meta)
         .arg("caller")
         .arg(replicas.caller(generation.owner))
         .arg("inst")
@@ -148,14 +255,9 @@ async fn write_whole(
         .arg(end_ttl_ms(replicas, generation))
         .ignore()
         .cmd(replicas.link.publish())
-        .arg(channel)
+        .arg(replicas.keys.events_channel(&generation.id))
         .arg(events)
         .ignore();
-    let mut conn = replicas.link.conn();
-    replicas
-        .call(pipe.query_async::<()>(&mut conn))
-        .await
-        .is_ok()
 }
 
 async fn mirror(replicas: &Replicas, generation: &Generation, start: Start) -> Mirrored {
@@ -169,14 +271,18 @@ async fn mirror(replicas: &Replicas, generation: &Generation, start: Start) -> M
     // Events Redis holds, as its last answer said.
     let mut written = 0usize;
     let mut backoff = Duration::from_millis(50);
-    // The first append waits a window too: a short answer is then one
-    // append that also writes the record and marks the end.
+    // The first append waits a window too (unless it was waited among
+    // the fresh): a short answer is then one append that also writes the
+    // record and marks the end.
     let mut last_append = Instant::now();
+    let mut waited = start == Start::Waited;
     // Only the very first try may take the shortcut: after a try whose
     // answer was lost, Redis may hold what it wrote.
-    let mut untried = start == Start::New;
+    let mut untried = start != Start::Again;
     loop {
-        tokio::time::sleep_until(last_append + BATCH_WINDOW).await;
+        if !std::mem::take(&mut waited) {
+            tokio::time::sleep_until(last_append + BATCH_WINDOW).await;
+        }
         // Compressed where the events lie: a copy of the compressed bytes
         // (about a twentieth of them) is all that leaves the log.
         let Some((packed, events, last)) = generation
@@ -187,7 +293,14 @@ async fn mirror(replicas: &Replicas, generation: &Generation, start: Start) -> M
             return Mirrored::Whole;
         };
         if std::mem::take(&mut untried) && last {
-            if write_whole(replicas, generation, &meta, &channel, &packed, events).await {
+            let mut pipe = redis::pipe();
+            write_whole(replicas, pipe.atomic(), generation, &packed, events);
+            let mut conn = replicas.link.conn();
+            if replicas
+                .call(pipe.query_async::<()>(&mut conn))
+                .await
+                .is_ok()
+            {
                 return Mirrored::Finished;
             }
             continue;

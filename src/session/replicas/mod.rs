@@ -107,6 +107,9 @@ pub struct Replicas {
     marked: AtomicBool,
     /// Generations the resume budget evicted here, to delete from Redis.
     evicted: mpsc::Sender<GenerationId>,
+    /// Streams started here in the last window (not on a Cluster, where
+    /// one transaction cannot span their slots).
+    fresh: Arc<mirror::Fresh>,
 }
 
 /// Evictions waiting for their deletion from Redis. Past this many (Redis
@@ -171,6 +174,7 @@ impl Replicas {
             listening: AtomicBool::new(false),
             marked: AtomicBool::new(false),
             evicted,
+            fresh: Arc::default(),
         });
         let weak = Arc::downgrade(&replicas);
         replicas.registry.on_evict(Box::new(move |ids| {
@@ -182,6 +186,10 @@ impl Replicas {
             }
         }));
         tokio::spawn(forget(Arc::downgrade(&replicas), evictions));
+        tokio::spawn(mirror::sweep(
+            Arc::clone(&replicas.fresh),
+            Arc::downgrade(&replicas),
+        ));
         tokio::spawn(lease::listen(Arc::downgrade(&replicas), received));
         tokio::spawn(lease::renew(Arc::downgrade(&replicas)));
         Ok(replicas)
@@ -288,7 +296,10 @@ impl Replicas {
         self.lock_owned()
             .insert(generation.id.clone(), Arc::clone(generation));
         let (replicas, owned) = (Arc::clone(self), Arc::clone(generation));
-        self.tasks.spawn(async move {
+        if owned.streamed && !self.link.is_cluster() {
+            self.fresh.push(owned);
+        } else {
+            self.tasks.spawn(async move {
             // A stream's first append writes its record.
             if !owned.streamed
                 && let Err(err) = replicas.write_record(&owned).await
@@ -296,7 +307,8 @@ impl Replicas {
                 tracing::warn!(%err, "generation not shared yet: it is known to this instance only");
             }
             mirror::own(replicas, owned, mirror::Start::New).await;
-        }.instrument(tracing::Span::current()));
+            }.instrument(tracing::Span::current()));
+        }
         let Some(key) = self.session_key(generation) else {
             return;
         };
@@ -757,7 +769,9 @@ impl Replicas {
     }
 
     /// Waits until every mirror has written its last event, or `deadline`.
-    pub async fn flush(&self, deadline: Instant) {
+    pub async fn flush(self: &Arc<Self>, deadline: Instant) {
+        // Whatever is fresh goes now, due or not.
+        self.take_fresh(true);
         self.tasks.close();
         if tokio::time::timeout_at(deadline, self.tasks.wait())
             .await
