@@ -229,3 +229,54 @@ async fn failover_mid_stream(how: Failover) {
     }
     assert!(every_key_expires_at(redis.replica).await > 0);
 }
+
+/// The master (an index into `redis.ports`) that serves `key`: the others
+/// answer `MOVED`.
+async fn master_of(redis: &RedisCluster, key: &str) -> usize {
+    for (at, port) in redis.ports.iter().enumerate() {
+        if matches!(cli_at(*port, &["EXISTS", key]).await.as_str(), "0" | "1") {
+            return at;
+        }
+    }
+    panic!("no master serves {key}");
+}
+
+#[tokio::test]
+async fn a_cluster_master_restarted_empty_gets_back_what_the_owner_retains() {
+    let mut redis = RedisCluster::start().await;
+    let (a, b) = pair_on(&redis.url(), &["--token-delay", "0ms"]).await;
+    // Finished answers, each replayed elsewhere, and the master of each.
+    let mut answers = Vec::new();
+    for n in 0..12 {
+        let text = format!("kept answer {n}");
+        let resp = open(&a.url("/v1/chat/completions"), &text, None, None).await;
+        let id = completion_id(&resp);
+        let owned = raw_body(resp).await;
+        until_replayed(&b, &id, |raw| raw == owned).await;
+        let master = master_of(&redis, &format!("sg:{{{id}}}:m")).await;
+        answers.push((id, owned, master));
+    }
+    // A master other than the one that would hold a single marker of the
+    // owner's: the restart of that one alone is what one marker misses.
+    let (first, _, first_master) = &answers[0];
+    let owner = cli_at(
+        redis.ports[*first_master],
+        &["HGET", &format!("sg:{{{first}}}:m"), "inst"],
+    )
+    .await;
+    assert!(owner.starts_with("i-"), "{owner}");
+    let single = master_of(&redis, &format!("sg:inst:{{{owner}}}")).await;
+    let restarted = (0..3)
+        .find(|m| *m != single && answers.iter().any(|(_, _, at)| at == m))
+        .expect("an answer on another master");
+    redis.restart_empty(restarted).await;
+
+    // The owner finds its marker there gone and writes back what it holds:
+    // the other instance replays each answer byte for byte again.
+    for (id, owned, _) in answers.iter().filter(|(_, _, at)| *at == restarted) {
+        until_replayed(&b, id, |raw| raw == owned).await;
+    }
+    for port in &redis.ports {
+        every_key_expires_at(*port).await;
+    }
+}

@@ -305,7 +305,9 @@ fn memory_only(port: u16, dir: &Scratch) -> Vec<String> {
 /// `redis-cli --cluster create` and waited for until every node says the
 /// cluster is ok.
 pub(crate) struct RedisCluster {
-    _nodes: Vec<Child>,
+    nodes: Vec<Child>,
+    /// Each node's command line, to start it again.
+    args: Vec<Vec<String>>,
     pub(crate) ports: Vec<u16>,
     _dir: Scratch,
 }
@@ -315,6 +317,7 @@ impl RedisCluster {
         let dir = Scratch::new("cluster");
         let mut nodes = Vec::new();
         let mut ports = Vec::new();
+        let mut every_args = Vec::new();
         for _ in 0..3 {
             let (port, bus) = (free_port(), free_port());
             let mut args = memory_only(port, &dir);
@@ -330,6 +333,7 @@ impl RedisCluster {
                 .map(str::to_owned),
             );
             nodes.push(redis_server(&args));
+            every_args.push(args);
             ports.push(port);
         }
         for port in &ports {
@@ -348,7 +352,18 @@ impl RedisCluster {
             "cluster create: {}",
             String::from_utf8_lossy(&created.stdout)
         );
-        for port in &ports {
+        let cluster = Self {
+            nodes,
+            args: every_args,
+            ports,
+            _dir: dir,
+        };
+        cluster.until_ok().await;
+        cluster
+    }
+
+    async fn until_ok(&self) {
+        for port in &self.ports {
             until(Duration::from_secs(20), || async {
                 cli_at(*port, &["CLUSTER", "INFO"])
                     .await
@@ -356,11 +371,17 @@ impl RedisCluster {
             })
             .await;
         }
-        Self {
-            _nodes: nodes,
-            ports,
-            _dir: dir,
-        }
+    }
+
+    /// SIGKILLs master `at` and starts it again empty (nothing is saved):
+    /// its `nodes.conf` brings it back with the same slots.
+    pub(crate) async fn restart_empty(&mut self, at: usize) {
+        let node = &mut self.nodes[at];
+        node.start_kill().expect("a cluster node to kill");
+        node.wait().await.expect("the node exits");
+        self.nodes[at] = redis_server(&self.args[at]);
+        wait_for_port(self.ports[at], "the restarted node").await;
+        self.until_ok().await;
     }
 
     /// `redis+cluster://` naming every node.

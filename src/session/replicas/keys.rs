@@ -23,7 +23,8 @@
 //! listen on `<p>ctl:{<instance>}` for cancels, readers on `<p>{g}:ev` for
 //! appends (in the generation's slot, so that a script on a Cluster can
 //! publish there with `SPUBLISH`), and `<p>inst:{<instance>}` tells an
-//! instance whether Redis kept its data since the last look. Every key
+//! instance whether Redis kept its data since the last look (on a
+//! Cluster one `<p>inst:{<instance>.<k>}` on each master). Every key
 //! has an expiry from its first write.
 
 use redis::Script;
@@ -102,6 +103,59 @@ impl Keys {
     pub(super) fn instance_marker(&self, instance: &str) -> String {
         format!("{}inst:{{{instance}}}", self.prefix)
     }
+
+    /// An instance's markers on a Cluster, one on each master: the first
+    /// `<p>inst:{<instance>.<k>}` whose slot is among that master's
+    /// ranges. A master restarted empty is found by its own marker.
+    pub(super) fn instance_markers(
+        &self,
+        instance: &str,
+        masters: &[Vec<(u16, u16)>],
+    ) -> Vec<String> {
+        masters
+            .iter()
+            .filter_map(|ranges| {
+                (0..1u32 << 20)
+                    .map(|k| format!("{instance}.{k}"))
+                    .find(|tag| {
+                        let slot = slot_of(tag);
+                        ranges.iter().any(|&(from, to)| (from..=to).contains(&slot))
+                    })
+                    .map(|tag| self.instance_marker(&tag))
+            })
+            .collect()
+    }
+}
+
+/// The Cluster slot of a hash tag.
+pub(super) fn slot_of(tag: &str) -> u16 {
+    crc16::State::<crc16::XMODEM>::calculate(tag.as_bytes()) % 16384
+}
+
+/// The slot ranges of each master in a `CLUSTER SLOTS` reply.
+pub(super) fn masters_of(reply: Vec<redis::Value>) -> Vec<Vec<(u16, u16)>> {
+    use redis::Value;
+    let mut masters: Vec<(Value, Vec<(u16, u16)>)> = Vec::new();
+    for entry in reply {
+        let Value::Array(fields) = entry else {
+            continue;
+        };
+        let (Some(Value::Int(from)), Some(Value::Int(to)), Some(Value::Array(node))) =
+            (fields.first(), fields.get(1), fields.get(2))
+        else {
+            continue;
+        };
+        let (Ok(from), Ok(to)) = (u16::try_from(*from), u16::try_from(*to)) else {
+            continue;
+        };
+        // A master is its address (host and port).
+        let address = Value::Array(node.iter().take(2).cloned().collect());
+        match masters.iter_mut().find(|(a, _)| *a == address) {
+            Some((_, ranges)) => ranges.push((from, to)),
+            None => masters.push((address, vec![(from, to)])),
+        }
+    }
+    masters.into_iter().map(|(_, ranges)| ranges).collect()
 }
 
 /// The stream entry that starts with event `seq`.
@@ -316,6 +370,28 @@ pub fn caller_hash(secret: &[u8], key: Option<&str>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_instance_has_a_marker_in_each_masters_slots() {
+        // As `CLUSTER KEYSLOT` answers.
+        assert_eq!(slot_of("foo"), 12182);
+        assert_eq!(slot_of("somekey"), 11058);
+        let keys = Keys::new("sg");
+        let masters = vec![vec![(0, 5460)], vec![(5461, 10922)], vec![(10923, 16383)]];
+        let markers = keys.instance_markers("i-abc", &masters);
+        assert_eq!(markers.len(), 3);
+        for (marker, ranges) in markers.iter().zip(&masters) {
+            let tag = marker
+                .strip_prefix("sg:inst:{")
+                .and_then(|t| t.strip_suffix('}'))
+                .expect("a marker");
+            assert!(tag.starts_with("i-abc."), "{marker}");
+            let (from, to) = ranges[0];
+            assert!((from..=to).contains(&slot_of(tag)), "{marker}");
+        }
+        // A master of one slot has one too.
+        assert_eq!(keys.instance_markers("i-abc", &[vec![(7, 7)]]).len(), 1);
+    }
 
     #[test]
     fn caller_hashes_are_stable_keyed_and_reveal_nothing_of_the_key() {

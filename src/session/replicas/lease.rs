@@ -3,6 +3,7 @@
 //! lost is picked up, and an instance that finds Redis emptied (a restart,
 //! an eviction) writes back what it holds.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::Weak;
 use std::sync::atomic::Ordering;
@@ -12,10 +13,22 @@ use tokio::sync::mpsc;
 
 use super::super::{EndCause, GenerationId};
 use super::follow::text;
+use super::keys::masters_of;
 use super::link::Primary;
 use super::mirror::{Start, own};
 use super::{Replicas, cause_from};
 use crate::telemetry;
+
+/// An instance's markers, whose absence says that Redis lost its data:
+/// one key, or on a Cluster one on each master.
+#[derive(Default)]
+pub(super) struct Markers {
+    /// The masters' slot ranges the keys were chosen for (Cluster).
+    masters: Vec<Vec<(u16, u16)>>,
+    keys: Vec<String>,
+    /// Those that Redis took in the last round.
+    written: HashSet<String>,
+}
 
 /// Pushes from the subscriber connection: appends and cancels.
 pub(super) async fn listen(
@@ -141,12 +154,15 @@ impl Replicas {
             expire.arg(&key).arg(self.running_ttl_ms());
             (key, expire)
         };
-        let mut marker = set_px(
-            self.keys.instance_marker(&self.instance),
-            self.readers_mark_ms(),
-        );
-        marker.1.arg("GET");
-        let mut commands = vec![marker];
+        let markers = self.markers().await;
+        let mut commands: Vec<_> = markers
+            .iter()
+            .map(|key| {
+                let mut marker = set_px(key.clone(), self.readers_mark_ms());
+                marker.1.arg("GET");
+                marker
+            })
+            .collect();
         // Where each running generation's `cancel` field comes back.
         let mut cancels = Vec::with_capacity(running.len());
         for generation in &running {
@@ -168,8 +184,16 @@ impl Replicas {
         let Ok(mut replies) = self.query_spread(commands).await else {
             return;
         };
-        let kept = !matches!(replies.first(), Some(Value::Nil) | None);
-        if self.marked.swap(true, Ordering::Relaxed) && !kept {
+        let lost = {
+            let mut kept = self.lock_markers();
+            let lost = markers
+                .iter()
+                .zip(&replies)
+                .any(|(key, reply)| *reply == Value::Nil && kept.written.contains(key));
+            kept.written = markers.into_iter().collect();
+            lost
+        };
+        if lost {
             tracing::warn!("Redis lost this instance's data; writing it back");
             self.write_back().await;
         }
@@ -179,6 +203,30 @@ impl Replicas {
                 generation.cancel(cause_from(&cause));
             }
         }
+    }
+
+    /// This instance's markers: one, or on a Cluster one on each master
+    /// (as `CLUSTER SLOTS` names them now; the last ones when it cannot).
+    async fn markers(&self) -> Vec<String> {
+        if !self.link.is_cluster() {
+            return vec![self.keys.instance_marker(&self.instance)];
+        }
+        let mut conn = self.link.conn();
+        let mut slots = redis::cmd("CLUSTER");
+        slots.arg("SLOTS");
+        if let Ok(reply) = self.call(slots.query_async::<Vec<Value>>(&mut conn)).await {
+            let masters = masters_of(reply);
+            let mut kept = self.lock_markers();
+            if kept.masters != masters {
+                kept.keys = self.keys.instance_markers(&self.instance, &masters);
+                kept.masters = masters;
+            }
+        }
+        self.lock_markers().keys.clone()
+    }
+
+    fn lock_markers(&self) -> std::sync::MutexGuard<'_, Markers> {
+        self.markers.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// After Redis lost data (a restart, an eviction, a failover): the

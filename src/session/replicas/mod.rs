@@ -102,9 +102,9 @@ pub struct Replicas {
     /// Set once the subscriber listens on this instance's control channel
     /// (cleared when the connections move to a new primary).
     listening: AtomicBool,
-    /// This instance's marker was written once: finding it gone means
-    /// Redis lost its data.
-    marked: AtomicBool,
+    /// This instance's markers: finding one gone that was written means
+    /// Redis (or a Cluster master) lost its data.
+    markers: Mutex<lease::Markers>,
     /// Generations the resume budget evicted here, to delete from Redis.
     evicted: mpsc::Sender<GenerationId>,
     /// Streams started here in the last window (not on a Cluster, where
@@ -172,7 +172,7 @@ impl Replicas {
             errors: AtomicU64::new(0),
             tasks: TaskTracker::new(),
             listening: AtomicBool::new(false),
-            marked: AtomicBool::new(false),
+            markers: Mutex::default(),
             evicted,
             fresh: Arc::default(),
         });
