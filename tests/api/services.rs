@@ -170,7 +170,7 @@ impl Nginx {
         );
         let d = dir.display();
         let main = format!(
-            "worker_processes 1;\n\
+            "master_process off;\n\
              daemon off;\n\
              error_log {d}/error.log warn;\n\
              pid {d}/nginx.pid;\n\
@@ -212,13 +212,8 @@ impl Nginx {
 
 impl Drop for Nginx {
     fn drop(&mut self) {
-        // SIGKILL leaves the workers to notice their master is gone; a
-        // QUIT through the pid file stops them all at once.
-        if let Ok(pid) = std::fs::read_to_string(self.dir.join("nginx.pid")) {
-            let _ = std::process::Command::new("kill")
-                .args(["-s", "TERM", pid.trim()])
-                .status();
-        }
+        // One process (`master_process off`): killing it leaves no worker
+        // behind.
         let _ = self.child.start_kill();
         let _ = std::fs::remove_dir_all(&self.dir);
     }

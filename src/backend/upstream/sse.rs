@@ -20,32 +20,55 @@ pub(super) struct SseEvent {
     pub(super) data: Bytes,
 }
 
+/// The most bytes one event may take: a chunk of tokens is a few hundred.
+const MAX_EVENT_BYTES: usize = 1 << 20;
+
+/// The data of the event being read.
+#[derive(Debug, Default)]
+enum Data {
+    #[default]
+    None,
+    /// One `data` line: where its value lies in the buffer.
+    Line(usize, usize),
+    /// Several, joined with LF.
+    Joined(BytesMut),
+}
+
 #[derive(Debug, Default)]
 pub(super) struct SseParser {
-    /// Bytes not yet split into lines.
+    /// The event being read, from its first line, and what follows it.
     buf: BytesMut,
+    /// Where the event's next line starts in `buf`.
+    at: usize,
     /// The byte-order mark was looked for.
     started: bool,
     /// The event being read.
     error: bool,
-    data: Option<Bytes>,
+    data: Data,
 }
 
 impl SseParser {
-    /// Adds a piece of the body.
-    pub(super) fn push(&mut self, chunk: &[u8]) {
+    /// Adds a piece of the body, once the events before it are taken. An
+    /// event still unfinished past [`MAX_EVENT_BYTES`] is an error.
+    pub(super) fn push(&mut self, chunk: &[u8]) -> Result<(), String> {
+        if self.buf.len() > MAX_EVENT_BYTES {
+            return Err(format!(
+                "the upstream sent an event longer than {MAX_EVENT_BYTES} bytes"
+            ));
+        }
         self.buf.extend_from_slice(chunk);
         if !self.started {
             const BOM: &[u8] = b"\xEF\xBB\xBF";
             if self.buf.len() < BOM.len() && BOM.starts_with(&self.buf) {
                 // Too short to tell yet.
-                return;
+                return Ok(());
             }
             self.started = true;
             if self.buf.starts_with(BOM) {
                 self.buf.advance(BOM.len());
             }
         }
+        Ok(())
     }
 
     /// The body ended: a CR left at its very end ends its line.
@@ -55,10 +78,23 @@ impl SseParser {
         }
     }
 
-    /// The next whole event in what was pushed, if there is one.
+    /// The next whole event in what was pushed, if there is one. Lines are
+    /// read where they lie; the buffer gives up an event's bytes only once
+    /// it is dispatched, a one-line `data` as a slice of them.
     pub(super) fn next_event(&mut self) -> Option<SseEvent> {
+        if !self.started {
+            return None;
+        }
         loop {
-            let end = self.buf.iter().position(|b| *b == b'\n' || *b == b'\r')?;
+            // Lines before an event's one `data` line (comments, other
+            // fields) need not be kept: a body of endless comments holds
+            // no memory.
+            if !matches!(self.data, Data::Line(..)) && self.at > 0 {
+                self.buf.advance(self.at);
+                self.at = 0;
+            }
+            let start = self.at;
+            let end = start + memchr::memchr2(b'\n', b'\r', &self.buf[start..])?;
             let crlf = self.buf[end] == b'\r';
             // A CR last in the buffer may be the first half of CR LF.
             if crlf && end + 1 == self.buf.len() {
@@ -69,43 +105,49 @@ impl SseParser {
             } else {
                 1
             };
-            let line = self.buf.split_to(end).freeze();
-            self.buf.advance(skip);
-            if line.is_empty() {
+            self.at = end + skip;
+            if start == end {
                 let error = std::mem::take(&mut self.error);
-                if let Some(data) = self.data.take() {
-                    return Some(SseEvent { error, data });
-                }
-                continue;
+                let data = std::mem::take(&mut self.data);
+                let event = self.buf.split_to(self.at);
+                self.at = 0;
+                let data = match data {
+                    Data::None => continue,
+                    Data::Line(from, to) => event.freeze().slice(from..to),
+                    Data::Joined(joined) => joined.freeze(),
+                };
+                return Some(SseEvent { error, data });
             }
+            let line = &self.buf[start..end];
             if line[0] == b':' {
                 continue;
             }
-            let (name, value) = match line.iter().position(|b| *b == b':') {
+            let (name, value) = match memchr::memchr(b':', line) {
                 Some(colon) => {
-                    let mut value = line.slice(colon + 1..);
-                    if value.first() == Some(&b' ') {
-                        value.advance(1);
-                    }
-                    (line.slice(..colon), value)
+                    let from = colon + 1 + usize::from(line.get(colon + 1) == Some(&b' '));
+                    (colon, start + from)
                 }
-                None => (line.clone(), Bytes::new()),
+                None => (line.len(), end),
             };
-            match &name[..] {
+            match &line[..name] {
                 b"data" => {
-                    self.data = Some(match self.data.take() {
-                        None => value,
-                        Some(before) => {
-                            let mut joined =
-                                BytesMut::with_capacity(before.len() + 1 + value.len());
-                            joined.extend_from_slice(&before);
+                    self.data = match std::mem::take(&mut self.data) {
+                        Data::None => Data::Line(value, end),
+                        Data::Line(from, to) => {
+                            let mut joined = BytesMut::with_capacity(to - from + 1 + end - value);
+                            joined.extend_from_slice(&self.buf[from..to]);
                             joined.extend_from_slice(b"\n");
-                            joined.extend_from_slice(&value);
-                            joined.freeze()
+                            joined.extend_from_slice(&self.buf[value..end]);
+                            Data::Joined(joined)
                         }
-                    });
+                        Data::Joined(mut joined) => {
+                            joined.extend_from_slice(b"\n");
+                            joined.extend_from_slice(&self.buf[value..end]);
+                            Data::Joined(joined)
+                        }
+                    };
                 }
-                b"event" => self.error = &value[..] == b"error",
+                b"event" => self.error = &self.buf[value..end] == b"error",
                 _ => {}
             }
         }
@@ -120,7 +162,7 @@ mod tests {
         let mut parser = SseParser::default();
         let mut out = Vec::new();
         for piece in pieces {
-            parser.push(piece);
+            parser.push(piece).expect("short events");
             while let Some(e) = parser.next_event() {
                 out.push((e.error, String::from_utf8(e.data.to_vec()).expect("utf-8")));
             }
@@ -180,5 +222,23 @@ mod tests {
             events(&[b"\xEF", b"\xBB", b"\xBFdata: x\n\n"]),
             vec![(false, "x".to_owned())]
         );
+    }
+
+    #[test]
+    fn endless_comments_hold_no_memory_and_an_endless_event_is_an_error() {
+        let mut parser = SseParser::default();
+        for _ in 0..100_000 {
+            parser.push(b": keep-alive\nid: 1\n").expect("comments");
+            assert_eq!(parser.next_event(), None);
+        }
+        assert!(parser.buf.len() < 64, "{} bytes held", parser.buf.len());
+        let line = vec![b'x'; 64 * 1024];
+        parser.push(b"data: ").expect("a start");
+        let mut pushed = Ok(());
+        for _ in 0..17 {
+            pushed = pushed.and_then(|()| parser.push(&line));
+            assert_eq!(parser.next_event(), None);
+        }
+        assert!(pushed.expect_err("too long").contains("longer than"));
     }
 }

@@ -178,7 +178,7 @@ impl Relay {
             }
             match tokio::time::timeout(self.timeout, self.body.next()).await {
                 Err(_) => return Err(RelayError::Broken("the upstream went silent".into())),
-                Ok(Some(Ok(chunk))) => self.events.push(&chunk),
+                Ok(Some(Ok(chunk))) => self.events.push(&chunk).map_err(RelayError::Broken)?,
                 Ok(Some(Err(err))) => return Err(RelayError::Broken(err.to_string())),
                 Ok(None) => {
                     self.events.close();
