@@ -51,12 +51,18 @@ pub struct Heads {
     pub head_dim: usize,
 }
 
-/// One layer's keys and values: per KV head, positions one after another.
+/// Positions a head's keys (or values) grow by when full: room is taken
+/// a block at a time, never doubled, so what a cache holds stays within a
+/// block of what it uses.
+const GROWTH_POSITIONS: usize = 64;
+
+/// One layer's keys and values: per KV head, positions one after another,
+/// as f16 (bits; see `sluicegate_kernels::narrow`), keys already rotated.
 #[derive(Default)]
 pub struct KvStore {
     head_dim: usize,
-    keys: Vec<Vec<f32>>,
-    values: Vec<Vec<f32>>,
+    keys: Vec<Vec<u16>>,
+    values: Vec<Vec<u16>>,
 }
 
 impl KvStore {
@@ -68,7 +74,7 @@ impl KvStore {
         }
     }
 
-    fn all(&mut self) -> impl Iterator<Item = &mut Vec<f32>> {
+    fn all(&mut self) -> impl Iterator<Item = &mut Vec<u16>> {
         self.keys.iter_mut().chain(self.values.iter_mut())
     }
 
@@ -79,7 +85,7 @@ impl KvStore {
 
     pub fn prefix(&self, positions: usize) -> Self {
         let len = positions * self.head_dim;
-        let copy = |vs: &Vec<Vec<f32>>| vs.iter().map(|v| v[..len.min(v.len())].to_vec()).collect();
+        let copy = |vs: &Vec<Vec<u16>>| vs.iter().map(|v| v[..len.min(v.len())].to_vec()).collect();
         Self {
             head_dim: self.head_dim,
             keys: copy(&self.keys),
@@ -93,7 +99,7 @@ impl KvStore {
 
     #[cfg(test)]
     pub(crate) fn filled(positions: usize, n_kv_head: usize, head_dim: usize) -> Self {
-        let zeros = vec![vec![0.0; positions * head_dim]; n_kv_head];
+        let zeros = vec![vec![0; positions * head_dim]; n_kv_head];
         Self {
             head_dim,
             keys: zeros.clone(),
@@ -102,13 +108,23 @@ impl KvStore {
     }
 
     pub fn bytes(&self) -> usize {
-        let floats: usize = self
+        let halves: usize = self
             .keys
             .iter()
             .chain(&self.values)
             .map(Vec::capacity)
             .sum();
-        floats * std::mem::size_of::<f32>()
+        halves * std::mem::size_of::<u16>()
+    }
+
+    /// Room for `positions` more in every head, a block at a time.
+    fn reserve(&mut self, positions: usize) {
+        let hd = self.head_dim;
+        for v in self.all() {
+            if v.capacity() - v.len() < positions * hd {
+                v.reserve_exact(positions.next_multiple_of(GROWTH_POSITIONS) * hd);
+            }
+        }
     }
 }
 
@@ -139,21 +155,27 @@ pub fn attend(
     if store.keys.len() != n_kv_head {
         *store = KvStore::new(n_kv_head, hd);
     }
+    let isa = Isa::detect();
+    store.reserve(seq);
+    let mut key = vec![0.0f32; hd];
+    let append = |to: &mut Vec<u16>, from: &[f32]| {
+        let at = to.len();
+        to.resize(at + hd, 0);
+        sluicegate_kernels::narrow(isa, from, &mut to[at..]);
+    };
     for s in 0..seq {
         let row = &qkv[s * width..(s + 1) * width];
         for h in 0..n_kv_head {
             let key_at = q_width + h * hd;
-            let keys = &mut store.keys[h];
-            let from = keys.len();
-            keys.extend_from_slice(&row[key_at..key_at + hd]);
-            rope.apply(&mut keys[from..], start + s);
+            key.copy_from_slice(&row[key_at..key_at + hd]);
+            rope.apply(&mut key, start + s);
+            append(&mut store.keys[h], &key);
             let value_at = q_width + kv_width + h * hd;
-            store.values[h].extend_from_slice(&row[value_at..value_at + hd]);
+            append(&mut store.values[h], &row[value_at..value_at + hd]);
         }
     }
 
     let store = &*store;
-    let isa = Isa::detect();
     let rows = |first: usize, out: &mut [f32]| {
         let rows = out.len() / q_width;
         attend_rows(
@@ -285,7 +307,14 @@ mod tests {
             attend(&all[4 * width..], 2, 4, HEADS, &rope, store, &mut again);
             assert_eq!(again, first[4 * 32..], "positions 4 and 5 again");
         }
-        assert!(full.bytes() >= 6 * 2 * 2 * 8 * 4);
+        // Two bytes a number, and room taken a block at a time.
+        let used = 6 * 2 * 2 * 8 * 2;
+        assert!(full.bytes() >= used);
+        assert!(
+            full.bytes() <= GROWTH_POSITIONS * 2 * 2 * 8 * 2,
+            "{}",
+            full.bytes()
+        );
     }
 
     #[test]
@@ -303,7 +332,11 @@ mod tests {
             &mut KvStore::default(),
             &mut out,
         );
-        let v0 = &input[(HEADS.n_head + HEADS.n_kv_head) * 8..][..8];
+        // As the cache keeps it: in f16.
+        let v0: Vec<f32> = input[(HEADS.n_head + HEADS.n_kv_head) * 8..][..8]
+            .iter()
+            .map(|&v| half::f16::from_f32(v).to_f32())
+            .collect();
         assert_eq!(&out[..8], v0, "head 0 reads KV head 0");
         assert_eq!(&out[8..16], v0, "head 1 shares KV head 0");
     }

@@ -1,8 +1,10 @@
-//! One query head's attention over its keys and values, in f32: the
-//! scores `q · k` scaled, their softmax, and the weighted sum of the
-//! values. The main crate builds for any x86-64, so its loops get SSE2
-//! at best; here the same code is compiled once per instruction set (with
-//! FMA where the CPU has it) and picked at run time.
+//! One query head's attention over its keys and values: the scores
+//! `q · k` scaled, their softmax, and the weighted sum of the values, in
+//! f32 over keys and values stored as f16 (half the cache's bytes to
+//! read, as llama.cpp keeps them), each row widened with F16C where the
+//! CPU has it. The main crate builds for any x86-64, so its loops get
+//! SSE2 at best; here the same code is compiled once per instruction set
+//! (with FMA where the CPU has it) and picked at run time.
 
 use crate::{Isa, IsaKind};
 
@@ -13,7 +15,8 @@ const LANES: usize = 16;
 /// Attention of several queries over the same keys and values, each
 /// query seeing the first `visible[i]` positions (causal prompts): the
 /// queries `i` are `queries[i * hd..][..hd]`, the keys and values
-/// positions × `hd` one after another, the outputs go to
+/// (f16 bits, see [`narrow`]) positions × `hd` one after another, the
+/// outputs go to
 /// `out[i * hd..][..hd]`. `scores` is scratch, at least `queries ×
 /// positions` long.
 ///
@@ -30,8 +33,8 @@ pub fn attend(
     hd: usize,
     queries: &[f32],
     visible: &[usize],
-    keys: &[f32],
-    values: &[f32],
+    keys: &[u16],
+    values: &[u16],
     scale: f32,
     scores: &mut [f32],
     out: &mut [f32],
@@ -54,7 +57,7 @@ pub fn attend(
         IsaKind::Scalar => many::<false>(&args, positions, scores, out),
         #[cfg(target_arch = "x86_64")]
         // SAFETY: an `Isa` of these kinds exists only once `available`
-        // saw AVX2 and FMA.
+        // saw AVX2, FMA and F16C.
         IsaKind::Avx2 | IsaKind::AvxVnni => unsafe { many_avx2(&args, positions, scores, out) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above, plus AVX-512F.
@@ -62,23 +65,94 @@ pub fn attend(
     }
 }
 
+/// f32 values as f16 bits, rounded to nearest even (as F16C's
+/// `vcvtps2ph` and the `half` crate round): how keys and values are
+/// stored for [`attend`].
+///
+/// # Panics
+/// If the slices' lengths differ.
+pub fn narrow(isa: Isa, src: &[f32], dst: &mut [u16]) {
+    assert_eq!(src.len(), dst.len());
+    match isa.0 {
+        IsaKind::Scalar => narrow_scalar(src, dst),
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: an `Isa` other than `Scalar` exists only once
+        // `available` saw AVX2, FMA and F16C.
+        _ => unsafe { narrow_f16c(src, dst) },
+    }
+}
+
+fn narrow_scalar(src: &[f32], dst: &mut [u16]) {
+    for (d, s) in dst.iter_mut().zip(src) {
+        *d = half::f16::from_f32(*s).to_bits();
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,f16c")]
+fn narrow_f16c(src: &[f32], dst: &mut [u16]) {
+    use std::arch::x86_64::*;
+    let whole = src.len() / 8 * 8;
+    for (s, d) in src[..whole]
+        .chunks_exact(8)
+        .zip(dst[..whole].chunks_exact_mut(8))
+    {
+        // SAFETY: 8 f32 are read from and 8 u16 written to slices of
+        // exactly that length (unaligned loads and stores).
+        unsafe {
+            let x = _mm256_loadu_ps(s.as_ptr());
+            let h = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(x);
+            _mm_storeu_si128(d.as_mut_ptr().cast(), h);
+        }
+    }
+    narrow_scalar(&src[whole..], &mut dst[whole..]);
+}
+
+/// f16 bits widened to f32: with F16C in the SIMD builds (`F16C`),
+/// else one by one.
+#[inline(always)]
+fn widen<const F16C: bool>(src: &[u16], dst: &mut [f32]) {
+    let mut whole = 0;
+    #[cfg(target_arch = "x86_64")]
+    if F16C {
+        use std::arch::x86_64::*;
+        whole = src.len().min(dst.len()) / 8 * 8;
+        for (s, d) in src[..whole]
+            .chunks_exact(8)
+            .zip(dst[..whole].chunks_exact_mut(8))
+        {
+            // SAFETY: `F16C` is true only where `many` is inlined into
+            // `many_avx2` or `many_avx512`, compiled with F16C, whose
+            // callers hold an `Isa` that saw it; 8 u16 are read from and 8
+            // f32 written to slices of exactly that length (unaligned).
+            unsafe {
+                let h = _mm_loadu_si128(s.as_ptr().cast());
+                _mm256_storeu_ps(d.as_mut_ptr(), _mm256_cvtph_ps(h));
+            }
+        }
+    }
+    for (d, s) in dst[whole..].iter_mut().zip(&src[whole..]) {
+        *d = half::f16::from_bits(*s).to_f32();
+    }
+}
+
 struct Args<'a> {
     hd: usize,
     queries: &'a [f32],
     visible: &'a [usize],
-    keys: &'a [f32],
-    values: &'a [f32],
+    keys: &'a [u16],
+    values: &'a [u16],
     scale: f32,
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 fn many_avx2(args: &Args<'_>, positions: usize, scores: &mut [f32], out: &mut [f32]) {
     many::<true>(args, positions, scores, out);
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx2,fma")]
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
 fn many_avx512(args: &Args<'_>, positions: usize, scores: &mut [f32], out: &mut [f32]) {
     many::<true>(args, positions, scores, out);
 }
@@ -109,8 +183,21 @@ fn scores_and_softmax<const FMA: bool, const HD: usize>(
     scores: &mut [f32],
 ) {
     let hd = width::<HD>(args);
+    let mut row = [0.0f32; 64];
+    let mut wide = if HD == 0 {
+        vec![0.0f32; hd]
+    } else {
+        Vec::new()
+    };
     // Scores, key by key: each key once for every query that sees it.
     for (j, key) in args.keys.chunks_exact(hd).take(positions).enumerate() {
+        let key = if HD == 0 {
+            widen::<FMA>(key, &mut wide);
+            &wide[..]
+        } else {
+            widen::<FMA>(key, &mut row[..HD]);
+            &row[..HD]
+        };
         for (i, q) in args.queries.chunks_exact(hd).enumerate() {
             if j < args.visible[i] {
                 let dot = if HD == 64 {
@@ -148,18 +235,20 @@ fn weighted_values<const FMA: bool, const HD: usize>(
     out: &mut [f32],
 ) {
     let hd = width::<HD>(args);
-    let mut acc = if HD == 0 {
-        vec![0.0f32; hd]
+    let (mut acc, mut wide) = if HD == 0 {
+        (vec![0.0f32; hd], vec![0.0f32; hd])
     } else {
-        Vec::new()
+        (Vec::new(), Vec::new())
     };
+    let (mut w0, mut w1) = ([0.0f32; 64], [0.0f32; 64]);
     for (i, o) in out.chunks_exact_mut(hd).enumerate() {
         let seen = args.visible[i];
         let weights = &scores[i * positions..][..seen];
         if HD == 0 {
             acc.fill(0.0);
             for (&w, value) in weights.iter().zip(args.values.chunks_exact(hd)) {
-                for (a, &v) in acc.iter_mut().zip(value) {
+                widen::<FMA>(value, &mut wide);
+                for (a, &v) in acc.iter_mut().zip(&wide) {
                     *a = madd::<FMA>(w, v, *a);
                 }
             }
@@ -174,13 +263,17 @@ fn weighted_values<const FMA: bool, const HD: usize>(
                 .zip(args.values.chunks_exact(2 * HD));
             for (w, values) in pairs {
                 let (v0, v1) = values.split_at(HD);
+                widen::<FMA>(v0, &mut w0[..HD]);
+                widen::<FMA>(v1, &mut w1[..HD]);
+                let (v0, v1) = (&w0[..HD], &w1[..HD]);
                 for d in 0..HD {
                     even[d] = madd::<FMA>(w[0], v0[d], even[d]);
                     odd[d] = madd::<FMA>(w[1], v1[d], odd[d]);
                 }
             }
             if seen % 2 == 1 {
-                let (w, v) = (weights[seen - 1], &args.values[(seen - 1) * HD..][..HD]);
+                widen::<FMA>(&args.values[(seen - 1) * HD..][..HD], &mut w0[..HD]);
+                let (w, v) = (weights[seen - 1], &w0[..HD]);
                 for d in 0..HD {
                     even[d] = madd::<FMA>(w, v[d], even[d]);
                 }
@@ -276,8 +369,19 @@ mod tests {
             (seed >> 8) as f32 / (1 << 24) as f32 * 2.0 - 1.0
         };
         for (hd, positions) in [(64usize, 1usize), (64, 37), (48, 300), (8, 5)] {
-            let keys: Vec<f32> = (0..hd * positions).map(|_| next()).collect();
-            let values: Vec<f32> = (0..hd * positions).map(|_| next()).collect();
+            // As stored: f16, and the reference reads the same values.
+            let stored = |n: usize, next: &mut dyn FnMut() -> f32| {
+                let wide: Vec<f32> = (0..n).map(|_| next()).collect();
+                let mut bits = vec![0u16; n];
+                narrow(Isa(IsaKind::Scalar), &wide, &mut bits);
+                let wide: Vec<f32> = bits
+                    .iter()
+                    .map(|&b| half::f16::from_bits(b).to_f32())
+                    .collect();
+                (bits, wide)
+            };
+            let (keys, keys_f32) = stored(hd * positions, &mut next);
+            let (values, values_f32) = stored(hd * positions, &mut next);
             // Causal: query i sees positions - 2 + i, at least 1.
             let visible: Vec<usize> = (0..3)
                 .map(|i| (positions + i).saturating_sub(2).clamp(1, positions))
@@ -299,7 +403,8 @@ mod tests {
                 );
                 for (i, &seen) in visible.iter().enumerate() {
                     let q = &queries[i * hd..][..hd];
-                    let want = reference(q, &keys[..seen * hd], &values[..seen * hd], 0.125);
+                    let want =
+                        reference(q, &keys_f32[..seen * hd], &values_f32[..seen * hd], 0.125);
                     let got = &out[i * hd..][..hd];
                     for (g, w) in got.iter().zip(&want) {
                         assert!((g - w).abs() < 1e-5, "{} hd {hd}: {g} vs {w}", isa.name());
@@ -320,6 +425,33 @@ mod tests {
                     assert_eq!(got, &alone[..], "{} query {i}", isa.name());
                 }
             }
+        }
+    }
+
+    #[test]
+    fn every_isa_narrows_to_f16_as_the_half_crate_rounds() {
+        let mut values: Vec<f32> = (0..1000)
+            .map(|i| (i as f32 * 0.731).sin() * 70_000.0)
+            .collect();
+        values.extend([
+            0.0,
+            -0.0,
+            1e-8,
+            -1e-8,
+            65_504.0,
+            65_520.0,
+            f32::INFINITY,
+            6.1e-5,
+            3.0e-5,
+        ]);
+        let want: Vec<u16> = values
+            .iter()
+            .map(|&v| half::f16::from_f32(v).to_bits())
+            .collect();
+        for isa in Isa::available() {
+            let mut got = vec![0u16; values.len()];
+            narrow(isa, &values, &mut got);
+            assert_eq!(got, want, "{}", isa.name());
         }
     }
 }

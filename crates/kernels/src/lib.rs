@@ -13,8 +13,8 @@
 //! - `blocks`: the GGUF block formats and the activation blocks.
 //! - `scalar`: portable kernels, also the reference for the tests.
 //! - `x86`: AVX2, AVX-VNNI and AVX-512-VNNI kernels from one template.
-//! - `attention`: one query head's attention in f32, compiled per
-//!   instruction set.
+//! - `attention`: one query head's attention in f32 over an f16 cache,
+//!   compiled per instruction set.
 
 mod attention;
 mod blocks;
@@ -27,7 +27,7 @@ use std::io::Read;
 
 use rayon::prelude::*;
 
-pub use attention::attend;
+pub use attention::{attend, narrow};
 pub use blocks::{BlockQ4_1, BlockQ8_0, QK};
 use blocks::{BlockQ8, WeightBlock, quantize_block};
 
