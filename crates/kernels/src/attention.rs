@@ -209,20 +209,71 @@ fn scores_and_softmax<const FMA: bool, const HD: usize>(
             }
         }
     }
-    // Each query's softmax over what it sees.
+    // Each query's softmax over what it sees: every loop a plain one over
+    // the row (lanes of partial sums where order would chain them), so
+    // that it runs in vectors. `exp` was most of a long prompt's attention
+    // as a library call per score.
     for (i, row) in scores.chunks_exact_mut(positions).enumerate() {
         let row = &mut row[..args.visible[i]];
         let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut sum = 0.0;
         for score in row.iter_mut() {
-            *score = (*score - max).exp();
-            sum += *score;
+            *score = exp::<FMA>(*score - max);
         }
-        let inv = 1.0 / sum;
+        let inv = 1.0 / lane_sum(row);
         for score in row.iter_mut() {
             *score *= inv;
         }
     }
+}
+
+/// `e^x` for the softmax's `x <= 0`, within two units in the last place
+/// down to `x = -87` (below, 0 or the smallest normal's neighbourhood,
+/// which a softmax cannot tell from 0): `2^n · e^r` with `r` in
+/// `[-ln 2 / 2, ln 2 / 2]` and Cephes' `expf` polynomial for `e^r`. No
+/// branch and no call, so a loop of it is a vector loop.
+#[inline(always)]
+fn exp<const FMA: bool>(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    // ln 2 in two parts: `n · LN2_HI` is exact.
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    let x = x.clamp(-87.0, 0.0);
+    let n = madd::<FMA>(x, LOG2E, 0.5).floor();
+    let r = madd::<FMA>(n, -LN2_LO, madd::<FMA>(n, -LN2_HI, x));
+    let mut p = 1.987_569_1e-4;
+    for c in [
+        1.398_199_9e-3,
+        8.333_452e-3,
+        4.166_579_6e-2,
+        1.666_666_5e-1,
+        5.000_000_1e-1,
+    ] {
+        p = madd::<FMA>(p, r, c);
+    }
+    let e_r = madd::<FMA>(p, r * r, r + 1.0);
+    // n is in [-126, 0]: 2^n is a normal number, built from its exponent.
+    e_r * f32::from_bits(((n as i32 + 127) as u32) << 23)
+}
+
+/// A row's sum in `LANES` partial sums added pairwise.
+#[inline(always)]
+fn lane_sum(row: &[f32]) -> f32 {
+    let mut acc = [0.0f32; LANES];
+    let chunks = row.chunks_exact(LANES);
+    let tail: f32 = chunks.remainder().iter().sum();
+    for chunk in chunks {
+        for i in 0..LANES {
+            acc[i] += chunk[i];
+        }
+    }
+    let mut w = LANES / 2;
+    while w > 0 {
+        for i in 0..w {
+            acc[i] += acc[i + w];
+        }
+        w /= 2;
+    }
+    acc[0] + tail
 }
 
 /// Each query's weighted sum of the values it sees, accumulated in a
@@ -453,5 +504,22 @@ mod tests {
             narrow(isa, &values, &mut got);
             assert_eq!(got, want, "{}", isa.name());
         }
+    }
+
+    #[test]
+    fn exp_is_within_two_ulps_over_the_softmaxs_range() {
+        let mut x = 0.0f32;
+        while x > -87.0 {
+            let (fast, fused) = (exp::<false>(x), exp::<true>(x));
+            let want = f64::from(x).exp();
+            // Two units in the last place: 2 × 2^-23 of the value.
+            for got in [fast, fused] {
+                let err = (f64::from(got) - want).abs() / want;
+                assert!(err < 2.5e-7, "exp({x}) = {got}, want {want}: {err:e}");
+            }
+            x -= 0.013_7;
+        }
+        assert_eq!(exp::<false>(0.0), 1.0);
+        assert!(exp::<true>(-200.0) < 1e-37);
     }
 }
