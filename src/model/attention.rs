@@ -131,11 +131,16 @@ impl KvStore {
 /// Query rows per parallel task of a prompt's attention.
 const ROWS_PER_TASK: usize = 8;
 
+/// Below this many query-by-key scores a few rows' attention stays on the
+/// calling thread: a parallel region costs more than it saves.
+const SCORES_PER_PARALLEL_HEADS: usize = 4096;
+
 /// Attention for `seq` new positions after `start` cached ones. `qkv` holds
 /// per position the Q heads, then K heads, then V heads (un-rotated); `out`
 /// receives per position the heads' outputs, `n_head * head_dim` wide.
-/// Each query row is computed the same way whatever the rows beside it;
-/// a prompt's rows run in parallel.
+/// Each query row is computed the same way whatever the rows beside it,
+/// and whichever thread runs it: a prompt's rows run in parallel, and a
+/// few rows over a long cache (decoding) run their KV heads in parallel.
 pub fn attend(
     qkv: &[f32],
     seq: usize,
@@ -145,6 +150,7 @@ pub fn attend(
     store: &mut KvStore,
     out: &mut [f32],
 ) {
+    use rayon::prelude::*;
     let Heads {
         n_head,
         n_kv_head,
@@ -178,50 +184,73 @@ pub fn attend(
     let store = &*store;
     let rows = |first: usize, out: &mut [f32]| {
         let rows = out.len() / q_width;
-        attend_rows(
-            &qkv[first * width..],
+        let at = Rows {
+            qkv: &qkv[first * width..],
             rows,
-            start + first,
-            (heads, isa),
-            rope,
-            store,
-            out,
-        );
+            pos: start + first,
+            heads,
+            isa,
+        };
+        for kv in 0..n_kv_head {
+            at.scatter(kv, &at.kv_head(kv, rope, store), out);
+        }
     };
     let out = &mut out[..seq * q_width];
     if seq >= 2 * ROWS_PER_TASK {
-        use rayon::prelude::*;
         out.par_chunks_mut(ROWS_PER_TASK * q_width)
             .enumerate()
             .for_each(|(c, out)| rows(c * ROWS_PER_TASK, out));
+    } else if seq * (start + seq) * n_head >= SCORES_PER_PARALLEL_HEADS && n_kv_head > 1 {
+        let at = Rows {
+            qkv,
+            rows: seq,
+            pos: start,
+            heads,
+            isa,
+        };
+        let outs: Vec<Vec<f32>> = (0..n_kv_head)
+            .into_par_iter()
+            .map(|kv| at.kv_head(kv, rope, store))
+            .collect();
+        for (kv, outs) in outs.iter().enumerate() {
+            at.scatter(kv, outs, out);
+        }
     } else {
         rows(0, out);
     }
 }
 
-/// `rows` consecutive query positions from `pos`: for each KV head, the
-/// query heads that share it at all those positions go to the kernel
-/// together, so each cached key and value is read once for all of them.
-fn attend_rows(
-    qkv: &[f32],
+/// `rows` consecutive query positions from `pos`.
+struct Rows<'a> {
+    qkv: &'a [f32],
     rows: usize,
     pos: usize,
-    (heads, isa): (Heads, Isa),
-    rope: &Rope,
-    store: &KvStore,
-    out: &mut [f32],
-) {
-    let hd = heads.head_dim;
-    let (q_width, kv_width) = (heads.n_head * hd, heads.n_kv_head * hd);
-    let width = q_width + 2 * kv_width;
-    let group = heads.n_head / heads.n_kv_head;
-    let scale = 1.0 / (hd as f32).sqrt();
-    let queries_n = rows * group;
-    let mut queries = vec![0.0f32; queries_n * hd];
-    let mut visible = vec![0usize; queries_n];
-    let mut outs = vec![0.0f32; queries_n * hd];
-    let mut scores = vec![0.0f32; queries_n * (pos + rows)];
-    for kv in 0..heads.n_kv_head {
+    heads: Heads,
+    isa: Isa,
+}
+
+impl Rows<'_> {
+    /// One KV head's part: the query heads that share it at all the rows
+    /// go to the kernel together, so each cached key and value is read
+    /// once for all of them. Their outputs, row by row, head by head.
+    fn kv_head(&self, kv: usize, rope: &Rope, store: &KvStore) -> Vec<f32> {
+        let Self {
+            qkv,
+            rows,
+            pos,
+            heads,
+            isa,
+        } = *self;
+        let hd = heads.head_dim;
+        let (q_width, kv_width) = (heads.n_head * hd, heads.n_kv_head * hd);
+        let width = q_width + 2 * kv_width;
+        let group = heads.n_head / heads.n_kv_head;
+        let scale = 1.0 / (hd as f32).sqrt();
+        let queries_n = rows * group;
+        let mut queries = vec![0.0f32; queries_n * hd];
+        let mut visible = vec![0usize; queries_n];
+        let mut outs = vec![0.0f32; queries_n * hd];
+        let mut scores = vec![0.0f32; queries_n * (pos + rows)];
         for r in 0..rows {
             for g in 0..group {
                 let h = kv * group + g;
@@ -232,19 +261,26 @@ fn attend_rows(
                 visible[i] = pos + r + 1;
             }
         }
-        let (keys, values) = (&store.keys[kv], &store.values[kv]);
         sluicegate_kernels::attend(
             isa,
             hd,
             &queries,
             &visible,
-            keys,
-            values,
+            &store.keys[kv],
+            &store.values[kv],
             scale,
             &mut scores,
             &mut outs,
         );
-        for r in 0..rows {
+        outs
+    }
+
+    /// A KV head's outputs into their heads' places in `out`.
+    fn scatter(&self, kv: usize, outs: &[f32], out: &mut [f32]) {
+        let hd = self.heads.head_dim;
+        let q_width = self.heads.n_head * hd;
+        let group = self.heads.n_head / self.heads.n_kv_head;
+        for r in 0..self.rows {
             for g in 0..group {
                 let (h, i) = (kv * group + g, r * group + g);
                 out[r * q_width + h * hd..][..hd].copy_from_slice(&outs[i * hd..][..hd]);
@@ -290,6 +326,27 @@ mod tests {
             }
             assert_eq!(at_once, one_by_one, "the same to the bit");
         }
+    }
+
+    #[test]
+    fn a_long_caches_kv_heads_in_parallel_give_the_prompts_answer_to_the_bit() {
+        // 1,100 positions: the last one decoded alone takes the parallel
+        // KV heads (4 heads x 1,100 scores is past the threshold).
+        let seq = 1100;
+        assert!(seq * HEADS.n_head >= SCORES_PER_PARALLEL_HEADS);
+        let rope = Rope::new(8, 10_000.0, seq);
+        let all = qkv(seq, 4.0);
+        let width = all.len() / seq;
+        let mut whole = KvStore::default();
+        let mut at_once = vec![0.0; seq * 32];
+        attend(&all, seq, 0, HEADS, &rope, &mut whole, &mut at_once);
+        let mut stepwise = KvStore::default();
+        let mut first = vec![0.0; (seq - 1) * 32];
+        attend(&all, seq - 1, 0, HEADS, &rope, &mut stepwise, &mut first);
+        let mut last = vec![0.0; 32];
+        let row = &all[(seq - 1) * width..];
+        attend(row, 1, seq - 1, HEADS, &rope, &mut stepwise, &mut last);
+        assert_eq!(last, at_once[(seq - 1) * 32..], "the same to the bit");
     }
 
     #[test]

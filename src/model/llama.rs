@@ -338,19 +338,32 @@ impl Weights {
         for (l, layer) in self.layers.iter().enumerate() {
             rms_norm(&x, &layer.attn_norm, c.rms_eps, &mut h);
             let qkv = project_rows(&layer.qkv, &h, rows);
-            let mut at = 0;
+            // Each segment over its own cache, side by side when several.
+            let mut jobs = Vec::with_capacity(segments.len());
+            let (mut qkv_left, mut attn_left) = (&qkv[..], &mut attn[..]);
             for segment in segments.iter_mut() {
                 let seq = segment.tokens.len();
+                let (qkv_here, qkv_rest) = qkv_left.split_at(seq * qkv_width);
+                let (attn_here, attn_rest) = attn_left.split_at_mut(seq * q_width);
+                (qkv_left, attn_left) = (qkv_rest, attn_rest);
+                jobs.push((qkv_here, segment, attn_here));
+            }
+            let attend = |(qkv, segment, out): (&[f32], &mut Segment<'_>, &mut [f32])| {
                 attention::attend(
-                    &qkv[at * qkv_width..(at + seq) * qkv_width],
-                    seq,
+                    qkv,
+                    segment.tokens.len(),
                     segment.cache.position,
                     c.heads(),
                     &self.rope,
                     &mut segment.cache.layers[l],
-                    &mut attn[at * q_width..(at + seq) * q_width],
+                    out,
                 );
-                at += seq;
+            };
+            if jobs.len() > 1 {
+                use rayon::prelude::*;
+                jobs.into_par_iter().for_each(attend);
+            } else {
+                jobs.into_iter().for_each(attend);
             }
             add(&mut x, &project_rows(&layer.wo, &attn, rows));
 
