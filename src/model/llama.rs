@@ -335,6 +335,7 @@ impl Weights {
         let mut x = self.embed(segments.iter().flat_map(|s| s.tokens.iter().copied()), rows)?;
         let mut h = vec![0.0f32; rows * n_embd];
         let mut attn = vec![0.0f32; rows * q_width];
+        let isa = sluicegate_kernels::Isa::detect();
         for (l, layer) in self.layers.iter().enumerate() {
             rms_norm(&x, &layer.attn_norm, c.rms_eps, &mut h);
             let qkv = project_rows(&layer.qkv, &h, rows);
@@ -375,9 +376,7 @@ impl Weights {
                 .zip(act.chunks_exact_mut(c.n_ff))
             {
                 let (gate, up) = row.split_at(c.n_ff);
-                for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
-                    *o = g / (1.0 + (-g).exp()) * u;
-                }
+                sluicegate_kernels::silu_mul(isa, gate, up, out);
             }
             add(&mut x, &project_rows(&layer.down, &act, rows));
         }

@@ -226,18 +226,18 @@ fn scores_and_softmax<const FMA: bool, const HD: usize>(
     }
 }
 
-/// `e^x` for the softmax's `x <= 0`, within two units in the last place
-/// down to `x = -87` (below, 0 or the smallest normal's neighbourhood,
-/// which a softmax cannot tell from 0): `2^n · e^r` with `r` in
+/// `e^x` within two units in the last place for `x` in `[-87, 88]`
+/// (outside, that of the nearer end: about 1.6e-38 below, which a softmax
+/// cannot tell from 0, and 1.7e38 above): `2^n · e^r` with `r` in
 /// `[-ln 2 / 2, ln 2 / 2]` and Cephes' `expf` polynomial for `e^r`. No
 /// branch and no call, so a loop of it is a vector loop.
 #[inline(always)]
-fn exp<const FMA: bool>(x: f32) -> f32 {
+pub(crate) fn exp<const FMA: bool>(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     // ln 2 in two parts: `n · LN2_HI` is exact.
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;
-    let x = x.clamp(-87.0, 0.0);
+    let x = x.clamp(-87.0, 88.0);
     let n = madd::<FMA>(x, LOG2E, 0.5).floor();
     let r = madd::<FMA>(n, -LN2_LO, madd::<FMA>(n, -LN2_HI, x));
     let mut p = 1.987_569_1e-4;
@@ -251,7 +251,7 @@ fn exp<const FMA: bool>(x: f32) -> f32 {
         p = madd::<FMA>(p, r, c);
     }
     let e_r = madd::<FMA>(p, r * r, r + 1.0);
-    // n is in [-126, 0]: 2^n is a normal number, built from its exponent.
+    // n is in [-126, 127]: 2^n is a normal number, built from its exponent.
     e_r * f32::from_bits(((n as i32 + 127) as u32) << 23)
 }
 
@@ -339,7 +339,7 @@ fn weighted_values<const FMA: bool, const HD: usize>(
 /// `a · b + c`, fused where the caller was compiled with FMA (elsewhere a
 /// fused multiply-add is a slow library call).
 #[inline(always)]
-fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
+pub(crate) fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
     if FMA { a.mul_add(b, c) } else { a * b + c }
 }
 
@@ -507,8 +507,8 @@ mod tests {
     }
 
     #[test]
-    fn exp_is_within_two_ulps_over_the_softmaxs_range() {
-        let mut x = 0.0f32;
+    fn exp_is_within_two_ulps_from_minus_87_to_88() {
+        let mut x = 88.0f32;
         while x > -87.0 {
             let (fast, fused) = (exp::<false>(x), exp::<true>(x));
             let want = f64::from(x).exp();

@@ -13,9 +13,12 @@
 //! - `blocks`: the GGUF block formats and the activation blocks.
 //! - `scalar`: portable kernels, also the reference for the tests.
 //! - `x86`: AVX2, AVX-VNNI and AVX-512-VNNI kernels from one template.
+//! - `activation`: the feed-forward's SiLU gate, compiled per
+//!   instruction set.
 //! - `attention`: one query head's attention in f32 over an f16 cache,
 //!   compiled per instruction set.
 
+mod activation;
 mod attention;
 mod blocks;
 mod scalar;
@@ -27,6 +30,7 @@ use std::io::Read;
 
 use rayon::prelude::*;
 
+pub use activation::silu_mul;
 pub use attention::{attend, narrow};
 pub use blocks::{BlockQ4_1, BlockQ8_0, QK};
 use blocks::{BlockQ8, WeightBlock, quantize_block};
