@@ -164,6 +164,13 @@ pub fn prompt_tokens(model: &str, computed: u64, reused: u64, kept_bytes: usize)
     gauge!("sluicegate_prompt_cache_bytes", "model" => model.to_owned()).set(kept_bytes as f64);
 }
 
+/// KV-cache blocks of the running generations, and those the budget has
+/// left (`--kv-cache-memory` in blocks of 64 positions).
+pub fn kv_blocks(model: &str, used: usize, free: usize) {
+    gauge!("sluicegate_kv_cache_blocks_used", "model" => model.to_owned()).set(used as f64);
+    gauge!("sluicegate_kv_cache_blocks_free", "model" => model.to_owned()).set(free as f64);
+}
+
 pub fn time_to_first_token(elapsed: Duration) {
     histogram!("sluicegate_time_to_first_token_seconds").record(elapsed.as_secs_f64());
 }

@@ -54,7 +54,15 @@ pub struct Heads {
 /// Positions a head's keys (or values) grow by when full: room is taken
 /// a block at a time, never doubled, so what a cache holds stays within a
 /// block of what it uses.
-const GROWTH_POSITIONS: usize = 64;
+pub const BLOCK_POSITIONS: usize = 64;
+
+/// Bytes of one cached number (f16).
+pub const NUMBER_BYTES: usize = std::mem::size_of::<u16>();
+
+/// Blocks that `positions` take.
+pub fn blocks(positions: usize) -> usize {
+    positions.div_ceil(BLOCK_POSITIONS)
+}
 
 /// One layer's keys and values: per KV head, positions one after another,
 /// as f16 (bits; see `sluicegate_kernels::narrow`), keys already rotated.
@@ -114,7 +122,7 @@ impl KvStore {
             .chain(&self.values)
             .map(Vec::capacity)
             .sum();
-        halves * std::mem::size_of::<u16>()
+        halves * NUMBER_BYTES
     }
 
     /// Room for `positions` more in every head, a block at a time.
@@ -122,7 +130,7 @@ impl KvStore {
         let hd = self.head_dim;
         for v in self.all() {
             if v.capacity() - v.len() < positions * hd {
-                v.reserve_exact(positions.next_multiple_of(GROWTH_POSITIONS) * hd);
+                v.reserve_exact(positions.next_multiple_of(BLOCK_POSITIONS) * hd);
             }
         }
     }
@@ -368,7 +376,7 @@ mod tests {
         let used = 6 * 2 * 2 * 8 * 2;
         assert!(full.bytes() >= used);
         assert!(
-            full.bytes() <= GROWTH_POSITIONS * 2 * 2 * 8 * 2,
+            full.bytes() <= BLOCK_POSITIONS * 2 * 2 * 8 * 2,
             "{}",
             full.bytes()
         );

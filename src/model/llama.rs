@@ -296,7 +296,7 @@ impl Weights {
     /// Bytes of KV cache one position takes over all layers.
     pub fn kv_bytes_per_position(&self) -> usize {
         let c = &self.config;
-        c.n_layer * 2 * c.n_kv_head * c.head_dim * std::mem::size_of::<f32>()
+        c.n_layer * 2 * c.n_kv_head * c.head_dim * attention::NUMBER_BYTES
     }
 
     /// Feeds `tokens` (the prompt, or the last sampled token) and returns

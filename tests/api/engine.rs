@@ -246,6 +246,70 @@ async fn prompt_metrics(server: &Process) -> (f64, f64) {
     )
 }
 
+/// The KV cache's blocks (64 positions each) show in `/metrics`: used and
+/// free add up to `--kv-cache-memory` in blocks, a paused generation keeps
+/// its blocks, and they come back when it ends.
+#[tokio::test]
+async fn kv_cache_blocks_show_in_the_metrics_and_add_up_to_the_budget() {
+    // SmolLM2-135M: 30 layers, 3 KV heads of 64, keys and values in f16.
+    let block_bytes = 30 * 2 * 3 * 64 * 2 * 64;
+    let budget = f64::from((64u32 << 20) / block_bytes);
+    let server = Process::start(
+        &[
+            "--backend",
+            "local",
+            "--kv-cache-memory",
+            "64",
+            "--reattach-grace",
+            "10m",
+        ],
+        &[],
+    )
+    .await;
+    let blocks = || async {
+        let m = metrics_text(server.url("/metrics")).await;
+        (
+            sample(&m, "sluicegate_kv_cache_blocks_used", &[]),
+            sample(&m, "sluicegate_kv_cache_blocks_free", &[]),
+        )
+    };
+    let prompt = "Tell me about the sea. ".repeat(40);
+    let body = json!({
+        "messages": [{"role": "user", "content": prompt}],
+        "temperature": 0,
+        "max_tokens": 2000,
+        "stream": true,
+    });
+    let resp = client()
+        .post(server.url("/v1/chat/completions"))
+        .json(&body)
+        .send()
+        .await
+        .expect("sent");
+    let id = completion_id(&resp);
+    let mut events = Events::of(resp);
+    events.next_json().await;
+    // A content chunk: the prompt is in the cache.
+    events.next_json().await;
+    // Gone: the generation pauses with its cache, for the grace.
+    drop(events);
+    crate::services::until(Duration::from_secs(30), || async {
+        let (used, free) = blocks().await;
+        used >= 4.0 && used + free == budget
+    })
+    .await;
+    let cancelled = client()
+        .post(server.url(&format!("/v1/chat/completions/{id}/cancel")))
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(cancelled.status(), 200);
+    crate::services::until(Duration::from_secs(30), || async {
+        blocks().await == (0.0, budget)
+    })
+    .await;
+}
+
 /// A chat client re-sends the conversation: the second turn computes only
 /// what the first turn's cache (prompt and answer) does not hold, as the
 /// server's own metrics show, and answers what an engine that never saw

@@ -23,6 +23,7 @@ use super::running::Running;
 use super::{Job, LocalSettings, Msg};
 use crate::backend::{FinishReason, TokenEvent, Usage};
 use crate::model::Model;
+use crate::model::attention;
 use crate::model::llama::Segment;
 use crate::telemetry;
 
@@ -88,6 +89,8 @@ fn serve(
         kept: PromptCache::new(settings.prompt_cache_memory),
         pacer: Pacer::default(),
     };
+    // KV blocks used and budgeted, as /metrics last showed them.
+    let mut shown_blocks = (usize::MAX, 0);
     loop {
         if !batch.can_step() {
             let msg = if batch.waiting.is_empty() && batch.running.is_empty() {
@@ -113,6 +116,11 @@ fn serve(
         batch.step();
         let held = batch.running.len() + batch.waiting.len();
         stats.held.store(held, Ordering::Relaxed);
+        let blocks = (batch.blocks_held(), batch.budget());
+        if blocks != shown_blocks {
+            shown_blocks = blocks;
+            telemetry::kv_blocks(name, blocks.0, blocks.1.saturating_sub(blocks.0));
+        }
     }
 }
 
@@ -176,9 +184,20 @@ impl<'m> Batch<'m> {
         self.running.iter().any(Running::steppable) || self.admissible()
     }
 
-    /// KV-cache positions the budget holds.
+    /// KV-cache blocks the budget holds: a cache takes room a block of
+    /// positions at a time, so blocks are what `--kv-cache-memory` bounds.
     fn budget(&self) -> usize {
-        self.settings.kv_cache_memory / self.model.weights.kv_bytes_per_position()
+        let block = self.model.weights.kv_bytes_per_position() * attention::BLOCK_POSITIONS;
+        self.settings.kv_cache_memory / block
+    }
+
+    /// Blocks the generations holding a cache take now.
+    fn blocks_held(&self) -> usize {
+        self.running
+            .iter()
+            .filter(|r| !r.evicted)
+            .map(|r| attention::blocks(r.cache.position))
+            .sum()
     }
 
     /// Generations holding a cache.
@@ -193,9 +212,9 @@ impl<'m> Batch<'m> {
             .running
             .iter()
             .filter(|r| !r.evicted)
-            .map(|r| r.tokens.len() + 1)
+            .map(|r| attention::blocks(r.tokens.len() + 1))
             .sum();
-        held + more <= self.budget()
+        held + attention::blocks(more) <= self.budget()
     }
 
     /// Whether an evicted generation (first) or the first waiting job can
