@@ -240,6 +240,67 @@ async fn deep(target: &Target, client: &reqwest::Client) -> Vec<f64> {
     ]
 }
 
+/// The JSON schema of the `grammar` scenario: a list of cities.
+fn cities_schema() -> Value {
+    json!({
+        "type": "object",
+        "properties": {
+            "cities": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "properties": {
+                        "city": {"type": "string"},
+                        "country": {"type": "string"},
+                        "population": {"type": "integer"}
+                    },
+                    "required": ["city", "country", "population"]
+                }
+            }
+        },
+        "required": ["cities"]
+    })
+}
+
+/// grammar: free against constrained decoding (the schema above through
+/// `response_format`), 128 greedy tokens of the same question, one stream
+/// (median of `RUNS`) and `SLOTS` at once. Figures: free tok/s,
+/// constrained tok/s, how much slower constrained is (%); the same for the
+/// streams' aggregate.
+async fn grammar(target: &Target, client: &reqwest::Client) -> Vec<f64> {
+    const CITIES: &str = "List ten large cities with their country and population, as JSON.";
+    let free = body(&chat(14, CITIES), 128);
+    let mut constrained = free.clone();
+    constrained["response_format"] = json!({
+        "type": "json_schema",
+        "json_schema": {"name": "cities", "schema": cities_schema()},
+    });
+    target.stream(client, &constrained, None).await;
+    let mut figures = Vec::new();
+    let mut one = Vec::new();
+    for body in [&free, &constrained] {
+        let mut runs = Vec::new();
+        for _ in 0..RUNS {
+            runs.push(target.stream(client, body, None).await.decode_rate());
+        }
+        one.push(median(runs));
+    }
+    figures.extend([one[0], one[1], (1.0 - one[1] / one[0]) * 100.0]);
+    let mut many = Vec::new();
+    for body in [&free, &constrained] {
+        let started = Instant::now();
+        let runs = futures_util::future::join_all(
+            (0..target::SLOTS).map(|_| target.stream(client, body, None)),
+        )
+        .await;
+        let wall = runs.iter().map(|s| s.ended).max().expect("streams") - started;
+        let tokens: usize = runs.iter().map(Streamed::tokens).sum();
+        many.push(tokens as f64 / wall.as_secs_f64());
+    }
+    figures.extend([many[0], many[1], (1.0 - many[1] / many[0]) * 100.0]);
+    figures
+}
+
 #[derive(Clone, Copy)]
 enum Scenario {
     Single,
@@ -248,16 +309,18 @@ enum Scenario {
     Turn,
     Long,
     Deep,
+    Grammar,
 }
 
 impl Scenario {
-    const ALL: [Self; 6] = [
+    const ALL: [Self; 7] = [
         Self::Single,
         Self::Prefill,
         Self::Batch,
         Self::Turn,
         Self::Long,
         Self::Deep,
+        Self::Grammar,
     ];
 
     /// What the command line names it by.
@@ -269,6 +332,7 @@ impl Scenario {
             Self::Turn => "turn",
             Self::Long => "long",
             Self::Deep => "deep",
+            Self::Grammar => "grammar",
         }
     }
 
@@ -281,6 +345,7 @@ impl Scenario {
             Self::Turn => TURN,
             Self::Long => LONG,
             Self::Deep => DEEP,
+            Self::Grammar => GRAMMAR,
         }
     }
 
@@ -292,6 +357,7 @@ impl Scenario {
             Self::Turn => turn(target, client).await,
             Self::Long => long(target, client).await,
             Self::Deep => deep(target, client).await,
+            Self::Grammar => grammar(target, client).await,
         }
     }
 }
@@ -347,6 +413,27 @@ const DEEP: &[(&str, &str, Goal)] = &[
     ),
     ("deep: token gap p50", "ms", Goal::None),
     ("deep: prompt", "tokens", Goal::None),
+];
+
+const GRAMMAR: &[(&str, &str, Goal)] = &[
+    ("grammar, 1 stream: free", "tok/s", Goal::None),
+    ("grammar, 1 stream: JSON schema", "tok/s", Goal::None),
+    (
+        "grammar, 1 stream: schema slower by",
+        "%",
+        Goal::Below(10.0),
+    ),
+    ("grammar, 8 streams: free aggregate", "tok/s", Goal::None),
+    (
+        "grammar, 8 streams: JSON schema aggregate",
+        "tok/s",
+        Goal::None,
+    ),
+    (
+        "grammar, 8 streams: schema slower by",
+        "%",
+        Goal::Below(10.0),
+    ),
 ];
 
 fn print_row(label: &str, unit: &str, goal: Goal, ours: f64, theirs: Option<f64>) {
