@@ -255,7 +255,7 @@ pub(crate) fn exp<const FMA: bool>(x: f32) -> f32 {
     e_r * f32::from_bits(((n as i32 + 127) as u32) << 23)
 }
 
-/// A row's sum in `LANES` partial sums added pairwise.
+/// A row's sum in `LANES` partial sums.
 #[inline(always)]
 fn lane_sum(row: &[f32]) -> f32 {
     let mut acc = [0.0f32; LANES];
@@ -266,6 +266,13 @@ fn lane_sum(row: &[f32]) -> f32 {
             acc[i] += chunk[i];
         }
     }
+    fold_lanes(&mut acc) + tail
+}
+
+/// The lanes' total, halves added pairwise: a few vector adds, where a
+/// sum in lane order is a chain of sixteen scalar ones.
+#[inline(always)]
+fn fold_lanes(acc: &mut [f32; LANES]) -> f32 {
     let mut w = LANES / 2;
     while w > 0 {
         for i in 0..w {
@@ -273,7 +280,7 @@ fn lane_sum(row: &[f32]) -> f32 {
         }
         w /= 2;
     }
-    acc[0] + tail
+    acc[0]
 }
 
 /// Each query's weighted sum of the values it sees, accumulated in a
@@ -377,16 +384,7 @@ fn dot<const FMA: bool>(a: &[f32], b: &[f32]) -> f32 {
             acc[i] = madd::<FMA>(x[i], y[i], acc[i]);
         }
     }
-    // Halves added pairwise: a few vector adds, where a sum in lane order
-    // is a chain of sixteen scalar ones.
-    let mut w = LANES / 2;
-    while w > 0 {
-        for i in 0..w {
-            acc[i] += acc[i + w];
-        }
-        w /= 2;
-    }
-    acc[0] + tail
+    fold_lanes(&mut acc) + tail
 }
 
 #[cfg(test)]

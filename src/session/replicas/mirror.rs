@@ -111,44 +111,52 @@ pub(super) async fn sweep(fresh: Arc<Fresh>, replicas: Weak<Replicas>) {
 }
 
 impl Replicas {
-    /// Fresh generations whose first window is over (`all`: every one):
-    /// the short answers go out whole, together; the rest get their
-    /// mirrors. Spawned under the queue's lock, so that a flush that
-    /// drains the queue then waits for them.
+    /// Fresh generations whose first window is over (`all`: every one),
+    /// handed to one task ([`sweep_out`]) spawned under the queue's lock,
+    /// so that a flush that drains the queue then waits for them.
     pub(super) fn take_fresh(self: &Arc<Self>, all: bool) {
         let now = Instant::now();
         let mut queue = self.fresh.lock();
-        let mut whole = Vec::new();
-        while queue.front().is_some_and(|(due, _)| all || *due <= now) {
-            let Some((_, generation)) = queue.pop_front() else {
-                break;
-            };
-            match generation.log.whole_with(BATCH_BYTES, compress) {
-                Some((packed, events)) => whole.push((generation, packed, events)),
-                None => {
-                    self.tasks
-                        .spawn(own(Arc::clone(self), generation, Start::Waited));
-                }
-            }
-            if whole.len() == WHOLE_PER_WRITE {
-                self.tasks
-                    .spawn(write_wholes(Arc::clone(self), std::mem::take(&mut whole)));
-            }
+        let mut due = Vec::new();
+        while queue.front().is_some_and(|(at, _)| all || *at <= now) {
+            due.extend(queue.pop_front().map(|(_, generation)| generation));
         }
-        if !whole.is_empty() {
-            self.tasks.spawn(write_wholes(Arc::clone(self), whole));
+        if !due.is_empty() {
+            self.tasks.spawn(sweep_out(Arc::clone(self), due));
         }
     }
+}
+
+/// The short answers among `due` go out whole, together (at most
+/// [`WHOLE_PER_WRITE`] a transaction); the rest get their mirrors.
+async fn sweep_out(replicas: Arc<Replicas>, due: Vec<Arc<Generation>>) {
+    let mut whole = Vec::new();
+    for generation in due {
+        match generation.log.whole_with(BATCH_BYTES, compress) {
+            Some((packed, events)) => whole.push((generation, packed, events)),
+            None => {
+                replicas
+                    .tasks
+                    .spawn(own(Arc::clone(&replicas), generation, Start::Waited));
+            }
+        }
+    }
+    let mut writes = Vec::new();
+    while !whole.is_empty() {
+        let rest = whole.split_off(whole.len().min(WHOLE_PER_WRITE));
+        writes.push(write_wholes(&replicas, std::mem::replace(&mut whole, rest)));
+    }
+    futures_util::future::join_all(writes).await;
 }
 
 /// Whole answers on their first try, in one transaction. Should it fail
 /// (its reply may be lost after it ran), each goes the way of any later
 /// try: its own mirror, whose script finds what is there.
-async fn write_wholes(replicas: Arc<Replicas>, whole: Vec<(Arc<Generation>, Vec<u8>, usize)>) {
+async fn write_wholes(replicas: &Arc<Replicas>, whole: Vec<(Arc<Generation>, Vec<u8>, usize)>) {
     let mut pipe = redis::pipe();
     pipe.atomic();
     for (generation, packed, events) in &whole {
-        write_whole(&replicas, &mut pipe, generation, packed, *events);
+        write_whole(replicas, &mut pipe, generation, packed, *events);
     }
     let mut conn = replicas.link.conn();
     let written = replicas
@@ -161,7 +169,7 @@ async fn write_wholes(replicas: Arc<Replicas>, whole: Vec<(Arc<Generation>, Vec<
         } else {
             replicas
                 .tasks
-                .spawn(own(Arc::clone(&replicas), generation, Start::Again));
+                .spawn(own(Arc::clone(replicas), generation, Start::Again));
         }
     }
 }
