@@ -301,6 +301,26 @@ async fn grammar(target: &Target, client: &reqwest::Client) -> Vec<f64> {
     figures
 }
 
+/// quote: an answer that copies its prompt, where prompt lookup pays:
+/// ~250 tokens of notes to repeat word for word, 200 greedy tokens,
+/// median of `RUNS`. Figures: decode tok/s, gap p50 ms.
+async fn quote(target: &Target, client: &reqwest::Client) -> Vec<f64> {
+    let text = notes(250);
+    let messages = vec![
+        json!({"role": "system", "content": "You are a helpful assistant."}),
+        json!({"role": "user", "content": format!("Repeat this text exactly, word for word:\n\n{text}")}),
+    ];
+    let mut runs = Vec::new();
+    for _ in 0..RUNS {
+        runs.push(target.stream(client, &body(&messages, 200), None).await);
+    }
+    let gap_p50 = |s: &Streamed| median(s.gaps().map(|(_, g)| ms(g)).collect());
+    vec![
+        median(runs.iter().map(Streamed::decode_rate).collect()),
+        median(runs.iter().map(gap_p50).collect()),
+    ]
+}
+
 #[derive(Clone, Copy)]
 enum Scenario {
     Single,
@@ -310,10 +330,11 @@ enum Scenario {
     Long,
     Deep,
     Grammar,
+    Quote,
 }
 
 impl Scenario {
-    const ALL: [Self; 7] = [
+    const ALL: [Self; 8] = [
         Self::Single,
         Self::Prefill,
         Self::Batch,
@@ -321,6 +342,7 @@ impl Scenario {
         Self::Long,
         Self::Deep,
         Self::Grammar,
+        Self::Quote,
     ];
 
     /// What the command line names it by.
@@ -333,6 +355,7 @@ impl Scenario {
             Self::Long => "long",
             Self::Deep => "deep",
             Self::Grammar => "grammar",
+            Self::Quote => "quote",
         }
     }
 
@@ -346,6 +369,7 @@ impl Scenario {
             Self::Long => LONG,
             Self::Deep => DEEP,
             Self::Grammar => GRAMMAR,
+            Self::Quote => QUOTE,
         }
     }
 
@@ -358,6 +382,7 @@ impl Scenario {
             Self::Long => long(target, client).await,
             Self::Deep => deep(target, client).await,
             Self::Grammar => grammar(target, client).await,
+            Self::Quote => quote(target, client).await,
         }
     }
 }
@@ -434,6 +459,15 @@ const GRAMMAR: &[(&str, &str, Goal)] = &[
         "%",
         Goal::Below(10.0),
     ),
+];
+
+const QUOTE: &[(&str, &str, Goal)] = &[
+    (
+        "quote: decode, repeating ~250 tokens",
+        "tok/s",
+        Goal::AtLeast(1.5),
+    ),
+    ("quote: token gap p50", "ms", Goal::None),
 ];
 
 fn print_row(label: &str, unit: &str, goal: Goal, ours: f64, theirs: Option<f64>) {

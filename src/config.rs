@@ -64,6 +64,12 @@ pub struct Config {
     #[arg(long, env = "SLUICEGATE_STEP_TOKENS", default_value_t = 256)]
     pub step_tokens: usize,
 
+    /// `local`: tokens a decoding generation may draft per step from its
+    /// own text (prompt lookup), verified in the same forward pass; the
+    /// answer is the same token for token. 0: off.
+    #[arg(long, env = "SLUICEGATE_PROMPT_LOOKUP", default_value_t = crate::backend::local::PROMPT_LOOKUP)]
+    pub prompt_lookup: usize,
+
     /// `openai`: base URL of an OpenAI-compatible server; repeat for several.
     #[arg(long = "upstream", env = "SLUICEGATE_UPSTREAM", value_delimiter = ',')]
     pub upstreams: Vec<String>,

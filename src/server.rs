@@ -54,6 +54,7 @@ impl AppState {
                     kv_cache_memory: config.kv_cache_memory.saturating_mul(1 << 20),
                     prompt_cache_memory: config.prompt_cache_memory.saturating_mul(1 << 20),
                     step_tokens: config.step_tokens,
+                    prompt_lookup: config.prompt_lookup,
                 };
                 Arc::new(LocalBackend::start(
                     model,

@@ -171,6 +171,14 @@ pub fn kv_blocks(model: &str, used: usize, free: usize) {
     gauge!("sluicegate_kv_cache_blocks_free", "model" => model.to_owned()).set(free as f64);
 }
 
+/// Tokens drafted by prompt lookup in one step, and those kept.
+pub fn draft_tokens(model: &str, drafted: usize, kept: usize) {
+    counter!("sluicegate_draft_tokens_total", "model" => model.to_owned(), "outcome" => "kept")
+        .increment(kept as u64);
+    counter!("sluicegate_draft_tokens_total", "model" => model.to_owned(), "outcome" => "rejected")
+        .increment((drafted - kept) as u64);
+}
+
 pub fn time_to_first_token(elapsed: Duration) {
     histogram!("sluicegate_time_to_first_token_seconds").record(elapsed.as_secs_f64());
 }

@@ -46,7 +46,13 @@ pub struct LocalSettings {
     /// Tokens per forward pass: every decoding generation's next token,
     /// then prompt chunks up to this many.
     pub step_tokens: usize,
+    /// Most tokens a decoding generation drafts per step by prompt lookup
+    /// (verified in the same pass); 0: none.
+    pub prompt_lookup: usize,
 }
+
+/// `--prompt-lookup`'s default.
+pub const PROMPT_LOOKUP: usize = 0;
 
 impl Default for LocalSettings {
     fn default() -> Self {
@@ -54,6 +60,7 @@ impl Default for LocalSettings {
             kv_cache_memory: 2 << 30,
             prompt_cache_memory: 256 << 20,
             step_tokens: 256,
+            prompt_lookup: PROMPT_LOOKUP,
         }
     }
 }
@@ -147,6 +154,14 @@ impl LocalBackend {
     /// Caches dropped to make room so far (each computed again later).
     pub fn evictions(&self) -> u64 {
         self.stats.evictions.load(Ordering::Relaxed)
+    }
+
+    /// Tokens drafted by prompt lookup so far, and those of them kept.
+    pub fn drafts(&self) -> (u64, u64) {
+        (
+            self.stats.drafted.load(Ordering::Relaxed),
+            self.stats.accepted.load(Ordering::Relaxed),
+        )
     }
 
     /// Prompt positions computed so far, and those reused from kept caches.

@@ -233,6 +233,9 @@ pub struct Segment<'a> {
     /// Whether to compute the logits after its last token (a prompt chunk
     /// that is not the prompt's last needs none).
     pub logits: bool,
+    /// Logits after every one of its tokens, one row each (drafted tokens
+    /// being verified); implies `logits`.
+    pub every_row: bool,
 }
 
 impl Cache {
@@ -306,6 +309,7 @@ impl Weights {
             tokens,
             cache,
             logits: true,
+            every_row: false,
         }];
         self.forward_batch(&mut segments)?
             .pop()
@@ -316,8 +320,9 @@ impl Weights {
     /// One forward pass over several sequences: their rows concatenated for
     /// every projection (the weights are read once for all of them),
     /// attention per sequence over its own cache, and the output head only
-    /// on the last row of the segments that ask for logits. A row's result
-    /// does not depend on the rows beside it.
+    /// on the last row of the segments that ask for logits (on every row
+    /// of those that ask for all, one after another). A row's result does
+    /// not depend on the rows beside it.
     pub fn forward_batch(&self, segments: &mut [Segment<'_>]) -> Result<Vec<Option<Vec<f32>>>> {
         let c = &self.config;
         for segment in segments.iter() {
@@ -380,13 +385,17 @@ impl Weights {
             }
             add(&mut x, &project_rows(&layer.down, &act, rows));
         }
-        // The last row of each segment that wants logits, all at once.
+        // The last row of each segment that wants logits (every row of
+        // those that want all), all at once.
         let mut last = Vec::new();
         let mut at = 0;
         for segment in segments.iter_mut() {
-            at += segment.tokens.len();
-            segment.cache.position += segment.tokens.len();
-            if segment.logits {
+            let seq = segment.tokens.len();
+            at += seq;
+            segment.cache.position += seq;
+            if segment.every_row {
+                last.extend_from_slice(&x[(at - seq) * n_embd..at * n_embd]);
+            } else if segment.logits {
                 last.extend_from_slice(&x[(at - 1) * n_embd..at * n_embd]);
             }
         }
@@ -398,10 +407,19 @@ impl Weights {
         rms_norm(&last, &self.norm, c.rms_eps, &mut normed);
         let logits = project_rows(&self.output, &normed, wanted);
         let vocab = self.output.rows();
-        let mut rows = logits.chunks_exact(vocab);
+        let mut from = 0;
         Ok(segments
             .iter()
-            .map(|s| s.logits.then(|| rows.next().map(<[f32]>::to_vec)).flatten())
+            .map(|s| {
+                let rows = if s.every_row {
+                    s.tokens.len()
+                } else {
+                    usize::from(s.logits)
+                };
+                let these = logits.get(from..from + rows * vocab).filter(|_| rows > 0);
+                from += rows * vocab;
+                these.map(<[f32]>::to_vec)
+            })
             .collect())
     }
 

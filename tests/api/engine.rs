@@ -162,6 +162,67 @@ fn text(answer: &Value) -> String {
         .to_owned()
 }
 
+/// Prompt lookup drafts tokens from the text so far and verifies them in
+/// one pass: the answers are the same token for token, greedy or seeded
+/// sampling, with or without a schema, and a quoting answer keeps drafts.
+#[tokio::test]
+async fn prompt_lookup_changes_no_token_of_any_answer() {
+    let (_, plain) = own(Some("plain"), LocalSettings::default()).await;
+    let (drafting, fast) = own(
+        Some("drafting"),
+        LocalSettings {
+            prompt_lookup: 8,
+            ..LocalSettings::default()
+        },
+    )
+    .await;
+    let quote = "Repeat this text exactly, word for word: The river bends around the old \
+                 mill, where the miller keeps his sacks of flour and his grey cat sleeps \
+                 beside the warm stones of the oven.";
+    let schema = json!({"type": "json_schema", "json_schema": {"name": "n", "schema": {
+        "type": "object",
+        "properties": {"answer": {"type": "string"}},
+        "required": ["answer"],
+    }}});
+    let bodies = [
+        chat(
+            Some(SYSTEM),
+            quote,
+            json!({"temperature": 0, "max_tokens": 64}),
+        ),
+        chat(
+            Some(SYSTEM),
+            "What is the capital of France?",
+            json!({"temperature": 0, "max_tokens": 24}),
+        ),
+        chat(
+            Some(SYSTEM),
+            quote,
+            json!({"temperature": 0.8, "seed": 7, "max_tokens": 64}),
+        ),
+        chat(
+            Some(SYSTEM),
+            quote,
+            json!({"temperature": 0, "max_tokens": 48, "response_format": schema, "logprobs": true, "top_logprobs": 2}),
+        ),
+    ];
+    for body in bodies {
+        let alone = answer(&plain, "plain", body.clone()).await;
+        let drafted = answer(&fast, "drafting", body.clone()).await;
+        assert_eq!(text(&drafted), text(&alone), "{body}");
+        assert_eq!(drafted["usage"], alone["usage"], "{body}");
+        assert_eq!(
+            drafted["choices"][0]["logprobs"], alone["choices"][0]["logprobs"],
+            "{body}"
+        );
+    }
+    let (drafted, kept) = drafting.drafts();
+    assert!(
+        kept > 0 && drafted > kept,
+        "{kept} of {drafted} drafted tokens kept"
+    );
+}
+
 /// Eight greedy answers at once are the eight answers one at a time: the
 /// batch changes no token. And the eight shared forward passes.
 #[tokio::test]

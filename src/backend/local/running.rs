@@ -32,7 +32,29 @@ pub(super) struct Running<'m> {
     events: EventSender,
     demand: Demand,
     shaping: Shaping,
+    /// The next step's input when it speculates: the last sampled token,
+    /// then tokens drafted from earlier text (prompt lookup). Empty when
+    /// the step carries the last sampled token alone.
+    pub(super) draft: Vec<u32>,
+    /// Most tokens the next draft may hold: doubled while drafts are kept
+    /// whole, one past what was kept of a draft kept in part, one after a
+    /// draft of which nothing was kept, and 0 after [`MISSES`] such drafts
+    /// in a row. At 0 the generation decodes plainly for [`PROBE_EVERY`]
+    /// steps, then tries one token again: a text that prompt lookup does
+    /// not predict costs few wasted rows.
+    draft_room: usize,
+    misses: u32,
+    plain_steps: u32,
 }
+
+/// The longest n-gram, and the shortest, that prompt lookup matches.
+const LOOKUP_NGRAM: (usize, usize) = (3, 2);
+
+/// Plain steps between tries, once drafts stopped being kept.
+const PROBE_EVERY: u32 = 16;
+
+/// Drafts in a row of which nothing was kept before drafting pauses.
+const MISSES: u32 = 3;
 
 impl<'m> Running<'m> {
     /// A generation whose cache already holds `cache.position` positions
@@ -59,7 +81,88 @@ impl<'m> Running<'m> {
             events: job.events,
             demand: job.demand,
             shaping: job.shaping,
+            draft: Vec::new(),
+            draft_room: usize::MAX,
+            misses: 0,
+            plain_steps: 0,
         }
+    }
+
+    /// Drafts up to `most` tokens for the next step by prompt lookup: the
+    /// tokens that followed the latest earlier occurrence of the text's
+    /// last few tokens (its prompt and its answer so far). Fills
+    /// [`Self::draft`] and says whether there is any. The step then
+    /// verifies them all at once ([`Self::verify`]).
+    pub(super) fn propose(&mut self, most: usize) -> bool {
+        self.draft.clear();
+        if most == 0 || self.prefilling() {
+            return false;
+        }
+        if self.draft_room == 0 {
+            self.plain_steps += 1;
+            if self.plain_steps < PROBE_EVERY {
+                return false;
+            }
+            (self.draft_room, self.plain_steps) = (1, 0);
+        }
+        let left = self.max_tokens.saturating_sub(self.usage.completion_tokens) as usize;
+        let most = most.min(self.draft_room).min(left.saturating_sub(1));
+        if most == 0 {
+            return false;
+        }
+        let tokens = &self.tokens;
+        for n in (LOOKUP_NGRAM.1..=LOOKUP_NGRAM.0).rev() {
+            let Some(end) = tokens.len().checked_sub(n) else {
+                continue;
+            };
+            let tail = &tokens[end..];
+            // The latest earlier occurrence, with something after it.
+            let found = (0..end).rev().find(|&at| &tokens[at..at + n] == tail);
+            if let Some(at) = found {
+                let next = &tokens[at + n..tokens.len().min(at + n + most)];
+                self.draft.push(tokens[tokens.len() - 1]);
+                self.draft.extend_from_slice(next);
+                return true;
+            }
+        }
+        false
+    }
+
+    /// Takes a speculative step's logits, a row per token of the draft:
+    /// each row as a plain step would, in order, while the token it
+    /// samples is the draft's next (so each row's input was the answer's
+    /// own text); then forgets the cache's positions past what was kept.
+    /// The sampler, the grammar and the stop sequences see exactly the
+    /// tokens a plain decode would, so the answer is the same token for
+    /// token, and no event goes out for a drafted token that was not.
+    /// Returns whether to keep going, and how many drafted tokens were
+    /// kept (`most` caps the next draft).
+    pub(super) fn verify(&mut self, model: &Model, logits: &[f32], most: usize) -> (bool, usize) {
+        let draft = std::mem::take(&mut self.draft);
+        let drafted = draft.len() - 1;
+        let start = self.cache.position - draft.len();
+        let vocab = logits.len() / draft.len().max(1);
+        let mut kept = 0;
+        let mut going = true;
+        for (row, logits) in logits.chunks_exact(vocab).enumerate() {
+            going = self.next_token(model, logits.to_vec());
+            if !going || draft.get(row + 1) != self.tokens.last() {
+                break;
+            }
+            kept = row + 1;
+        }
+        // Each kept draft token's row, and the row that sampled past them.
+        self.cache.truncate(start + kept.min(drafted) + 1);
+        let kept = kept.min(drafted);
+        self.misses = if kept == 0 { self.misses + 1 } else { 0 };
+        self.draft_room = if kept == drafted {
+            drafted.saturating_mul(2).min(most)
+        } else if self.misses >= MISSES {
+            0
+        } else {
+            kept + 1
+        };
+        (going, kept)
     }
 
     /// Tokens still to feed: the rest of the prompt, or the last sampled.

@@ -40,6 +40,9 @@ pub(super) struct Stats {
     pub(super) held: AtomicUsize,
     /// Caches dropped to make room, to be computed again.
     pub(super) evictions: AtomicU64,
+    /// Tokens drafted by prompt lookup, and those of them kept.
+    pub(super) drafted: AtomicU64,
+    pub(super) accepted: AtomicU64,
 }
 
 /// Positions a generation should have room for beyond its tokens to be
@@ -305,13 +308,26 @@ impl<'m> Batch<'m> {
     fn step(&mut self) {
         self.make_room();
         let mut plan: Vec<(usize, usize)> = Vec::new();
-        for (i, r) in self.running.iter().enumerate() {
+        let lookup = self.settings.prompt_lookup;
+        let context = self.model.weights.config.context_length;
+        for (i, r) in self.running.iter_mut().enumerate() {
             if r.steppable() && !r.prefilling() {
-                plan.push((i, 1));
+                let room = context.saturating_sub(r.tokens.len());
+                let rows = if r.propose(lookup.min(room)) {
+                    r.draft.len()
+                } else {
+                    1
+                };
+                plan.push((i, rows));
             }
         }
         let decoding = plan.len();
-        let budget = self.settings.step_tokens.max(1).saturating_sub(decoding);
+        let decoding_rows: usize = plan.iter().map(|&(_, rows)| rows).sum();
+        let budget = self
+            .settings
+            .step_tokens
+            .max(1)
+            .saturating_sub(decoding_rows);
         let mut left = self.pacer.prompt_budget(decoding, budget);
         for (i, r) in self.running.iter().enumerate() {
             if r.steppable() && r.prefilling() && left > 0 {
@@ -335,16 +351,22 @@ impl<'m> Batch<'m> {
             let prompt = r.prompt_len();
             computed += (from + take).min(prompt).saturating_sub(from);
             let r = &mut *r;
+            let speculating = !r.draft.is_empty();
             segments.push(Segment {
-                tokens: &r.tokens[from..from + take],
-                logits: from + take == r.tokens.len(),
+                tokens: if speculating {
+                    &r.draft
+                } else {
+                    &r.tokens[from..from + take]
+                },
+                logits: speculating || from + take == r.tokens.len(),
+                every_row: speculating,
                 cache: &mut r.cache,
             });
         }
         let started = Instant::now();
         let result = self.model.weights.forward_batch(&mut segments);
         drop(segments);
-        let prompt_rows = plan.iter().map(|&(_, n)| n).sum::<usize>() - decoding;
+        let prompt_rows = plan.iter().map(|&(_, n)| n).sum::<usize>() - decoding_rows;
         self.pacer
             .record(prompt_rows, started.elapsed().as_secs_f64());
         self.stats.steps.fetch_add(1, Ordering::Relaxed);
@@ -358,15 +380,32 @@ impl<'m> Batch<'m> {
         match result {
             Ok(all_logits) => {
                 for (&(i, _), logits) in plan.iter().zip(all_logits) {
-                    if let Some(logits) = logits
-                        && !self.running[i].next_token(self.model, logits)
-                    {
+                    let Some(logits) = logits else {
+                        continue;
+                    };
+                    let r = &mut self.running[i];
+                    let going = if r.draft.is_empty() {
+                        r.next_token(self.model, logits)
+                    } else {
+                        let drafted = r.draft.len() - 1;
+                        let (going, kept) = r.verify(self.model, &logits, lookup);
+                        self.stats
+                            .drafted
+                            .fetch_add(drafted as u64, Ordering::Relaxed);
+                        self.stats
+                            .accepted
+                            .fetch_add(kept as u64, Ordering::Relaxed);
+                        telemetry::draft_tokens(self.name, drafted, kept);
+                        going
+                    };
+                    if !going {
                         ended.push(i);
                     }
                 }
             }
             Err(err) => {
                 for &(i, _) in &plan {
+                    self.running[i].draft.clear();
                     self.running[i].fail(format!("decode failed: {err}"));
                     ended.push(i);
                 }
