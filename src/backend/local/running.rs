@@ -137,23 +137,27 @@ impl<'m> Running<'m> {
     /// token, and no event goes out for a drafted token that was not.
     /// Returns whether to keep going, and how many drafted tokens were
     /// kept (`most` caps the next draft).
-    pub(super) fn verify(&mut self, model: &Model, logits: &[f32], most: usize) -> (bool, usize) {
+    pub(super) fn verify(
+        &mut self,
+        model: &Model,
+        logits: &mut [f32],
+        most: usize,
+    ) -> (bool, usize) {
         let draft = std::mem::take(&mut self.draft);
         let drafted = draft.len() - 1;
         let start = self.cache.position - draft.len();
         let vocab = logits.len() / draft.len().max(1);
         let mut kept = 0;
         let mut going = true;
-        for (row, logits) in logits.chunks_exact(vocab).enumerate() {
-            going = self.next_token(model, logits.to_vec());
+        for (row, logits) in logits.chunks_exact_mut(vocab).enumerate() {
+            going = self.next_token(model, logits);
             if !going || draft.get(row + 1) != self.tokens.last() {
                 break;
             }
             kept = row + 1;
         }
         // Each kept draft token's row, and the row that sampled past them.
-        self.cache.truncate(start + kept.min(drafted) + 1);
-        let kept = kept.min(drafted);
+        self.cache.truncate(start + kept + 1);
         self.misses = if kept == 0 { self.misses + 1 } else { 0 };
         self.draft_room = if kept == drafted {
             drafted.saturating_mul(2).min(most)
@@ -214,24 +218,24 @@ impl<'m> Running<'m> {
 
     /// Samples from the logits after the last fed token and sends what it
     /// makes. Returns whether to keep going.
-    pub(super) fn next_token(&mut self, model: &Model, mut logits: Vec<f32>) -> bool {
+    pub(super) fn next_token(&mut self, model: &Model, logits: &mut [f32]) -> bool {
         for &(id, bias) in &self.shaping.bias {
             if let Some(logit) = logits.get_mut(id as usize) {
                 *logit += bias;
             }
         }
         if let Some(constraint) = &mut self.shaping.constraint
-            && let Err(err) = constraint.mask(&mut logits)
+            && let Err(err) = constraint.mask(logits)
         {
             self.fail(format!("the output grammar failed: {err}"));
             return false;
         }
-        let token = self.sampler.sample(&mut logits);
+        let token = self.sampler.sample(logits);
         self.sampler.observe(token);
         let logprobs = self
             .shaping
             .logprobs
-            .map(|top| shaping::logprobs(&model.vocabulary, &logits, token, top));
+            .map(|top| shaping::logprobs(&model.vocabulary, logits, token, top));
         if let Some(constraint) = &mut self.shaping.constraint
             && !model.end_tokens.contains(&token)
             && let Err(err) = constraint.advance(token)

@@ -366,9 +366,12 @@ impl<'m> Batch<'m> {
         let started = Instant::now();
         let result = self.model.weights.forward_batch(&mut segments);
         drop(segments);
-        let prompt_rows = plan.iter().map(|&(_, n)| n).sum::<usize>() - decoding_rows;
+        // Rows beyond one per decoding generation (prompt chunks, drafted
+        // tokens) cost like prompt rows: the pacer's base stays the time
+        // of a plain decode step.
+        let extra_rows = plan.iter().map(|&(_, n)| n).sum::<usize>() - decoding;
         self.pacer
-            .record(prompt_rows, started.elapsed().as_secs_f64());
+            .record(extra_rows, started.elapsed().as_secs_f64());
         self.stats.steps.fetch_add(1, Ordering::Relaxed);
         self.stats
             .computed
@@ -380,15 +383,15 @@ impl<'m> Batch<'m> {
         match result {
             Ok(all_logits) => {
                 for (&(i, _), logits) in plan.iter().zip(all_logits) {
-                    let Some(logits) = logits else {
+                    let Some(mut logits) = logits else {
                         continue;
                     };
                     let r = &mut self.running[i];
                     let going = if r.draft.is_empty() {
-                        r.next_token(self.model, logits)
+                        r.next_token(self.model, &mut logits)
                     } else {
                         let drafted = r.draft.len() - 1;
-                        let (going, kept) = r.verify(self.model, &logits, lookup);
+                        let (going, kept) = r.verify(self.model, &mut logits, lookup);
                         self.stats
                             .drafted
                             .fetch_add(drafted as u64, Ordering::Relaxed);
