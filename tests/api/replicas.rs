@@ -673,6 +673,37 @@ async fn sigterm_on_the_owner_ends_its_generations_for_readers_on_every_instance
 }
 
 #[tokio::test]
+async fn sigterm_right_after_short_answers_leaves_each_one_whole_in_redis() {
+    // Answers end before the mirror's first look: they wait among the
+    // fresh ones for their window, and the owner is stopped at once. Its
+    // exit writes whatever is still waiting; none may be lost.
+    let cluster = Cluster::start(&["--token-delay", "0ms"]).await;
+    let url = cluster.a.url("/v1/chat/completions");
+    let answers = futures_util::future::join_all((0..6).map(|n| {
+        let url = url.clone();
+        async move {
+            let resp = open(&url, &format!("short answer {n} before a stop"), None, None).await;
+            let id = completion_id(&resp);
+            (id, raw_body(resp).await)
+        }
+    }))
+    .await;
+    cluster.a.signal("TERM");
+    for (id, owned) in answers {
+        assert!(owned.contains("data: [DONE]"), "{owned}");
+        until(Duration::from_secs(10), || async {
+            let replay = client()
+                .get(cluster.b.url(&format!("/v1/chat/completions/{id}/events")))
+                .send()
+                .await
+                .expect("sent");
+            replay.status() == 200 && raw_body(replay).await == owned
+        })
+        .await;
+    }
+}
+
+#[tokio::test]
 async fn a_reader_on_another_instance_keeps_a_generation_alive_past_the_owners_grace() {
     // The owner's only local reader leaves; a reader on the other instance
     // goes on. The generation (60 tokens at 30 ms, far past the 300 ms
