@@ -4,6 +4,8 @@
 //! grouped-query heads read them without copies. The per-head arithmetic
 //! is `sluicegate_kernels::attend`, compiled for this CPU's SIMD.
 
+use std::sync::Arc;
+
 use sluicegate_kernels::Isa;
 
 /// RoPE tables for the "normal" (interleaved pairs) llama layout.
@@ -51,9 +53,10 @@ pub struct Heads {
     pub head_dim: usize,
 }
 
-/// Positions a head's keys (or values) grow by when full: room is taken
-/// a block at a time, never doubled, so what a cache holds stays within a
-/// block of what it uses.
+/// Positions a block of the cache holds: room is taken a block at a
+/// time, never doubled, so what a cache holds stays within a block of
+/// what it uses; and a cache that starts with another's positions shares
+/// its whole blocks instead of copying them.
 pub const BLOCK_POSITIONS: usize = 64;
 
 /// Bytes of one cached number (f16).
@@ -64,75 +67,97 @@ pub fn blocks(positions: usize) -> usize {
     positions.div_ceil(BLOCK_POSITIONS)
 }
 
-/// One layer's keys and values: per KV head, positions one after another,
-/// as f16 (bits; see `sluicegate_kernels::narrow`), keys already rotated.
-#[derive(Default)]
+/// One block of a layer's cache: per KV head its keys, then per KV head
+/// its values, each [`BLOCK_POSITIONS`] positions one after another, as
+/// f16 (bits; see `sluicegate_kernels::narrow`), keys already rotated.
+type Block = Arc<Vec<u16>>;
+
+/// One layer's keys and values in blocks (vLLM's paged attention): the
+/// block table of one generation. Blocks are shared by reference between
+/// caches that hold the same positions (a kept prompt, the choices of one
+/// request) and copied only when one of them writes into a shared one.
+#[derive(Default, Clone)]
 pub struct KvStore {
+    n_kv_head: usize,
     head_dim: usize,
-    keys: Vec<Vec<u16>>,
-    values: Vec<Vec<u16>>,
+    blocks: Vec<Block>,
+    /// Positions held: the last block may hold fewer than it has room for.
+    len: usize,
 }
 
 impl KvStore {
     pub fn new(n_kv_head: usize, head_dim: usize) -> Self {
         Self {
+            n_kv_head,
             head_dim,
-            keys: vec![Vec::new(); n_kv_head],
-            values: vec![Vec::new(); n_kv_head],
+            blocks: Vec::new(),
+            len: 0,
         }
     }
 
-    fn all(&mut self) -> impl Iterator<Item = &mut Vec<u16>> {
-        self.keys.iter_mut().chain(self.values.iter_mut())
+    /// Numbers in one head's part of a block.
+    fn part(&self) -> usize {
+        BLOCK_POSITIONS * self.head_dim
     }
 
+    /// Forgets the positions from `positions` on. A shared block stays as
+    /// it is for the others: writing into it again copies it first.
     pub fn truncate(&mut self, positions: usize) {
-        let len = positions * self.head_dim;
-        self.all().for_each(|v| v.truncate(len));
+        self.len = self.len.min(positions);
+        self.blocks.truncate(blocks(self.len));
     }
 
+    /// The first `positions`, sharing their blocks.
     pub fn prefix(&self, positions: usize) -> Self {
-        let len = positions * self.head_dim;
-        let copy = |vs: &Vec<Vec<u16>>| vs.iter().map(|v| v[..len.min(v.len())].to_vec()).collect();
-        Self {
-            head_dim: self.head_dim,
-            keys: copy(&self.keys),
-            values: copy(&self.values),
-        }
-    }
-
-    pub fn shrink(&mut self) {
-        self.all().for_each(Vec::shrink_to_fit);
+        let mut copy = self.clone();
+        copy.truncate(positions);
+        copy
     }
 
     #[cfg(test)]
     pub(crate) fn filled(positions: usize, n_kv_head: usize, head_dim: usize) -> Self {
-        let zeros = vec![vec![0; positions * head_dim]; n_kv_head];
-        Self {
-            head_dim,
-            keys: zeros.clone(),
-            values: zeros,
-        }
+        let mut store = Self::new(n_kv_head, head_dim);
+        let size = 2 * n_kv_head * store.part();
+        store.blocks = (0..blocks(positions))
+            .map(|_| Arc::new(vec![0; size]))
+            .collect();
+        store.len = positions;
+        store
     }
 
+    /// Bytes of the blocks it refers to, shared or not.
     pub fn bytes(&self) -> usize {
-        let halves: usize = self
-            .keys
-            .iter()
-            .chain(&self.values)
-            .map(Vec::capacity)
-            .sum();
-        halves * NUMBER_BYTES
+        self.blocks.iter().map(|b| b.len()).sum::<usize>() * NUMBER_BYTES
     }
 
-    /// Room for `positions` more in every head, a block at a time.
-    fn reserve(&mut self, positions: usize) {
-        let hd = self.head_dim;
-        for v in self.all() {
-            if v.capacity() - v.len() < positions * hd {
-                v.reserve_exact(positions.next_multiple_of(BLOCK_POSITIONS) * hd);
-            }
+    /// Its blocks, by identity: the same block in two caches is one.
+    pub fn block_ids(&self) -> impl Iterator<Item = usize> + '_ {
+        self.blocks.iter().map(|b| Arc::as_ptr(b) as usize)
+    }
+
+    /// Whether its last block is partly filled and shared, so that the
+    /// next position written copies it.
+    pub fn shares_its_tail(&self) -> bool {
+        !self.len.is_multiple_of(BLOCK_POSITIONS)
+            && self.blocks.last().is_some_and(|b| Arc::strong_count(b) > 1)
+    }
+
+    /// Room to write position `pos` (the next one): a new block, or the
+    /// last one made its own. Returns the block and the position's slot.
+    fn slot(&mut self, pos: usize) -> (&mut [u16], usize) {
+        let (block, slot) = (pos / BLOCK_POSITIONS, pos % BLOCK_POSITIONS);
+        if block == self.blocks.len() {
+            let size = 2 * self.n_kv_head * self.part();
+            self.blocks.push(Arc::new(vec![0; size]));
         }
+        (Arc::make_mut(&mut self.blocks[block]).as_mut_slice(), slot)
+    }
+
+    /// The keys (`values` false) or values of KV head `h`, block by block.
+    fn head(&self, h: usize, values: bool) -> Vec<&[u16]> {
+        let part = self.part();
+        let at = (usize::from(values) * self.n_kv_head + h) * part;
+        self.blocks.iter().map(|b| &b[at..at + part]).collect()
     }
 }
 
@@ -166,28 +191,27 @@ pub fn attend(
     } = heads;
     let (q_width, kv_width) = (n_head * hd, n_kv_head * hd);
     let width = q_width + 2 * kv_width;
-    if store.keys.len() != n_kv_head {
+    if store.n_kv_head != n_kv_head || store.head_dim != hd {
         *store = KvStore::new(n_kv_head, hd);
     }
     let isa = Isa::detect();
-    store.reserve(seq);
+    let part = store.part();
     let mut key = vec![0.0f32; hd];
-    let append = |to: &mut Vec<u16>, from: &[f32]| {
-        let at = to.len();
-        to.resize(at + hd, 0);
-        sluicegate_kernels::narrow(isa, from, &mut to[at..]);
-    };
     for s in 0..seq {
         let row = &qkv[s * width..(s + 1) * width];
+        let (block, slot) = store.slot(start + s);
         for h in 0..n_kv_head {
             let key_at = q_width + h * hd;
             key.copy_from_slice(&row[key_at..key_at + hd]);
             rope.apply(&mut key, start + s);
-            append(&mut store.keys[h], &key);
+            let to = h * part + slot * hd;
+            sluicegate_kernels::narrow(isa, &key, &mut block[to..to + hd]);
             let value_at = q_width + kv_width + h * hd;
-            append(&mut store.values[h], &row[value_at..value_at + hd]);
+            let to = (n_kv_head + h) * part + slot * hd;
+            sluicegate_kernels::narrow(isa, &row[value_at..value_at + hd], &mut block[to..to + hd]);
         }
     }
+    store.len = start + seq;
 
     let store = &*store;
     let rows = |first: usize, out: &mut [f32]| {
@@ -274,8 +298,8 @@ impl Rows<'_> {
             hd,
             &queries,
             &visible,
-            &store.keys[kv],
-            &store.values[kv],
+            &store.head(kv, false),
+            &store.head(kv, true),
             scale,
             &mut scores,
             &mut outs,
@@ -380,6 +404,46 @@ mod tests {
             "{}",
             full.bytes()
         );
+    }
+
+    #[test]
+    fn a_prefix_shares_whole_blocks_and_a_write_copies_only_its_own() {
+        let n = BLOCK_POSITIONS + 6;
+        let rope = Rope::new(8, 10_000.0, n + 1);
+        let (all, other) = (qkv(n + 1, 5.0), qkv(n, 9.0));
+        let width = all.len() / (n + 1);
+        let mut original = KvStore::default();
+        let mut first = vec![0.0; n * 32];
+        attend(
+            &all[..n * width],
+            n,
+            0,
+            HEADS,
+            &rope,
+            &mut original,
+            &mut first,
+        );
+        let ids = |s: &KvStore| s.block_ids().collect::<Vec<_>>();
+        let mut fork = original.prefix(n - 2);
+        assert_eq!(ids(&fork), ids(&original), "shared, not copied");
+        assert!(fork.shares_its_tail() && original.shares_its_tail());
+        // The fork writes other rows at its last two positions: the block
+        // they fall in becomes its own, the first stays shared.
+        let mut out = vec![0.0; 2 * 32];
+        let rows = &other[(n - 2) * width..];
+        attend(rows, 2, n - 2, HEADS, &rope, &mut fork, &mut out);
+        let (mine, theirs) = (ids(&fork), ids(&original));
+        assert_eq!(mine[0], theirs[0]);
+        assert_ne!(mine[1], theirs[1]);
+        assert!(!original.shares_its_tail());
+        // The original goes on as if the fork had never written.
+        let mut next = vec![0.0; 32];
+        let row = &all[n * width..];
+        attend(row, 1, n, HEADS, &rope, &mut original, &mut next);
+        let mut whole = KvStore::default();
+        let mut want = vec![0.0; (n + 1) * 32];
+        attend(&all, n + 1, 0, HEADS, &rope, &mut whole, &mut want);
+        assert_eq!(next, want[n * 32..], "the same to the bit");
     }
 
     #[test]

@@ -249,7 +249,8 @@ impl Cache {
         }
     }
 
-    /// A copy of the first `positions` positions.
+    /// The first `positions` positions, sharing their blocks: writing
+    /// past them copies only the block it writes into.
     pub fn prefix(&self, positions: usize) -> Cache {
         let positions = positions.min(self.position);
         Cache {
@@ -258,14 +259,21 @@ impl Cache {
         }
     }
 
-    /// Bytes the cache holds allocated.
+    /// Bytes of the blocks the cache refers to, shared or not.
     pub fn bytes(&self) -> usize {
         self.layers.iter().map(KvStore::bytes).sum()
     }
 
-    /// Gives back room allocated beyond the positions held.
-    pub fn shrink(&mut self) {
-        self.layers.iter_mut().for_each(KvStore::shrink);
+    /// Its blocks by identity, one per block of positions: every layer's
+    /// table is shared and copied alike, so the first layer's stands for
+    /// all of them.
+    pub fn block_ids(&self) -> impl Iterator<Item = usize> + '_ {
+        self.layers.iter().take(1).flat_map(KvStore::block_ids)
+    }
+
+    /// Whether writing the next position copies a shared block.
+    pub fn shares_its_tail(&self) -> bool {
+        self.layers.first().is_some_and(KvStore::shares_its_tail)
     }
 
     /// A cache of `positions` zeros, for tests of what keeps caches.

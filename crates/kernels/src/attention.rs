@@ -15,8 +15,8 @@ const LANES: usize = 16;
 /// Attention of several queries over the same keys and values, each
 /// query seeing the first `visible[i]` positions (causal prompts): the
 /// queries `i` are `queries[i * hd..][..hd]`, the keys and values
-/// (f16 bits, see [`narrow`]) positions × `hd` one after another, the
-/// outputs go to
+/// (f16 bits, see [`narrow`]) in blocks (a paged cache's), each block
+/// whole positions × `hd` one after another, the outputs go to
 /// `out[i * hd..][..hd]`. `scores` is scratch, at least `queries ×
 /// positions` long.
 ///
@@ -25,16 +25,16 @@ const LANES: usize = 16;
 /// A query's result is the same to the bit whatever queries come with it.
 ///
 /// # Panics
-/// If the slices' lengths disagree or a query sees more positions than
-/// there are.
+/// If the slices' lengths disagree, a block holds part of a position, or
+/// a query sees more positions than there are.
 #[allow(clippy::too_many_arguments)]
 pub fn attend(
     isa: Isa,
     hd: usize,
     queries: &[f32],
     visible: &[usize],
-    keys: &[u16],
-    values: &[u16],
+    keys: &[&[u16]],
+    values: &[&[u16]],
     scale: f32,
     scores: &mut [f32],
     out: &mut [f32],
@@ -42,7 +42,11 @@ pub fn attend(
     let n = visible.len();
     let positions = visible.iter().copied().max().unwrap_or(0);
     assert!(hd > 0 && queries.len() == n * hd && out.len() == n * hd);
-    assert!(keys.len() >= positions * hd && values.len() >= positions * hd);
+    let held = |blocks: &[&[u16]]| {
+        assert!(blocks.iter().all(|b| b.len() % hd == 0), "whole positions");
+        blocks.iter().map(|b| b.len()).sum::<usize>()
+    };
+    assert!(held(keys) >= positions * hd && held(values) >= positions * hd);
     assert!(scores.len() >= n * positions);
     let args = Args {
         hd,
@@ -140,9 +144,15 @@ struct Args<'a> {
     hd: usize,
     queries: &'a [f32],
     visible: &'a [usize],
-    keys: &'a [u16],
-    values: &'a [u16],
+    keys: &'a [&'a [u16]],
+    values: &'a [&'a [u16]],
     scale: f32,
+}
+
+/// The positions' rows (keys or values), block after block.
+#[inline(always)]
+fn rows<'a>(blocks: &'a [&'a [u16]], hd: usize) -> impl Iterator<Item = &'a [u16]> + 'a {
+    blocks.iter().flat_map(move |b| b.chunks_exact(hd))
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -190,23 +200,33 @@ fn scores_and_softmax<const FMA: bool, const HD: usize>(
         Vec::new()
     };
     // Scores, key by key: each key once for every query that sees it.
-    for (j, key) in args.keys.chunks_exact(hd).take(positions).enumerate() {
-        let key = if HD == 0 {
-            widen::<FMA>(key, &mut wide);
-            &wide[..]
-        } else {
-            widen::<FMA>(key, &mut row[..HD]);
-            &row[..HD]
-        };
-        for (i, q) in args.queries.chunks_exact(hd).enumerate() {
-            if j < args.visible[i] {
-                let dot = if HD == 64 {
-                    dot64(q, key)
-                } else {
-                    dot::<FMA>(q, key)
-                };
-                scores[i * positions + j] = dot * args.scale;
+    // A plain loop over each block's keys: an iterator chained across
+    // the blocks cost 12% of decode after 1,500 tokens.
+    let mut first = 0;
+    for block in args.keys {
+        let here = (block.len() / hd).min(positions - first);
+        for (j, key) in (first..).zip(block[..here * hd].chunks_exact(hd)) {
+            let key = if HD == 0 {
+                widen::<FMA>(key, &mut wide);
+                &wide[..]
+            } else {
+                widen::<FMA>(key, &mut row[..HD]);
+                &row[..HD]
+            };
+            for (i, q) in args.queries.chunks_exact(hd).enumerate() {
+                if j < args.visible[i] {
+                    let dot = if HD == 64 {
+                        dot64(q, key)
+                    } else {
+                        dot::<FMA>(q, key)
+                    };
+                    scores[i * positions + j] = dot * args.scale;
+                }
             }
+        }
+        first += here;
+        if first == positions {
+            break;
         }
     }
     // Each query's softmax over what it sees: every loop a plain one over
@@ -304,7 +324,7 @@ fn weighted_values<const FMA: bool, const HD: usize>(
         let weights = &scores[i * positions..][..seen];
         if HD == 0 {
             acc.fill(0.0);
-            for (&w, value) in weights.iter().zip(args.values.chunks_exact(hd)) {
+            for (&w, value) in weights.iter().zip(rows(args.values, hd)) {
                 widen::<FMA>(value, &mut wide);
                 for (a, &v) in acc.iter_mut().zip(&wide) {
                     *a = madd::<FMA>(w, v, *a);
@@ -316,24 +336,30 @@ fn weighted_values<const FMA: bool, const HD: usize>(
             // multiply-add waits on the one two values back, not one.
             let (mut even, mut odd) = ([0.0f32; 64], [0.0f32; 64]);
             let (even, odd) = (&mut even[..HD], &mut odd[..HD]);
-            let pairs = weights
-                .chunks_exact(2)
-                .zip(args.values.chunks_exact(2 * HD));
-            for (w, values) in pairs {
-                let (v0, v1) = values.split_at(HD);
-                widen::<FMA>(v0, &mut w0[..HD]);
-                widen::<FMA>(v1, &mut w1[..HD]);
-                let (v0, v1) = (&w0[..HD], &w1[..HD]);
-                for d in 0..HD {
-                    even[d] = madd::<FMA>(w[0], v0[d], even[d]);
-                    odd[d] = madd::<FMA>(w[1], v1[d], odd[d]);
+            let mut at = 0;
+            for block in args.values {
+                let here = (block.len() / HD).min(seen - at);
+                let (weights, block) = (&weights[at..at + here], &block[..here * HD]);
+                for (w, values) in weights.chunks_exact(2).zip(block.chunks_exact(2 * HD)) {
+                    let (v0, v1) = values.split_at(HD);
+                    widen::<FMA>(v0, &mut w0[..HD]);
+                    widen::<FMA>(v1, &mut w1[..HD]);
+                    let (v0, v1) = (&w0[..HD], &w1[..HD]);
+                    for d in 0..HD {
+                        even[d] = madd::<FMA>(w[0], v0[d], even[d]);
+                        odd[d] = madd::<FMA>(w[1], v1[d], odd[d]);
+                    }
                 }
-            }
-            if seen % 2 == 1 {
-                widen::<FMA>(&args.values[(seen - 1) * HD..][..HD], &mut w0[..HD]);
-                let (w, v) = (weights[seen - 1], &w0[..HD]);
-                for d in 0..HD {
-                    even[d] = madd::<FMA>(w, v[d], even[d]);
+                if here % 2 == 1 {
+                    widen::<FMA>(&block[(here - 1) * HD..], &mut w0[..HD]);
+                    let (w, v) = (weights[here - 1], &w0[..HD]);
+                    for d in 0..HD {
+                        even[d] = madd::<FMA>(w, v[d], even[d]);
+                    }
+                }
+                at += here;
+                if at == seen {
+                    break;
                 }
             }
             for ((o, e), d) in o.iter_mut().zip(even.iter()).zip(odd.iter()) {
@@ -436,7 +462,21 @@ mod tests {
                 .map(|i| (positions + i).saturating_sub(2).clamp(1, positions))
                 .collect();
             let queries: Vec<f32> = (0..3 * hd).map(|_| next()).collect();
-            for isa in Isa::available() {
+            // One block, and blocks of 3 positions (odd, so that the
+            // value pairs straddle them).
+            let (whole_keys, whole_values) = ([&keys[..]], [&values[..]]);
+            let (split_keys, split_values): (Vec<&[u16]>, Vec<&[u16]>) = (
+                keys.chunks(3 * hd).collect(),
+                values.chunks(3 * hd).collect(),
+            );
+            let layouts = [
+                (&whole_keys[..], &whole_values[..]),
+                (&split_keys[..], &split_values[..]),
+            ];
+            for (isa, (keys, values)) in Isa::available()
+                .into_iter()
+                .flat_map(|isa| layouts.map(|layout| (isa, layout)))
+            {
                 let mut scores = vec![0.0; 3 * positions];
                 let mut out = vec![0.0; 3 * hd];
                 attend(
@@ -444,8 +484,8 @@ mod tests {
                     hd,
                     &queries,
                     &visible,
-                    &keys,
-                    &values,
+                    keys,
+                    values,
                     0.125,
                     &mut scores,
                     &mut out,
@@ -465,8 +505,8 @@ mod tests {
                         hd,
                         q,
                         &[seen],
-                        &keys,
-                        &values,
+                        keys,
+                        values,
                         0.125,
                         &mut scratch,
                         &mut alone,

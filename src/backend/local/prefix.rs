@@ -36,8 +36,8 @@ impl PromptCache {
     }
 
     /// The cache with the longest prefix of `prompt` among the caller's
-    /// own: the session's last generation when it matches best, else a
-    /// copy of another's prefix (a shared system prompt). Always leaves
+    /// own: the session's last generation when it matches best, else
+    /// another's prefix (a shared system prompt), its blocks shared. Always leaves
     /// the prompt's last token to compute, whose logits start the answer.
     /// Caches never cross callers.
     pub(super) fn take(&mut self, key: &CacheKey, prompt: &[u32]) -> Option<Cache> {
@@ -73,7 +73,7 @@ impl PromptCache {
 
     /// Keeps a finished generation's cache: `tokens` are the positions it
     /// holds. Replaces the session's previous one.
-    pub(super) fn put(&mut self, key: CacheKey, mut tokens: Vec<u32>, mut cache: Cache) {
+    pub(super) fn put(&mut self, key: CacheKey, mut tokens: Vec<u32>, cache: Cache) {
         if key.session.is_some()
             && let Some(at) = self.entries.iter().position(|e| e.key == key)
         {
@@ -81,7 +81,6 @@ impl PromptCache {
             self.used -= old.bytes;
         }
         tokens.truncate(cache.position);
-        cache.shrink();
         let bytes = cache.bytes() + tokens.capacity() * std::mem::size_of::<u32>();
         if bytes > self.budget || cache.position == 0 {
             return;
@@ -138,7 +137,7 @@ mod tests {
     }
 
     #[test]
-    fn other_sessions_share_a_copy_and_other_callers_nothing() {
+    fn other_sessions_share_a_prefix_and_other_callers_nothing() {
         let mut pc = PromptCache::new(1 << 20);
         pc.put(key(1, Some("a")), vec![7, 7, 7, 1], cache(4));
         let before = pc.bytes();

@@ -194,13 +194,18 @@ impl<'m> Batch<'m> {
         self.settings.kv_cache_memory / block
     }
 
-    /// Blocks the generations holding a cache take now.
+    /// Blocks the generations holding a cache take now, each shared
+    /// block once.
     fn blocks_held(&self) -> usize {
-        self.running
+        let mut ids: Vec<usize> = self
+            .running
             .iter()
             .filter(|r| !r.evicted)
-            .map(|r| attention::blocks(r.cache.position))
-            .sum()
+            .flat_map(|r| r.cache.block_ids())
+            .collect();
+        ids.sort_unstable();
+        ids.dedup();
+        ids.len()
     }
 
     /// Generations holding a cache.
@@ -209,15 +214,21 @@ impl<'m> Batch<'m> {
     }
 
     /// Whether `more` positions fit beside what the generations holding a
-    /// cache will hold after the next step.
+    /// cache will hold after the next step: the blocks held, and those
+    /// each will take for its tokens still to feed (a shared last block
+    /// written into is copied first).
     fn fits(&self, more: usize) -> bool {
-        let held: usize = self
+        let growing: usize = self
             .running
             .iter()
             .filter(|r| !r.evicted)
-            .map(|r| attention::blocks(r.tokens.len() + 1))
+            .map(|r| {
+                let held = attention::blocks(r.cache.position);
+                attention::blocks(r.tokens.len() + 1).saturating_sub(held)
+                    + usize::from(r.cache.shares_its_tail())
+            })
             .sum();
-        held + attention::blocks(more) <= self.budget()
+        self.blocks_held() + growing + attention::blocks(more) <= self.budget()
     }
 
     /// Whether an evicted generation (first) or the first waiting job can
