@@ -28,6 +28,10 @@ use crate::model::template::{Piece, TemplateError};
 use crate::model::tokenizer;
 use scheduler::Stats;
 
+/// Most choices (`n`) one request may ask for: each costs a stream's
+/// compute and KV cache beyond the prompt's shared blocks.
+pub const MAX_CHOICES: u32 = 16;
+
 /// Run slots by default: generations the backend takes at once. It admits
 /// them into the batch as the KV-cache budget allows; more wait in the
 /// server's queue.
@@ -94,6 +98,35 @@ struct Job {
     /// Paused while nobody reads: not stepped, its KV cache kept.
     demand: Demand,
     shaping: Shaping,
+    /// Choices asked for (`n`): they share the prompt's computation.
+    choices: u32,
+}
+
+impl Job {
+    /// Choice `index` of the same request: its own seed (the request's
+    /// plus its index, so that choice `i` of a seeded request answers as
+    /// the request with seed + `i` does), grammar state and tool calls.
+    fn choice(&self, index: u32) -> Job {
+        let mut sampling = self.sampling.clone();
+        sampling.seed = sampling.seed.map(|s| s.wrapping_add(u64::from(index)));
+        Job {
+            cache_key: None,
+            prompt: self.prompt.clone(),
+            sampling,
+            max_tokens: self.max_tokens,
+            stop: self.stop.clone(),
+            cancel: self.cancel.clone(),
+            events: self.events.clone(),
+            demand: self.demand.clone(),
+            shaping: Shaping {
+                constraint: self.shaping.constraint.clone(),
+                calls: self.shaping.calls.as_ref().map(|_| CallReader::fresh()),
+                logprobs: self.shaping.logprobs,
+                bias: self.shaping.bias.clone(),
+            },
+            choices: 1,
+        }
+    }
 }
 
 /// What a generation does around sampling for tools, structured output,
@@ -203,7 +236,7 @@ impl Backend for LocalBackend {
 
     fn capabilities(&self) -> Capabilities {
         Capabilities {
-            max_choices: 1,
+            max_choices: MAX_CHOICES,
             default_concurrency: DEFAULT_CONCURRENCY,
             relays_fields: false,
             serves: &FIELDS,
@@ -269,9 +302,7 @@ impl Backend for LocalBackend {
             })?;
             let shaping = Shaping {
                 constraint,
-                calls: features
-                    .calls_tools()
-                    .then(|| CallReader::new(format!("call_{:08x}", rand::random::<u32>()))),
+                calls: features.calls_tools().then(CallReader::fresh),
                 logprobs: features.logprobs,
                 bias: features.logit_bias,
             };
@@ -322,6 +353,7 @@ impl Backend for LocalBackend {
             events,
             demand: req.demand,
             shaping,
+            choices: req.choices.max(1),
         };
         let jobs = self.jobs.clone();
         // Compute starts when the server polls the stream, that is once the

@@ -224,6 +224,11 @@ enum State {
 }
 
 impl CallReader {
+    /// A reader whose calls get ids of their own (`call_` and random hex).
+    pub fn fresh() -> Self {
+        Self::new(format!("call_{:08x}", rand::random::<u32>()))
+    }
+
     pub fn new(id: impl Into<String>) -> Self {
         Self {
             id: id.into(),

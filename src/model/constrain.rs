@@ -51,7 +51,9 @@ impl Vocabulary {
     }
 }
 
-/// One generation's grammar state.
+/// One generation's grammar state. A clone goes on independently (the
+/// choices of one request), sharing the lexer's caches.
+#[derive(Clone)]
 pub struct Constraint {
     matcher: Matcher,
 }

@@ -14,8 +14,8 @@ use serde_json::{Value, json};
 use sluicegate::backend::local::{LocalBackend, LocalSettings};
 
 use crate::common::{
-    Events, TestServer, cancel, client, completion_id, eventually, metrics_text, post, post_json,
-    transcript,
+    Events, TestServer, cancel, client, completion_id, eventually, json_reply, metrics_text, post,
+    post_json, transcript,
 };
 use crate::model::{backend_with, chat, model_path, shared};
 use crate::process::{Process, sample};
@@ -223,6 +223,94 @@ async fn prompt_lookup_changes_no_token_of_any_answer() {
     );
 }
 
+/// `n` choices compute their prompt once and share its cache blocks,
+/// then each answers as a request of its own would: greedy, the same
+/// answer; seeded, choice `i` as the request with seed + `i`. Usage
+/// counts the prompt once and every choice's tokens. Streamed, each
+/// choice has its index and its own finish, before one `[DONE]`.
+#[tokio::test]
+async fn choices_share_the_prompt_and_each_answers_as_its_own_request_would() {
+    let (backend, server) = own(Some("choices"), LocalSettings::default()).await;
+    let model = "choices";
+    let question = |extra: Value| chat(Some(SYSTEM), "What is the capital of France?", extra);
+    let texts = |answer: &Value| -> Vec<String> {
+        let choices = answer["choices"].as_array().expect("choices");
+        (0..choices.len())
+            .map(|i| {
+                assert_eq!(choices[i]["index"], i, "{answer}");
+                choices[i]["message"]["content"]
+                    .as_str()
+                    .expect("text")
+                    .to_owned()
+            })
+            .collect()
+    };
+    // First, so that no kept cache serves its prompt.
+    let seeded = json!({"temperature": 1.0, "seed": 11, "max_tokens": 24});
+    let mut three = question(seeded.clone());
+    three["n"] = json!(3);
+    let together = answer(&server, model, three).await;
+    let (computed, reused) = backend.prompt_tokens();
+    let prompt = together["usage"]["prompt_tokens"].as_u64().expect("usage");
+    assert_eq!((computed, reused), (prompt, 0), "the prompt computed once");
+    let mut completion = 0;
+    for (i, text) in texts(&together).iter().enumerate() {
+        let mut body = seeded.clone();
+        body["seed"] = json!(11 + i);
+        let alone = answer(&server, model, question(body)).await;
+        assert_eq!(
+            text,
+            &self::text(&alone),
+            "choice {i} against seed {}",
+            11 + i
+        );
+        assert_eq!(alone["usage"]["prompt_tokens"], prompt);
+        completion += alone["usage"]["completion_tokens"].as_u64().expect("usage");
+    }
+    assert_eq!(together["usage"]["completion_tokens"], completion);
+
+    let greedy = json!({"temperature": 0, "max_tokens": 12, "n": 2, "stream": true,
+        "stream_options": {"include_usage": true}});
+    let resp = post(&server, "/v1/chat/completions", &{
+        let mut body = question(greedy);
+        body["model"] = json!(model);
+        body
+    })
+    .send()
+    .await
+    .expect("sent");
+    assert_eq!(resp.status(), 200);
+    let t = transcript(&Events::of(resp).rest().await);
+    assert!(t.done);
+    let (mut streamed, mut finishes) = (vec![String::new(); 2], vec![Vec::new(); 2]);
+    for chunk in &t.chunks {
+        for choice in chunk["choices"].as_array().expect("choices") {
+            let i = usize::try_from(choice["index"].as_u64().expect("index")).expect("index");
+            streamed[i].push_str(choice["delta"]["content"].as_str().unwrap_or_default());
+            if !choice["finish_reason"].is_null() {
+                finishes[i].push(choice["finish_reason"].clone());
+            }
+        }
+    }
+    let alone = answer(
+        &server,
+        model,
+        question(json!({"temperature": 0, "max_tokens": 12})),
+    )
+    .await;
+    assert!(text(&alone).contains("Paris"), "{alone}");
+    assert_eq!(streamed, [text(&alone), text(&alone)]);
+    let finish = alone["choices"][0]["finish_reason"].clone();
+    assert_eq!(
+        finishes,
+        [[finish.clone()], [finish]],
+        "each choice ends once"
+    );
+    let usage = &t.chunks.last().expect("usage chunk")["usage"];
+    let each = alone["usage"]["completion_tokens"].as_u64().expect("usage");
+    assert_eq!(usage["completion_tokens"], 2 * each, "{usage}");
+}
+
 /// Eight greedy answers at once are the eight answers one at a time: the
 /// batch changes no token. And the eight shared forward passes.
 #[tokio::test]
@@ -309,7 +397,8 @@ async fn prompt_metrics(server: &Process) -> (f64, f64) {
 
 /// The KV cache's blocks (64 positions each) show in `/metrics`: used and
 /// free add up to `--kv-cache-memory` in blocks, a paused generation keeps
-/// its blocks, and they come back when it ends.
+/// its blocks, and they come back when it ends. The choices of one
+/// request share their prompt's blocks.
 #[tokio::test]
 async fn kv_cache_blocks_show_in_the_metrics_and_add_up_to_the_budget() {
     // SmolLM2-135M: 30 layers, 3 KV heads of 64, keys and values in f16.
@@ -359,6 +448,57 @@ async fn kv_cache_blocks_show_in_the_metrics_and_add_up_to_the_budget() {
         used >= 4.0 && used + free == budget
     })
     .await;
+    let cancelled = client()
+        .post(server.url(&format!("/v1/chat/completions/{id}/cancel")))
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(cancelled.status(), 200);
+    crate::services::until(Duration::from_secs(30), || async {
+        blocks().await == (0.0, budget)
+    })
+    .await;
+
+    // Four choices of a long prompt share its whole blocks: each holds
+    // a block or two of its own past them, not a copy of the prompt.
+    let long = json!({
+        "messages": [{"role": "user", "content": "Tell me about the sea. ".repeat(120)}],
+        "temperature": 0,
+        "max_tokens": 1,
+    });
+    let counted = json_reply(
+        client()
+            .post(server.url("/v1/chat/completions"))
+            .json(&long),
+    )
+    .await;
+    let prompt = counted["usage"]["prompt_tokens"].as_u64().expect("usage");
+    let whole = f64::from(u32::try_from(prompt / 64).expect("blocks"));
+    assert!(whole >= 10.0, "{prompt} prompt tokens");
+    let mut body = long;
+    body["n"] = json!(4);
+    body["max_tokens"] = json!(2000);
+    body["stream"] = json!(true);
+    let resp = client()
+        .post(server.url("/v1/chat/completions"))
+        .json(&body)
+        .send()
+        .await
+        .expect("sent");
+    let id = completion_id(&resp);
+    let mut events = Events::of(resp);
+    events.next_json().await;
+    events.next_json().await;
+    drop(events);
+    crate::services::until(Duration::from_secs(30), || async {
+        blocks().await.0 >= whole + 4.0
+    })
+    .await;
+    let (used, _) = blocks().await;
+    assert!(
+        used <= whole + 8.0,
+        "{used} blocks for four choices of {whole} whole prompt blocks"
+    );
     let cancelled = client()
         .post(server.url(&format!("/v1/chat/completions/{id}/cancel")))
         .send()

@@ -2,6 +2,9 @@
 //! and what it does with each step's logits (bias, grammar, sampling, log
 //! probabilities, tool calls, stop sequences) until it ends.
 
+use std::cell::RefCell;
+use std::rc::Rc;
+
 use tokio_util::sync::CancellationToken;
 
 use super::{CacheKey, EventSender, Job, Shaping};
@@ -45,6 +48,25 @@ pub(super) struct Running<'m> {
     draft_room: usize,
     misses: u32,
     plain_steps: u32,
+    /// Which choice of its request it is (`n` > 1); 0 alone.
+    index: u32,
+    /// What the request's choices share, when it has more than one.
+    choices: Option<Rc<RefCell<Choices>>>,
+    /// The other choices, until its prompt's last position is computed:
+    /// they start there, from its cache's blocks and the same logits.
+    forks: Vec<Job>,
+}
+
+/// The choices of one request: one stream, whose end waits for the last
+/// of them, and one usage, the prompt counted once.
+#[derive(Default)]
+pub(super) struct Choices {
+    /// Choices still running.
+    left: u32,
+    /// Tokens they made.
+    completion_tokens: u32,
+    /// How the first choice ended: the run's finish.
+    first: Option<FinishReason>,
 }
 
 /// The longest n-gram, and the shortest, that prompt lookup matches.
@@ -59,7 +81,15 @@ const MISSES: u32 = 3;
 impl<'m> Running<'m> {
     /// A generation whose cache already holds `cache.position` positions
     /// of its prompt (a reused prefix, or none).
-    pub(super) fn new(model: &'m Model, job: Job, cache: Cache) -> Self {
+    pub(super) fn new(model: &'m Model, mut job: Job, cache: Cache) -> Self {
+        let forks: Vec<Job> = (1..job.choices).map(|i| job.choice(i)).collect();
+        job.choices = 1;
+        let choices = (!forks.is_empty()).then(|| {
+            Rc::new(RefCell::new(Choices {
+                left: 1,
+                ..Choices::default()
+            }))
+        });
         let mut sampler = Sampler::new(&job.sampling);
         for &token in &job.prompt {
             sampler.observe_prompt(token);
@@ -85,7 +115,36 @@ impl<'m> Running<'m> {
             draft_room: usize::MAX,
             misses: 0,
             plain_steps: 0,
+            index: 0,
+            choices,
+            forks,
         }
+    }
+
+    /// Starts the request's other choices from its first answer logits
+    /// (its prompt computed, nothing sampled yet): each shares the
+    /// prompt's cache blocks and samples its first token from the same
+    /// logits. Returns those still going. Call before its own
+    /// [`Self::next_token`], which changes the logits.
+    pub(super) fn fork(&mut self, model: &'m Model, logits: &[f32]) -> Vec<Running<'m>> {
+        let mut going = Vec::new();
+        for (index, job) in (1..).zip(std::mem::take(&mut self.forks)) {
+            let mut choice = Running::new(model, job, self.cache.prefix(self.cache.position));
+            choice.index = index;
+            choice.choices.clone_from(&self.choices);
+            if let Some(choices) = &self.choices {
+                choices.borrow_mut().left += 1;
+            }
+            if choice.next_token(model, &mut logits.to_vec()) {
+                going.push(choice);
+            }
+        }
+        going
+    }
+
+    /// Whether its other choices still wait for its prompt.
+    pub(super) fn forks_pending(&self) -> bool {
+        !self.forks.is_empty()
     }
 
     /// Drafts up to `most` tokens for the next step by prompt lookup: the
@@ -366,6 +425,7 @@ impl<'m> Running<'m> {
         {
             return false;
         }
+        let stopped = stop.is_some();
         if let Some(stop) = stop
             && !self.send(Ok(TokenEvent::Delta(Box::new(ChoiceDelta::stopped_at(
                 stop,
@@ -373,15 +433,58 @@ impl<'m> Running<'m> {
         {
             return false;
         }
-        self.send(Ok(TokenEvent::Finished {
-            reason,
-            usage: self.usage,
-        }));
+        let Some(choices) = self.choices.take() else {
+            self.send(Ok(TokenEvent::Finished {
+                reason,
+                usage: self.usage,
+            }));
+            return false;
+        };
+        // One of several choices: it ends on its own, the run with the last.
+        if !stopped {
+            self.send(Ok(TokenEvent::Delta(Box::new(ChoiceDelta {
+                finish: Some(reason),
+                ..ChoiceDelta::default()
+            }))));
+        }
+        let mut choices = choices.borrow_mut();
+        choices.left -= 1;
+        choices.completion_tokens += self.usage.completion_tokens;
+        if self.index == 0 {
+            choices.first = Some(reason);
+        }
+        if choices.left == 0 {
+            self.send(Ok(TokenEvent::Finished {
+                reason: choices.first.unwrap_or(reason),
+                usage: Usage {
+                    completion_tokens: choices.completion_tokens,
+                    ..self.usage
+                },
+            }));
+        }
         false
     }
 
-    /// False once nobody listens: the generation then stops.
+    /// False once nobody listens: the generation then stops. A choice
+    /// other than the first says which it is in every step.
     fn send(&self, event: Result<TokenEvent, BackendError>) -> bool {
+        let event = match event {
+            Ok(TokenEvent::Token { text, .. }) if self.index > 0 => {
+                if text.is_empty() {
+                    return !self.events.is_closed();
+                }
+                Ok(TokenEvent::Delta(Box::new(ChoiceDelta {
+                    index: self.index,
+                    content: Some(text),
+                    ..ChoiceDelta::default()
+                })))
+            }
+            Ok(TokenEvent::Delta(mut delta)) => {
+                delta.index = self.index;
+                Ok(TokenEvent::Delta(delta))
+            }
+            event => event,
+        };
         self.events.send(event).is_ok()
     }
 }

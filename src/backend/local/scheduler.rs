@@ -236,8 +236,9 @@ impl<'m> Batch<'m> {
     fn admissible(&self) -> bool {
         let next = match self.running.iter().find(|r| r.evicted) {
             Some(r) => r.tokens.len(),
+            // Each choice needs room of its own beside the prompt's.
             None => match self.waiting.front() {
-                Some(job) => job.prompt.len(),
+                Some(job) => job.prompt.len() + (job.choices as usize).saturating_sub(1) * ROOM,
                 None => return false,
             },
         };
@@ -391,6 +392,7 @@ impl<'m> Batch<'m> {
             telemetry::prompt_tokens(self.name, computed as u64, 0, self.kept.bytes());
         }
         let mut ended = Vec::new();
+        let mut forked = Vec::new();
         match result {
             Ok(all_logits) => {
                 for (&(i, _), logits) in plan.iter().zip(all_logits) {
@@ -398,6 +400,9 @@ impl<'m> Batch<'m> {
                         continue;
                     };
                     let r = &mut self.running[i];
+                    if r.forks_pending() {
+                        forked.extend(r.fork(self.model, &logits));
+                    }
                     let going = if r.draft.is_empty() {
                         r.next_token(self.model, &mut logits)
                     } else {
@@ -428,6 +433,7 @@ impl<'m> Batch<'m> {
         for &i in ended.iter().rev() {
             self.end(i);
         }
+        self.running.extend(forked);
     }
 
     /// Removes a generation that ended, keeping its cache for reuse.
