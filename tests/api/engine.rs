@@ -423,12 +423,16 @@ async fn kv_cache_blocks_show_in_the_metrics_and_add_up_to_the_budget() {
             sample(&m, "sluicegate_kv_cache_blocks_free", &[]),
         )
     };
+    // The end tokens (`<|endoftext|>`, `<|im_end|>`) barred: no answer
+    // ends before the client leaves.
+    let endless = json!({"0": -100, "2": -100});
     let prompt = "Tell me about the sea. ".repeat(40);
     let body = json!({
         "messages": [{"role": "user", "content": prompt}],
         "temperature": 0,
         "max_tokens": 2000,
         "stream": true,
+        "logit_bias": endless,
     });
     let resp = client()
         .post(server.url("/v1/chat/completions"))
@@ -478,6 +482,7 @@ async fn kv_cache_blocks_show_in_the_metrics_and_add_up_to_the_budget() {
     let mut body = long;
     body["n"] = json!(4);
     body["max_tokens"] = json!(2000);
+    body["logit_bias"] = endless;
     body["stream"] = json!(true);
     let resp = client()
         .post(server.url("/v1/chat/completions"))

@@ -276,8 +276,8 @@ async fn json_object_and_a_forced_tool_call_on_the_model() {
     let arguments: Value = serde_json::from_str(&arguments).expect("arguments are JSON");
     assert!(arguments["city"].is_string(), "{arguments}");
 
-    // What no backend serves yet is still a 400 naming it.
-    let refused = post(&server, "/v1/chat/completions", &ask("x", json!({"n": 2})))
+    // More choices than the local backend serves is a 400 naming `n`.
+    let refused = post(&server, "/v1/chat/completions", &ask("x", json!({"n": 17})))
         .send()
         .await
         .expect("sent");
