@@ -434,30 +434,13 @@ async fn kv_cache_blocks_show_in_the_metrics_and_add_up_to_the_budget() {
         "stream": true,
         "logit_bias": endless,
     });
-    let resp = client()
-        .post(server.url("/v1/chat/completions"))
-        .json(&body)
-        .send()
-        .await
-        .expect("sent");
-    let id = completion_id(&resp);
-    let mut events = Events::of(resp);
-    events.next_json().await;
-    // A content chunk: the prompt is in the cache.
-    events.next_json().await;
-    // Gone: the generation pauses with its cache, for the grace.
-    drop(events);
+    let id = leave_after_a_token(&server, &body).await;
     crate::services::until(Duration::from_secs(30), || async {
         let (used, free) = blocks().await;
         used >= 4.0 && used + free == budget
     })
     .await;
-    let cancelled = client()
-        .post(server.url(&format!("/v1/chat/completions/{id}/cancel")))
-        .send()
-        .await
-        .expect("sent");
-    assert_eq!(cancelled.status(), 200);
+    cancel_by_id(&server, &id).await;
     crate::services::until(Duration::from_secs(30), || async {
         blocks().await == (0.0, budget)
     })
@@ -484,17 +467,7 @@ async fn kv_cache_blocks_show_in_the_metrics_and_add_up_to_the_budget() {
     body["max_tokens"] = json!(2000);
     body["logit_bias"] = endless;
     body["stream"] = json!(true);
-    let resp = client()
-        .post(server.url("/v1/chat/completions"))
-        .json(&body)
-        .send()
-        .await
-        .expect("sent");
-    let id = completion_id(&resp);
-    let mut events = Events::of(resp);
-    events.next_json().await;
-    events.next_json().await;
-    drop(events);
+    let id = leave_after_a_token(&server, &body).await;
     crate::services::until(Duration::from_secs(30), || async {
         blocks().await.0 >= whole + 4.0
     })
@@ -504,16 +477,37 @@ async fn kv_cache_blocks_show_in_the_metrics_and_add_up_to_the_budget() {
         used <= whole + 8.0,
         "{used} blocks for four choices of {whole} whole prompt blocks"
     );
+    cancel_by_id(&server, &id).await;
+    crate::services::until(Duration::from_secs(30), || async {
+        blocks().await == (0.0, budget)
+    })
+    .await;
+}
+
+/// Starts a stream, reads its opening chunk and a content chunk (its
+/// prompt is in the cache), and leaves: the generation pauses with its
+/// cache for the grace. Its id.
+async fn leave_after_a_token(server: &Process, body: &Value) -> String {
+    let resp = client()
+        .post(server.url("/v1/chat/completions"))
+        .json(body)
+        .send()
+        .await
+        .expect("sent");
+    let id = completion_id(&resp);
+    let mut events = Events::of(resp);
+    events.next_json().await;
+    events.next_json().await;
+    id
+}
+
+async fn cancel_by_id(server: &Process, id: &str) {
     let cancelled = client()
         .post(server.url(&format!("/v1/chat/completions/{id}/cancel")))
         .send()
         .await
         .expect("sent");
     assert_eq!(cancelled.status(), 200);
-    crate::services::until(Duration::from_secs(30), || async {
-        blocks().await == (0.0, budget)
-    })
-    .await;
 }
 
 /// A chat client re-sends the conversation: the second turn computes only
