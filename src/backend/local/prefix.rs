@@ -1,7 +1,8 @@
 //! KV caches kept after their generations end, so that the next request
 //! that starts with the same tokens computes only the rest: a chat
 //! client re-sends the whole conversation each turn, and many share a
-//! system prompt. Bounded by memory; the least recently used go first.
+//! system prompt. Bounded by memory, each block shared between kept
+//! caches counted once; the least recently used go first.
 
 use super::CacheKey;
 use crate::model::llama::Cache;
@@ -18,7 +19,6 @@ struct Entry {
     /// The tokens whose positions `cache` holds.
     tokens: Vec<u32>,
     cache: Cache,
-    bytes: usize,
 }
 
 impl PromptCache {
@@ -60,14 +60,14 @@ impl PromptCache {
         let entry = &self.entries[at];
         if key.session.is_some() && entry.key == *key {
             let mut entry = self.entries.remove(at);
-            self.used -= entry.bytes;
+            self.recount();
             entry.cache.truncate(reuse);
             Some(entry.cache)
         } else {
-            let copy = entry.cache.prefix(reuse);
+            let shared = entry.cache.prefix(reuse);
             let entry = self.entries.remove(at);
             self.entries.push(entry);
-            Some(copy)
+            Some(shared)
         }
     }
 
@@ -77,25 +77,38 @@ impl PromptCache {
         if key.session.is_some()
             && let Some(at) = self.entries.iter().position(|e| e.key == key)
         {
-            let old = self.entries.remove(at);
-            self.used -= old.bytes;
+            self.entries.remove(at);
         }
         tokens.truncate(cache.position);
-        let bytes = cache.bytes() + tokens.capacity() * std::mem::size_of::<u32>();
-        if bytes > self.budget || cache.position == 0 {
+        tokens.shrink_to_fit();
+        let own = cache.bytes() + tokens.len() * std::mem::size_of::<u32>();
+        if own > self.budget || cache.position == 0 {
+            self.recount();
             return;
         }
-        self.used += bytes;
-        self.entries.push(Entry {
-            key,
-            tokens,
-            cache,
-            bytes,
-        });
+        self.entries.push(Entry { key, tokens, cache });
+        self.recount();
         while self.used > self.budget {
-            let evicted = self.entries.remove(0);
-            self.used -= evicted.bytes;
+            self.entries.remove(0);
+            self.recount();
         }
+    }
+
+    /// Bytes held: each block once, however many kept caches share it
+    /// (sessions that start from one system prompt), and the tokens.
+    fn recount(&mut self) {
+        let mut blocks: Vec<(usize, usize)> = self
+            .entries
+            .iter()
+            .flat_map(|e| {
+                let per_block = e.cache.bytes() / e.cache.block_ids().count().max(1);
+                e.cache.block_ids().map(move |id| (id, per_block))
+            })
+            .collect();
+        blocks.sort_unstable();
+        blocks.dedup_by_key(|b| b.0);
+        let tokens: usize = self.entries.iter().map(|e| e.tokens.len()).sum();
+        self.used = blocks.iter().map(|b| b.1).sum::<usize>() + tokens * std::mem::size_of::<u32>();
     }
 }
 
@@ -146,6 +159,20 @@ mod tests {
         assert_eq!(pc.bytes(), before, "the original stays");
         assert!(pc.take(&key(2, Some("a")), &[7, 7, 7, 1, 1]).is_none());
         assert!(pc.take(&key(1, None), &[8, 7]).is_none());
+    }
+
+    #[test]
+    fn a_prefix_kept_again_by_another_session_counts_its_blocks_once() {
+        let mut pc = PromptCache::new(1 << 30);
+        let tokens: Vec<u32> = (0..130).collect();
+        pc.put(key(1, Some("a")), tokens.clone(), cache(130));
+        let one = pc.bytes();
+        let mut prompt = tokens[..129].to_vec();
+        prompt.push(7);
+        let shared = pc.take(&key(1, Some("b")), &prompt).expect("hit");
+        assert_eq!(shared.position, 129);
+        pc.put(key(1, Some("b")), prompt, shared);
+        assert_eq!(pc.bytes(), one + 129 * 4, "only b's tokens are new");
     }
 
     #[test]
