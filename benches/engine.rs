@@ -321,6 +321,49 @@ async fn quote(target: &Target, client: &reqwest::Client) -> Vec<f64> {
     ]
 }
 
+/// choices: four sampled answers of up to 64 tokens to a ~500-token
+/// prompt, as one request with `n` 4 (the prompt computed once, its
+/// blocks shared) and as four requests at once (each its own notes, so
+/// no cache helps), median of `RUNS`. Figures: wall ms each way, and the
+/// completion tokens/s of each. A server without `n` gets NaN.
+async fn choices(target: &Target, client: &reqwest::Client) -> Vec<f64> {
+    let url = format!("{}/v1/chat/completions", target.base);
+    let ask = |n: u32| {
+        json!({"messages": chat(500, QUESTION), "temperature": 0.8, "seed": 1,
+            "max_tokens": 64, "n": n})
+    };
+    // Wall ms and completion tokens of requests sent at once.
+    let run = |bodies: Vec<Value>| {
+        let url = url.clone();
+        async move {
+            let started = Instant::now();
+            let answers = futures_util::future::join_all(
+                bodies.iter().map(|b| client.post(&url).json(b).send()),
+            )
+            .await;
+            let mut tokens = 0.0;
+            for answer in answers {
+                let Ok(answer) = answer.and_then(reqwest::Response::error_for_status) else {
+                    return (f64::NAN, f64::NAN);
+                };
+                let answer: Value = answer.json().await.unwrap_or_default();
+                tokens += answer["usage"]["completion_tokens"]
+                    .as_f64()
+                    .unwrap_or(f64::NAN);
+            }
+            (ms(started.elapsed()), tokens)
+        }
+    };
+    let (mut shared, mut apart) = (Vec::new(), Vec::new());
+    for _ in 0..RUNS {
+        shared.push(run(vec![ask(4)]).await);
+        apart.push(run((0..4).map(|_| ask(1)).collect()).await);
+    }
+    let wall = |runs: &[(f64, f64)]| median(runs.iter().map(|r| r.0).collect());
+    let rate = |runs: &[(f64, f64)]| median(runs.iter().map(|r| r.1 / r.0 * 1e3).collect());
+    vec![wall(&shared), wall(&apart), rate(&shared), rate(&apart)]
+}
+
 #[derive(Clone, Copy)]
 enum Scenario {
     Single,
@@ -331,10 +374,11 @@ enum Scenario {
     Deep,
     Grammar,
     Quote,
+    Choices,
 }
 
 impl Scenario {
-    const ALL: [Self; 8] = [
+    const ALL: [Self; 9] = [
         Self::Single,
         Self::Prefill,
         Self::Batch,
@@ -343,6 +387,7 @@ impl Scenario {
         Self::Deep,
         Self::Grammar,
         Self::Quote,
+        Self::Choices,
     ];
 
     /// What the command line names it by.
@@ -356,6 +401,7 @@ impl Scenario {
             Self::Deep => "deep",
             Self::Grammar => "grammar",
             Self::Quote => "quote",
+            Self::Choices => "choices",
         }
     }
 
@@ -370,6 +416,7 @@ impl Scenario {
             Self::Deep => DEEP,
             Self::Grammar => GRAMMAR,
             Self::Quote => QUOTE,
+            Self::Choices => CHOICES,
         }
     }
 
@@ -383,6 +430,7 @@ impl Scenario {
             Self::Deep => deep(target, client).await,
             Self::Grammar => grammar(target, client).await,
             Self::Quote => quote(target, client).await,
+            Self::Choices => choices(target, client).await,
         }
     }
 }
@@ -468,6 +516,17 @@ const QUOTE: &[(&str, &str, Goal)] = &[
         Goal::AtLeast(1.5),
     ),
     ("quote: token gap p50", "ms", Goal::None),
+];
+
+const CHOICES: &[(&str, &str, Goal)] = &[
+    (
+        "choices: n 4 of a ~500-token prompt, wall",
+        "ms",
+        Goal::None,
+    ),
+    ("choices: 4 requests at once, wall", "ms", Goal::None),
+    ("choices: n 4, completion", "tok/s", Goal::None),
+    ("choices: 4 requests, completion", "tok/s", Goal::None),
 ];
 
 fn print_row(label: &str, unit: &str, goal: Goal, ours: f64, theirs: Option<f64>) {

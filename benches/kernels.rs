@@ -109,5 +109,60 @@ fn projections(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, projections);
+/// One KV head's decode attention at the model's shape (head width 64,
+/// three query heads to a KV head) over 1,500 cached positions: keys
+/// and values in one run each (a contiguous cache), and in 64-position
+/// blocks each its own allocation (the paged cache's block table).
+fn attention(c: &mut Criterion) {
+    let (hd, group, positions) = (64, 3, 1500);
+    let isa = sluicegate_kernels::Isa::detect();
+    let bits = |seed: usize| -> Vec<u16> {
+        (0..positions * hd)
+            .map(|i| half_bits((((i + seed) * 7919) % 2001) as f32 / 1000.0 - 1.0))
+            .collect()
+    };
+    let (keys, values) = (bits(1), bits(2));
+    let blocks = |all: &[u16]| -> Vec<Vec<u16>> {
+        all.chunks(64 * hd)
+            .map(|b| {
+                let mut block = b.to_vec();
+                block.resize(64 * hd, 0);
+                block
+            })
+            .collect()
+    };
+    let (key_blocks, value_blocks) = (blocks(&keys), blocks(&values));
+    let queries: Vec<f32> = (0..group * hd).map(|i| (i as f32 * 0.37).sin()).collect();
+    let visible = vec![positions; group];
+    let mut scores = vec![0.0; group * positions];
+    let mut out = vec![0.0; group * hd];
+    let mut run = |keys: &[&[u16]], values: &[&[u16]]| {
+        sluicegate_kernels::attend(
+            isa,
+            hd,
+            &queries,
+            &visible,
+            keys,
+            values,
+            0.125,
+            &mut scores,
+            &mut out,
+        );
+        black_box(out[0])
+    };
+    let mut bench = c.benchmark_group("attention, decode over 1500 positions");
+    bench
+        .sample_size(30)
+        .warm_up_time(Duration::from_millis(300))
+        .measurement_time(Duration::from_secs(2));
+    bench.bench_function("contiguous", |b| b.iter(|| run(&[&keys], &[&values])));
+    let (kb, vb): (Vec<&[u16]>, Vec<&[u16]>) = (
+        key_blocks.iter().map(Vec::as_slice).collect(),
+        value_blocks.iter().map(Vec::as_slice).collect(),
+    );
+    bench.bench_function("64-position blocks", |b| b.iter(|| run(&kb, &vb)));
+    bench.finish();
+}
+
+criterion_group!(benches, projections, attention);
 criterion_main!(benches);
