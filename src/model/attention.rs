@@ -56,8 +56,8 @@ pub struct Heads {
 /// Positions a block of the cache holds: room is taken a block at a
 /// time, never doubled, so what a cache holds stays within a block of
 /// what it uses; and a cache that starts with another's positions shares
-/// its whole blocks instead of copying them.
-pub const BLOCK_POSITIONS: usize = 64;
+/// its whole blocks instead of copying them. The kernel's unrolled size.
+pub const BLOCK_POSITIONS: usize = sluicegate_kernels::BLOCK_POSITIONS;
 
 /// Bytes of one cached number (f16).
 pub const NUMBER_BYTES: usize = std::mem::size_of::<u16>();
@@ -68,9 +68,11 @@ pub fn blocks(positions: usize) -> usize {
 }
 
 /// One block of a layer's cache: per KV head its keys, then per KV head
-/// its values, each [`BLOCK_POSITIONS`] positions one after another, as
-/// f16 (bits; see `sluicegate_kernels::narrow`), keys already rotated.
-type Block = Arc<Vec<u16>>;
+/// its values, as f16 (bits; see `sluicegate_kernels::narrow`). A head's
+/// keys (already rotated) are dimension-major, for each dimension the
+/// block's positions one after another, so that scores are vector
+/// products over positions; its values are position-major.
+type Block = Arc<[u16]>;
 
 /// One layer's keys and values in blocks (vLLM's paged attention): the
 /// block table of one generation. Blocks are shared by reference between
@@ -119,7 +121,7 @@ impl KvStore {
         let mut store = Self::new(n_kv_head, head_dim);
         let size = 2 * n_kv_head * store.part();
         store.blocks = (0..blocks(positions))
-            .map(|_| Arc::new(vec![0; size]))
+            .map(|_| Arc::from(vec![0; size]))
             .collect();
         store.len = positions;
         store
@@ -132,7 +134,9 @@ impl KvStore {
 
     /// Its blocks, by identity: the same block in two caches is one.
     pub fn block_ids(&self) -> impl Iterator<Item = usize> + '_ {
-        self.blocks.iter().map(|b| Arc::as_ptr(b) as usize)
+        self.blocks
+            .iter()
+            .map(|b| Arc::as_ptr(b).cast::<u16>() as usize)
     }
 
     /// Whether its last block is partly filled and shared, so that the
@@ -148,9 +152,9 @@ impl KvStore {
         let (block, slot) = (pos / BLOCK_POSITIONS, pos % BLOCK_POSITIONS);
         if block == self.blocks.len() {
             let size = 2 * self.n_kv_head * self.part();
-            self.blocks.push(Arc::new(vec![0; size]));
+            self.blocks.push(Arc::from(vec![0; size]));
         }
-        (Arc::make_mut(&mut self.blocks[block]).as_mut_slice(), slot)
+        (Arc::make_mut(&mut self.blocks[block]), slot)
     }
 
     /// The keys (`values` false) or values of KV head `h`, block by block.
@@ -196,7 +200,7 @@ pub fn attend(
     }
     let isa = Isa::detect();
     let part = store.part();
-    let mut key = vec![0.0f32; hd];
+    let (mut key, mut narrow) = (vec![0.0f32; hd], vec![0u16; hd]);
     for s in 0..seq {
         let row = &qkv[s * width..(s + 1) * width];
         let (block, slot) = store.slot(start + s);
@@ -204,8 +208,11 @@ pub fn attend(
             let key_at = q_width + h * hd;
             key.copy_from_slice(&row[key_at..key_at + hd]);
             rope.apply(&mut key, start + s);
-            let to = h * part + slot * hd;
-            sluicegate_kernels::narrow(isa, &key, &mut block[to..to + hd]);
+            sluicegate_kernels::narrow(isa, &key, &mut narrow);
+            let keys = &mut block[h * part..][..part];
+            for (d, &bits) in narrow.iter().enumerate() {
+                keys[d * BLOCK_POSITIONS + slot] = bits;
+            }
             let value_at = q_width + kv_width + h * hd;
             let to = (n_kv_head + h) * part + slot * hd;
             sluicegate_kernels::narrow(isa, &row[value_at..value_at + hd], &mut block[to..to + hd]);

@@ -15,8 +15,11 @@ const LANES: usize = 16;
 /// Attention of several queries over the same keys and values, each
 /// query seeing the first `visible[i]` positions (causal prompts): the
 /// queries `i` are `queries[i * hd..][..hd]`, the keys and values
-/// (f16 bits, see [`narrow`]) in blocks (a paged cache's), each block
-/// whole positions × `hd` one after another, the outputs go to
+/// (f16 bits, see [`narrow`]) in blocks (a paged cache's): a block of
+/// keys dimension-major (for each of the `hd` dimensions, the block's
+/// positions one after another), a block of values position-major
+/// (positions × `hd`), each block room for whole positions, the outputs
+/// go to
 /// `out[i * hd..][..hd]`. `scores` is scratch, at least `queries ×
 /// positions` long.
 ///
@@ -193,34 +196,34 @@ fn scores_and_softmax<const FMA: bool, const HD: usize>(
     scores: &mut [f32],
 ) {
     let hd = width::<HD>(args);
-    let mut row = [0.0f32; 64];
-    let mut wide = if HD == 0 {
-        vec![0.0f32; hd]
-    } else {
-        Vec::new()
-    };
-    // Scores, key by key: each key once for every query that sees it.
-    // A plain loop over each block's keys: an iterator chained across
-    // the blocks cost 12% of decode after 1,500 tokens.
+    // Scores a block at a time: its keys widened once for all the queries,
+    // then each query's dot products with all the block's keys at once,
+    // dimension by dimension (keys are stored dimension-major), so each
+    // multiply-add is a whole vector of positions and no dot product
+    // ends in a sum across lanes. Key by key, those sums were most of
+    // decode attention.
+    let mut wide = Vec::new();
     let mut first = 0;
     for block in args.keys {
-        let here = (block.len() / hd).min(positions - first);
-        for (j, key) in (first..).zip(block[..here * hd].chunks_exact(hd)) {
-            let key = if HD == 0 {
-                widen::<FMA>(key, &mut wide);
-                &wide[..]
+        let room = block.len() / hd;
+        let here = room.min(positions - first);
+        wide.resize(block.len(), 0.0);
+        widen::<FMA>(block, &mut wide);
+        for (i, q) in args.queries.chunks_exact(hd).enumerate() {
+            let seen = args.visible[i].saturating_sub(first).min(here);
+            if seen == 0 {
+                continue;
+            }
+            let row = &mut scores[i * positions + first..][..seen];
+            if room == BLOCK_POSITIONS {
+                block_dots::<FMA>(q, &wide, args.scale, row);
             } else {
-                widen::<FMA>(key, &mut row[..HD]);
-                &row[..HD]
-            };
-            for (i, q) in args.queries.chunks_exact(hd).enumerate() {
-                if j < args.visible[i] {
-                    let dot = if HD == 64 {
-                        dot64(q, key)
-                    } else {
-                        dot::<FMA>(q, key)
-                    };
-                    scores[i * positions + j] = dot * args.scale;
+                for (p, score) in row.iter_mut().enumerate() {
+                    let mut dot = 0.0;
+                    for (d, &qd) in q.iter().enumerate() {
+                        dot = madd::<FMA>(qd, wide[d * room + p], dot);
+                    }
+                    *score = dot * args.scale;
                 }
             }
         }
@@ -369,48 +372,48 @@ fn weighted_values<const FMA: bool, const HD: usize>(
     }
 }
 
+/// Positions in a block of the paged cache: its blocks get the unrolled
+/// dot products of [`block_dots`]; other sizes a plain loop.
+pub const BLOCK_POSITIONS: usize = 64;
+
+/// One query's scaled dot products with a [`BLOCK_POSITIONS`] of keys
+/// (widened, dimension-major) into `out` (the first `out.len()`
+/// positions). Sixteen positions at a time, each position's sum in four
+/// partial sums over the dimensions (`d` mod 4): small arrays of fixed
+/// size that the compiler keeps in registers, and four multiply-adds
+/// that do not wait on each other. Per position the same sum in the
+/// same order, whatever the block's other positions.
+#[inline(always)]
+fn block_dots<const FMA: bool>(q: &[f32], keys: &[f32], scale: f32, out: &mut [f32]) {
+    const W: usize = 16;
+    let whole = q.len() / 4 * 4;
+    for (c, out) in out.chunks_mut(W).enumerate() {
+        let mut acc = [[0.0f32; W]; 4];
+        for d in (0..whole).step_by(4) {
+            for (u, acc) in acc.iter_mut().enumerate() {
+                let (qd, k) = (q[d + u], &keys[(d + u) * BLOCK_POSITIONS + c * W..][..W]);
+                for l in 0..W {
+                    acc[l] = madd::<FMA>(qd, k[l], acc[l]);
+                }
+            }
+        }
+        for d in whole..q.len() {
+            let (qd, k) = (q[d], &keys[d * BLOCK_POSITIONS + c * W..][..W]);
+            for l in 0..W {
+                acc[0][l] = madd::<FMA>(qd, k[l], acc[0][l]);
+            }
+        }
+        for (l, o) in out.iter_mut().enumerate() {
+            *o = ((acc[0][l] + acc[1][l]) + (acc[2][l] + acc[3][l])) * scale;
+        }
+    }
+}
+
 /// `a · b + c`, fused where the caller was compiled with FMA (elsewhere a
 /// fused multiply-add is a slow library call).
 #[inline(always)]
 pub(crate) fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
     if FMA { a.mul_add(b, c) } else { a * b + c }
-}
-
-/// A 64-wide dot product as whole-vector products, then halves added
-/// pairwise: every step a plain vector loop the compiler widens to the
-/// CPU's registers.
-#[inline(always)]
-#[allow(clippy::needless_range_loop)] // index loops of fixed length vectorize
-fn dot64(q: &[f32], k: &[f32]) -> f32 {
-    let (q, k) = (&q[..64], &k[..64]);
-    let mut p = [0.0f32; 64];
-    for i in 0..64 {
-        p[i] = q[i] * k[i];
-    }
-    for half in [32, 16, 8, 4, 2] {
-        for i in 0..half {
-            p[i] += p[i + half];
-        }
-    }
-    p[0] + p[1]
-}
-
-#[inline(always)]
-fn dot<const FMA: bool>(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0.0f32; LANES];
-    let (a16, b16) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
-    let tail: f32 = a16
-        .remainder()
-        .iter()
-        .zip(b16.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in a16.zip(b16) {
-        for i in 0..LANES {
-            acc[i] = madd::<FMA>(x[i], y[i], acc[i]);
-        }
-    }
-    fold_lanes(&mut acc) + tail
 }
 
 #[cfg(test)]
@@ -434,6 +437,23 @@ mod tests {
             }
         }
         out.into_iter().map(|v| v as f32).collect()
+    }
+
+    /// Keys or values (positions × `hd`) as a paged cache holds them:
+    /// blocks with room for `room` positions, keys dimension-major.
+    fn paged(bits: &[u16], hd: usize, room: usize, keys: bool) -> Vec<Vec<u16>> {
+        bits.chunks(room * hd)
+            .map(|chunk| {
+                let mut block = vec![0u16; room * hd];
+                for p in 0..chunk.len() / hd {
+                    for d in 0..hd {
+                        let at = if keys { d * room + p } else { p * hd + d };
+                        block[at] = chunk[p * hd + d];
+                    }
+                }
+                block
+            })
+            .collect()
     }
 
     #[test]
@@ -462,20 +482,33 @@ mod tests {
                 .map(|i| (positions + i).saturating_sub(2).clamp(1, positions))
                 .collect();
             let queries: Vec<f32> = (0..3 * hd).map(|_| next()).collect();
-            // One block, and blocks of 3 positions (odd, so that the
-            // value pairs straddle them).
-            let (whole_keys, whole_values) = ([&keys[..]], [&values[..]]);
-            let (split_keys, split_values): (Vec<&[u16]>, Vec<&[u16]>) = (
-                keys.chunks(3 * hd).collect(),
-                values.chunks(3 * hd).collect(),
-            );
-            let layouts = [
-                (&whole_keys[..], &whole_values[..]),
-                (&split_keys[..], &split_values[..]),
-            ];
-            for (isa, (keys, values)) in Isa::available()
+            // One block, blocks of 3 positions (odd, so that the value
+            // pairs straddle them), and blocks of `BLOCK_POSITIONS` (the unrolled
+            // dot products), the last one partly filled.
+            let rooms = [positions, 3, BLOCK_POSITIONS];
+            let blocks: Vec<(Vec<Vec<u16>>, Vec<Vec<u16>>)> = rooms
+                .iter()
+                .map(|&room| {
+                    (
+                        paged(&keys, hd, room, true),
+                        paged(&values, hd, room, false),
+                    )
+                })
+                .collect();
+            let slices: Vec<(Vec<&[u16]>, Vec<&[u16]>)> = blocks
+                .iter()
+                .map(|(k, v)| {
+                    (
+                        k.iter().map(Vec::as_slice).collect(),
+                        v.iter().map(Vec::as_slice).collect(),
+                    )
+                })
+                .collect();
+            let layouts: Vec<(&[&[u16]], &[&[u16]])> =
+                slices.iter().map(|(k, v)| (&k[..], &v[..])).collect();
+            for (isa, &(keys, values)) in Isa::available()
                 .into_iter()
-                .flat_map(|isa| layouts.map(|layout| (isa, layout)))
+                .flat_map(|isa| layouts.iter().map(move |layout| (isa, layout)))
             {
                 let mut scores = vec![0.0; 3 * positions];
                 let mut out = vec![0.0; 3 * hd];

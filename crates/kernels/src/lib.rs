@@ -31,7 +31,7 @@ use std::io::Read;
 use rayon::prelude::*;
 
 pub use activation::silu_mul;
-pub use attention::{attend, narrow};
+pub use attention::{BLOCK_POSITIONS, attend, narrow};
 pub use blocks::{BlockQ4_1, BlockQ8_0, QK};
 use blocks::{BlockQ8, WeightBlock, quantize_block};
 
