@@ -121,7 +121,7 @@ impl KvStore {
         let mut store = Self::new(n_kv_head, head_dim);
         let size = 2 * n_kv_head * store.part();
         store.blocks = (0..blocks(positions))
-            .map(|_| Arc::from(vec![0; size]))
+            .map(|_| std::iter::repeat_n(0, size).collect())
             .collect();
         store.len = positions;
         store
@@ -152,7 +152,8 @@ impl KvStore {
         let (block, slot) = (pos / BLOCK_POSITIONS, pos % BLOCK_POSITIONS);
         if block == self.blocks.len() {
             let size = 2 * self.n_kv_head * self.part();
-            self.blocks.push(Arc::from(vec![0; size]));
+            // Collected straight into the shared allocation, zeroed once.
+            self.blocks.push(std::iter::repeat_n(0, size).collect());
         }
         (Arc::make_mut(&mut self.blocks[block]), slot)
     }
