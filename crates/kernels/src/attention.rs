@@ -483,68 +483,53 @@ mod tests {
                 .collect();
             let queries: Vec<f32> = (0..3 * hd).map(|_| next()).collect();
             // One block, blocks of 3 positions (odd, so that the value
-            // pairs straddle them), and blocks of `BLOCK_POSITIONS` (the unrolled
-            // dot products), the last one partly filled.
-            let rooms = [positions, 3, BLOCK_POSITIONS];
-            let blocks: Vec<(Vec<Vec<u16>>, Vec<Vec<u16>>)> = rooms
-                .iter()
-                .map(|&room| {
-                    (
-                        paged(&keys, hd, room, true),
-                        paged(&values, hd, room, false),
-                    )
-                })
-                .collect();
-            let slices: Vec<(Vec<&[u16]>, Vec<&[u16]>)> = blocks
-                .iter()
-                .map(|(k, v)| {
-                    (
-                        k.iter().map(Vec::as_slice).collect(),
-                        v.iter().map(Vec::as_slice).collect(),
-                    )
-                })
-                .collect();
-            let layouts: Vec<(&[&[u16]], &[&[u16]])> =
-                slices.iter().map(|(k, v)| (&k[..], &v[..])).collect();
-            for (isa, &(keys, values)) in Isa::available()
-                .into_iter()
-                .flat_map(|isa| layouts.iter().map(move |layout| (isa, layout)))
-            {
-                let mut scores = vec![0.0; 3 * positions];
-                let mut out = vec![0.0; 3 * hd];
-                attend(
-                    isa,
-                    hd,
-                    &queries,
-                    &visible,
-                    keys,
-                    values,
-                    0.125,
-                    &mut scores,
-                    &mut out,
+            // pairs straddle them), and blocks of `BLOCK_POSITIONS` (the
+            // unrolled dot products), the last one partly filled.
+            for room in [positions, 3, BLOCK_POSITIONS] {
+                let (key_blocks, value_blocks) = (
+                    paged(&keys, hd, room, true),
+                    paged(&values, hd, room, false),
                 );
-                for (i, &seen) in visible.iter().enumerate() {
-                    let q = &queries[i * hd..][..hd];
-                    let want =
-                        reference(q, &keys_f32[..seen * hd], &values_f32[..seen * hd], 0.125);
-                    let got = &out[i * hd..][..hd];
-                    for (g, w) in got.iter().zip(&want) {
-                        assert!((g - w).abs() < 1e-5, "{} hd {hd}: {g} vs {w}", isa.name());
-                    }
-                    let mut alone = vec![0.0; hd];
-                    let mut scratch = vec![0.0; seen];
+                let keys: Vec<&[u16]> = key_blocks.iter().map(Vec::as_slice).collect();
+                let values: Vec<&[u16]> = value_blocks.iter().map(Vec::as_slice).collect();
+                let (keys, values) = (&keys[..], &values[..]);
+                for isa in Isa::available() {
+                    let mut scores = vec![0.0; 3 * positions];
+                    let mut out = vec![0.0; 3 * hd];
                     attend(
                         isa,
                         hd,
-                        q,
-                        &[seen],
+                        &queries,
+                        &visible,
                         keys,
                         values,
                         0.125,
-                        &mut scratch,
-                        &mut alone,
+                        &mut scores,
+                        &mut out,
                     );
-                    assert_eq!(got, &alone[..], "{} query {i}", isa.name());
+                    for (i, &seen) in visible.iter().enumerate() {
+                        let q = &queries[i * hd..][..hd];
+                        let want =
+                            reference(q, &keys_f32[..seen * hd], &values_f32[..seen * hd], 0.125);
+                        let got = &out[i * hd..][..hd];
+                        for (g, w) in got.iter().zip(&want) {
+                            assert!((g - w).abs() < 1e-5, "{} hd {hd}: {g} vs {w}", isa.name());
+                        }
+                        let mut alone = vec![0.0; hd];
+                        let mut scratch = vec![0.0; seen];
+                        attend(
+                            isa,
+                            hd,
+                            q,
+                            &[seen],
+                            keys,
+                            values,
+                            0.125,
+                            &mut scratch,
+                            &mut alone,
+                        );
+                        assert_eq!(got, &alone[..], "{} query {i}", isa.name());
+                    }
                 }
             }
         }
