@@ -364,6 +364,55 @@ async fn choices(target: &Target, client: &reqwest::Client) -> Vec<f64> {
     vec![wall(&shared), wall(&apart), rate(&shared), rate(&apart)]
 }
 
+/// Bytes per second two threads read from a 256 MiB buffer (best of
+/// three): the ceiling that decoding, which reads every weight once a
+/// token, runs against.
+fn read_bandwidth() -> f64 {
+    let words = 32 << 20;
+    let buf: Vec<u64> = (0..words as u64).collect();
+    let best = (0..3)
+        .map(|_| {
+            let started = Instant::now();
+            std::thread::scope(|s| {
+                for half in buf.chunks(words / 2) {
+                    s.spawn(move || {
+                        std::hint::black_box(half.iter().fold(0u64, |a, &x| a.wrapping_add(x)))
+                    });
+                }
+            });
+            started.elapsed()
+        })
+        .min()
+        .expect("runs");
+    (words * 8) as f64 / best.as_secs_f64()
+}
+
+/// bandwidth: this machine's memory read rate, the model file's bytes
+/// (what one decode step reads: every weight, the tied output head
+/// included), the tokens/s that rate allows, and one stream's decode
+/// beside it. Figures: GB/s, MB, limit tok/s, decode tok/s, % of limit.
+async fn bandwidth(target: &Target, client: &reqwest::Client) -> Vec<f64> {
+    let rate = tokio::task::spawn_blocking(read_bandwidth)
+        .await
+        .expect("measured");
+    let model = <sluicegate::config::Config as clap::Parser>::try_parse_from(["sluicegate"])
+        .expect("defaults")
+        .model_path();
+    let bytes = std::fs::metadata(&model).expect("the model file").len() as f64;
+    let limit = rate / bytes;
+    let run = target
+        .stream(client, &body(&chat(14, QUESTION), 128), None)
+        .await;
+    let decode = run.decode_rate();
+    vec![
+        rate / 1e9,
+        bytes / 1e6,
+        limit,
+        decode,
+        decode / limit * 100.0,
+    ]
+}
+
 #[derive(Clone, Copy)]
 enum Scenario {
     Single,
@@ -375,10 +424,11 @@ enum Scenario {
     Grammar,
     Quote,
     Choices,
+    Bandwidth,
 }
 
 impl Scenario {
-    const ALL: [Self; 9] = [
+    const ALL: [Self; 10] = [
         Self::Single,
         Self::Prefill,
         Self::Batch,
@@ -388,6 +438,7 @@ impl Scenario {
         Self::Grammar,
         Self::Quote,
         Self::Choices,
+        Self::Bandwidth,
     ];
 
     /// What the command line names it by.
@@ -402,6 +453,7 @@ impl Scenario {
             Self::Grammar => "grammar",
             Self::Quote => "quote",
             Self::Choices => "choices",
+            Self::Bandwidth => "bandwidth",
         }
     }
 
@@ -417,6 +469,7 @@ impl Scenario {
             Self::Grammar => GRAMMAR,
             Self::Quote => QUOTE,
             Self::Choices => CHOICES,
+            Self::Bandwidth => BANDWIDTH,
         }
     }
 
@@ -431,6 +484,7 @@ impl Scenario {
             Self::Grammar => grammar(target, client).await,
             Self::Quote => quote(target, client).await,
             Self::Choices => choices(target, client).await,
+            Self::Bandwidth => bandwidth(target, client).await,
         }
     }
 }
@@ -527,6 +581,18 @@ const CHOICES: &[(&str, &str, Goal)] = &[
     ("choices: 4 requests at once, wall", "ms", Goal::None),
     ("choices: n 4, completion", "tok/s", Goal::None),
     ("choices: 4 requests, completion", "tok/s", Goal::None),
+];
+
+const BANDWIDTH: &[(&str, &str, Goal)] = &[
+    ("bandwidth: memory read, 2 threads", "GB/s", Goal::None),
+    ("bandwidth: weights read per token", "MB", Goal::None),
+    ("bandwidth: decode limit at that rate", "tok/s", Goal::None),
+    (
+        "bandwidth: one stream's decode",
+        "tok/s",
+        Goal::AtLeast(1.2),
+    ),
+    ("bandwidth: decode as share of the limit", "%", Goal::None),
 ];
 
 fn print_row(label: &str, unit: &str, goal: Goal, ours: f64, theirs: Option<f64>) {
