@@ -9,7 +9,7 @@ use crate::common::{Events, Raw, client, completion_id, read_all, transcript};
 use crate::process::sample;
 use crate::replicas::{
     Cluster, assert_no_repeat, cancel_on, first_events, next_question_replaces, open,
-    owned_and_followed, raw_body, rest, words,
+    owned_and_followed, raw_body, rest, until_replayed, words,
 };
 use crate::services::{Redis, every_key_expires_at, until};
 
@@ -82,15 +82,7 @@ async fn a_stall_while_short_answers_are_written_whole_loses_and_repeats_nothing
         let (id, owned) = answer.await.expect("an answer");
         // Once Redis answers, the other instance replays it byte for byte:
         // nothing lost, nothing twice.
-        until(Duration::from_secs(20), || async {
-            let replay = client()
-                .get(cluster.b.url(&format!("/v1/chat/completions/{id}/events")))
-                .send()
-                .await
-                .expect("sent");
-            replay.status() == 200 && raw_body(replay).await == owned
-        })
-        .await;
+        until_replayed(&cluster.b, &id, &owned, Duration::from_secs(20)).await;
     }
     let timed_out = sample(
         &crate::replicas::metrics(&cluster.a).await,

@@ -180,6 +180,20 @@ pub(crate) fn first_events(raw: &str, n: usize) -> (String, String) {
     (events.concat(), last)
 }
 
+/// Waits (within `limit`) until `instance` replays generation `id` from
+/// its start as exactly the bytes `owned`: nothing lost, nothing twice.
+pub(crate) async fn until_replayed(instance: &Process, id: &str, owned: &str, limit: Duration) {
+    until(limit, || async {
+        let replay = client()
+            .get(instance.url(&format!("/v1/chat/completions/{id}/events")))
+            .send()
+            .await
+            .expect("sent");
+        replay.status() == 200 && raw_body(replay).await == owned
+    })
+    .await;
+}
+
 pub(crate) async fn raw_body(resp: reqwest::Response) -> String {
     assert_eq!(resp.status(), 200);
     let mut raw = Raw::of(resp);
@@ -691,15 +705,7 @@ async fn sigterm_right_after_short_answers_leaves_each_one_whole_in_redis() {
     cluster.a.signal("TERM");
     for (id, owned) in answers {
         assert!(owned.contains("data: [DONE]"), "{owned}");
-        until(Duration::from_secs(10), || async {
-            let replay = client()
-                .get(cluster.b.url(&format!("/v1/chat/completions/{id}/events")))
-                .send()
-                .await
-                .expect("sent");
-            replay.status() == 200 && raw_body(replay).await == owned
-        })
-        .await;
+        until_replayed(&cluster.b, &id, &owned, Duration::from_secs(10)).await;
     }
 }
 
