@@ -102,6 +102,12 @@ impl KvStore {
         BLOCK_POSITIONS * self.head_dim
     }
 
+    /// A new block, zeroed: keys and values of every KV head. Collected
+    /// straight into the shared allocation.
+    fn new_block(&self) -> Block {
+        std::iter::repeat_n(0, 2 * self.n_kv_head * self.part()).collect()
+    }
+
     /// Forgets the positions from `positions` on. A shared block stays as
     /// it is for the others: writing into it again copies it first.
     pub fn truncate(&mut self, positions: usize) {
@@ -119,10 +125,7 @@ impl KvStore {
     #[cfg(test)]
     pub(crate) fn filled(positions: usize, n_kv_head: usize, head_dim: usize) -> Self {
         let mut store = Self::new(n_kv_head, head_dim);
-        let size = 2 * n_kv_head * store.part();
-        store.blocks = (0..blocks(positions))
-            .map(|_| std::iter::repeat_n(0, size).collect())
-            .collect();
+        store.blocks = (0..blocks(positions)).map(|_| store.new_block()).collect();
         store.len = positions;
         store
     }
@@ -151,9 +154,7 @@ impl KvStore {
     fn slot(&mut self, pos: usize) -> (&mut [u16], usize) {
         let (block, slot) = (pos / BLOCK_POSITIONS, pos % BLOCK_POSITIONS);
         if block == self.blocks.len() {
-            let size = 2 * self.n_kv_head * self.part();
-            // Collected straight into the shared allocation, zeroed once.
-            self.blocks.push(std::iter::repeat_n(0, size).collect());
+            self.blocks.push(self.new_block());
         }
         (Arc::make_mut(&mut self.blocks[block]), slot)
     }
