@@ -6,6 +6,9 @@ use clap::Parser;
 use sluicegate::config::Config;
 use sluicegate::server::{self, AppState};
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let config = Config::parse();
     if let Err(message) = config.validate() {
