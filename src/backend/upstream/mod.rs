@@ -17,6 +17,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 mod redact;
+mod scan;
 mod sse;
 mod wire;
 

@@ -15,6 +15,7 @@ use serde::Deserialize;
 use serde::de::IgnoredAny;
 use serde_json::{Value, json};
 
+use super::scan;
 use super::sse::{SseEvent, SseParser};
 
 use crate::backend::{ChoiceDelta, FinishReason, GenerateRequest, Prompt, Usage};
@@ -149,8 +150,14 @@ impl Relay {
                     self.finish.take().unwrap_or(FinishReason::Stop),
                 ));
             }
-            // Most chunks are one choice's text: read without building a
-            // tree of values, borrowing the text where it has no escapes.
+            // Nearly every chunk is one choice's text beside fields that
+            // sluicegate sets itself: read without a parser.
+            if let Some(plain) = scan::plain(data, self.chat) {
+                self.take(plain.text, plain.finish_reason);
+                continue;
+            }
+            // Most others (text with escapes, usage): read without building
+            // a tree of values.
             if let Ok(plain) = serde_json::from_str::<PlainChunk<'_>>(data)
                 && self.decode_plain(&plain)
             {
@@ -209,12 +216,7 @@ impl Relay {
             } else {
                 choice.text.as_deref()
             };
-            if let Some(reason) = choice.finish_reason {
-                self.finish = Some(map_finish(reason));
-            }
-            if let Some(text) = text.filter(|t| !t.is_empty()) {
-                self.pending.push_back(RelayStep::Text(text.to_owned()));
-            }
+            self.take(text, choice.finish_reason);
         }
         if let Some(usage) = &chunk.usage {
             self.pending.push_back(RelayStep::Usage(Usage {
@@ -223,6 +225,17 @@ impl Relay {
             }));
         }
         true
+    }
+
+    /// The first choice's text and finish reason, from a chunk that
+    /// carries nothing else of it.
+    fn take(&mut self, text: Option<&str>, finish_reason: Option<&str>) {
+        if let Some(reason) = finish_reason {
+            self.finish = Some(map_finish(reason));
+        }
+        if let Some(text) = text.filter(|t| !t.is_empty()) {
+            self.pending.push_back(RelayStep::Text(text.to_owned()));
+        }
     }
 
     fn decode(&mut self, chunk: &Value) {
@@ -422,8 +435,17 @@ mod tests {
         assert!(body.get("top_k").is_none() && body.get("seed").is_none());
     }
 
-    /// The steps of one chunk's data, the long way or the short one.
-    fn steps(data: &str, chat: bool, plain: bool) -> Option<String> {
+    /// Ways a chunk is read, the shortest first.
+    #[derive(Clone, Copy)]
+    enum Way {
+        Scan,
+        Plain,
+        Long,
+    }
+
+    /// The steps of one chunk's data, read one way; `None`: declined (or,
+    /// the long way, not JSON).
+    fn steps(data: &str, chat: bool, way: Way) -> Option<String> {
         let mut relay = Relay {
             body: Box::pin(futures_util::stream::empty()),
             events: SseParser::default(),
@@ -432,15 +454,100 @@ mod tests {
             finish: None,
             pending: VecDeque::new(),
         };
-        if plain {
-            let chunk = serde_json::from_str::<PlainChunk<'_>>(data).ok()?;
-            if !relay.decode_plain(&chunk) {
-                return None;
+        match way {
+            Way::Scan => {
+                let plain = scan::plain(data, chat)?;
+                relay.take(plain.text, plain.finish_reason);
             }
-        } else {
-            relay.decode(&serde_json::from_str(data).expect("json"));
+            Way::Plain => {
+                let chunk = serde_json::from_str::<PlainChunk<'_>>(data).ok()?;
+                relay.decode_plain(&chunk).then_some(())?;
+            }
+            Way::Long => relay.decode(&serde_json::from_str(data).ok()?),
         }
         Some(format!("{:?} {:?}", relay.pending, relay.finish))
+    }
+
+    /// Chunks as servers send them, each one choice's text and nothing
+    /// more, in the shapes the scan takes.
+    const SCANNED: [&str; 7] = [
+        r#"{"id":"chatcmpl-1","object":"chat.completion.chunk","created":1733400000,"model":"m","choices":[{"index":0,"delta":{"role":"assistant","content":""},"logprobs":null,"finish_reason":null}]}"#,
+        r#"{"id":"x","choices":[{"index":0,"delta":{"content":" tok"},"finish_reason":null}],"usage":null}"#,
+        r#"{"choices": [{"finish_reason": null, "index": 0, "delta": {"content": "café ok"}}], "created": 1733400000.5, "system_fingerprint": "b1", "object": "chat.completion.chunk"}"#,
+        r#"{"choices":[{"index":0,"delta":{"content":"end","tool_calls":null,"refusal":null},"finish_reason":"length","stop_reason":null}]}"#,
+        r#"{"choices":[{"index":0,"delta":{},"finish_reason":"eos"}],"x":-0.25,"y":true,"z":false}"#,
+        r#"{"choices":[],"error":null}"#,
+        r#"{"choices":[{"index":0,"text":" legacy","finish_reason":null}]}"#,
+    ];
+
+    #[test]
+    fn the_scan_reads_a_chunk_as_the_parser_does_or_declines() {
+        for data in SCANNED {
+            let chat = !data.contains(r#""text""#);
+            let scanned = steps(data, chat, Way::Scan);
+            assert!(scanned.is_some(), "{data}");
+            assert_eq!(scanned, steps(data, chat, Way::Long), "{data}");
+        }
+        let declined = [
+            // Escapes, usage, errors and other choices take a parser.
+            r#"{"choices":[{"index":0,"delta":{"content":"He said \"hi\"\n"}}]}"#,
+            r#"{"id":"a\u0062","choices":[{"index":0,"delta":{"content":"a"}}]}"#,
+            r#"{"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":9}}"#,
+            r#"{"error":{"message":"no"}}"#,
+            r#"{"choices":[{"index":1,"delta":{"content":"b"}}]}"#,
+            r#"{"choices":[{"index":0,"delta":{"content":"a"}},{"index":1,"delta":{"content":"b"}}]}"#,
+            // Fields of the choice that are more than text.
+            r#"{"choices":[{"index":0,"delta":{"tool_calls":[{"index":0}]}}]}"#,
+            r#"{"choices":[{"index":0,"delta":{"content":"a","custom":1}}]}"#,
+            r#"{"choices":[{"index":0,"delta":{"content":"a"},"logprobs":{"content":[]}}]}"#,
+            r#"{"choices":[{"index":0,"delta":{},"finish_reason":"stop","stop_reason":"STOP"}]}"#,
+            // What a parser might read otherwise: duplicates, nesting.
+            r#"{"choices":[{"index":0,"delta":{"content":"a","content":"b"}}]}"#,
+            r#"{"choices":[],"choices":[{"index":0,"delta":{"content":"a"}}]}"#,
+            r#"{"meta":{"k":1},"choices":[{"index":0,"delta":{"content":"a"}}]}"#,
+            // Not JSON.
+            r#"{"choices":[{"index":00,"delta":{"content":"a"}}]}"#,
+            r#"{"choices":[{"index":0,"delta":{"content":"a"}}]} x"#,
+            r#"{"n":1.,"choices":[]}"#,
+            r#"{"n":1e999,"choices":[]}"#,
+            r#"{"n":1234567890123456789012,"choices":[]}"#,
+            "{\"choices\":[{\"index\":0,\"delta\":{\"content\":\"a\tb\"}}]}",
+        ];
+        for data in declined {
+            assert_eq!(steps(data, true, Way::Scan), None, "{data}");
+        }
+        // A legacy chunk in a chat stream, and the other way round.
+        assert_eq!(steps(SCANNED[6], true, Way::Scan), None);
+        assert_eq!(steps(SCANNED[1], false, Way::Scan), None);
+    }
+
+    /// Every one-byte change to a chunk the scan takes (a byte replaced,
+    /// dropped or added): whatever the scan still takes, the parser reads
+    /// as JSON to the same steps.
+    #[test]
+    fn the_scan_takes_nothing_a_parser_would_read_otherwise() {
+        let bytes = b"\"\\{}[],:0-1.eE+ nulltruefalsex\x01";
+        let mut checked = 0;
+        for data in SCANNED {
+            let chat = !data.contains(r#""text""#);
+            for (at, _) in data.char_indices() {
+                let (head, tail) = data.split_at(at);
+                let rest = &tail[tail.chars().next().map_or(0, char::len_utf8)..];
+                let mut changed = vec![format!("{head}{rest}")];
+                for &byte in bytes {
+                    let byte = char::from(byte);
+                    changed.push(format!("{head}{byte}{tail}"));
+                    changed.push(format!("{head}{byte}{rest}"));
+                }
+                for data in changed {
+                    if let Some(scanned) = steps(&data, chat, Way::Scan) {
+                        checked += 1;
+                        assert_eq!(Some(scanned), steps(&data, chat, Way::Long), "{data}");
+                    }
+                }
+            }
+        }
+        assert!(checked > 1_000, "only {checked} changed chunks were taken");
     }
 
     #[test]
@@ -455,9 +562,9 @@ mod tests {
         ];
         for data in taken {
             for chat in [true, false] {
-                let short = steps(data, chat, true);
+                let short = steps(data, chat, Way::Plain);
                 assert!(short.is_some(), "{data}");
-                assert_eq!(short, steps(data, chat, false), "{data}");
+                assert_eq!(short, steps(data, chat, Way::Long), "{data}");
             }
         }
         let declined = [
@@ -470,7 +577,7 @@ mod tests {
             r#"{"error":{"message":"no"}}"#,
         ];
         for data in declined {
-            assert_eq!(steps(data, true, true), None, "{data}");
+            assert_eq!(steps(data, true, Way::Plain), None, "{data}");
         }
     }
 
