@@ -2,7 +2,7 @@
 //! cancellation ends it at once, whatever the backend is doing, and every
 //! run ends exactly once, even when a backend's stream just stops.
 
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use tokio_util::sync::CancellationToken;
 
 use super::{Accepted, BackendError, ChoiceDelta, FinishReason, TokenEvent, TokenStream, Usage};
@@ -41,10 +41,23 @@ impl GuardedRun {
         if self.ended {
             return None;
         }
-        let step = tokio::select! {
-            biased;
-            () = self.cancel.cancelled() => Step::Finished(FinishReason::Cancelled, self.usage),
-            event = self.tokens.next() => match event {
+        // Cancellation first, as in the wait below. A step that is there
+        // already (most are, under load) is taken without registering a
+        // waiter on the token and removing it again, each under its lock.
+        let event = if self.cancel.is_cancelled() {
+            None
+        } else if let Some(event) = self.tokens.next().now_or_never() {
+            Some(event)
+        } else {
+            tokio::select! {
+                biased;
+                () = self.cancel.cancelled() => None,
+                event = self.tokens.next() => Some(event),
+            }
+        };
+        let step = match event {
+            None => Step::Finished(FinishReason::Cancelled, self.usage),
+            Some(event) => match event {
                 Some(Ok(TokenEvent::Token { text, .. })) => {
                     self.usage.completion_tokens += 1;
                     return Some(Step::Text(text));
