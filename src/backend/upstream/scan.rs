@@ -10,7 +10,7 @@
 //! long way. So the only answers it gives are ones the parser would give.
 
 /// What the scanned chunk carries.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug, Default)]
 pub(super) struct Plain<'a> {
     /// The first choice's text: its delta's content in a chat chunk, its
     /// `text` in a legacy completion's.
@@ -33,10 +33,7 @@ pub(super) fn plain(data: &str, chat: bool) -> Option<Plain<'_>> {
     })?;
     scan.end()?;
     // No `choices` at all: nothing to take, as the parser would find.
-    Some(plain.unwrap_or(Plain {
-        text: None,
-        finish_reason: None,
-    }))
+    Some(plain.unwrap_or_default())
 }
 
 struct Scan<'a> {
@@ -162,10 +159,7 @@ impl<'a> Scan<'a> {
     /// `choices`: none, or the one choice with index 0.
     fn choices(&mut self, chat: bool) -> Option<Plain<'a>> {
         self.eat(b'[')?;
-        let mut plain = Plain {
-            text: None,
-            finish_reason: None,
-        };
+        let mut plain = Plain::default();
         if self.eat(b']').is_some() {
             return Some(plain);
         }
