@@ -57,28 +57,26 @@ impl GuardedRun {
         };
         let step = match event {
             None => Step::Finished(FinishReason::Cancelled, self.usage),
-            Some(event) => match event {
-                Some(Ok(TokenEvent::Token { text, .. })) => {
+            Some(Some(Ok(TokenEvent::Token { text, .. }))) => {
+                self.usage.completion_tokens += 1;
+                return Some(Step::Text(text));
+            }
+            Some(Some(Ok(TokenEvent::Delta(delta)))) => {
+                if delta.produces() {
                     self.usage.completion_tokens += 1;
-                    return Some(Step::Text(text));
                 }
-                Some(Ok(TokenEvent::Delta(delta))) => {
-                    if delta.produces() {
-                        self.usage.completion_tokens += 1;
-                    }
-                    return Some(Step::Delta(delta));
-                }
-                Some(Ok(TokenEvent::Finished { reason, usage })) => {
-                    // The backend's own figures are the ones everybody gets:
-                    // the client's usage, the log line and the metrics.
-                    self.usage = usage;
-                    Step::Finished(reason, usage)
-                }
-                Some(Err(err)) => Step::Failed(err),
-                None => Step::Failed(BackendError::Internal(
-                    "the token stream ended without a finish".into(),
-                )),
-            },
+                return Some(Step::Delta(delta));
+            }
+            Some(Some(Ok(TokenEvent::Finished { reason, usage }))) => {
+                // The backend's own figures are the ones everybody gets:
+                // the client's usage, the log line and the metrics.
+                self.usage = usage;
+                Step::Finished(reason, usage)
+            }
+            Some(Some(Err(err))) => Step::Failed(err),
+            Some(None) => Step::Failed(BackendError::Internal(
+                "the token stream ended without a finish".into(),
+            )),
         };
         self.ended = true;
         Some(step)
@@ -130,6 +128,25 @@ mod tests {
                     completion_tokens: 1
                 }
             ))
+        ));
+        assert!(run.next().await.is_none());
+    }
+
+    /// A backend whose next token is always there: the step already
+    /// waiting is not taken once the run is cancelled.
+    #[tokio::test]
+    async fn cancellation_ends_a_backend_that_never_waits() {
+        let cancel = CancellationToken::new();
+        let endless = Accepted {
+            prompt_tokens: Some(3),
+            tokens: stream::repeat_with(|| token("a")).boxed(),
+        };
+        let mut run = GuardedRun::new(endless, cancel.clone());
+        assert!(matches!(run.next().await, Some(Step::Text(_))));
+        cancel.cancel();
+        assert!(matches!(
+            run.next().await,
+            Some(Step::Finished(FinishReason::Cancelled, _))
         ));
         assert!(run.next().await.is_none());
     }
