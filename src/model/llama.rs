@@ -332,6 +332,10 @@ impl Weights {
     /// of those that ask for all, one after another). A row's result does
     /// not depend on the rows beside it.
     pub fn forward_batch(&self, segments: &mut [Segment<'_>]) -> Result<Vec<Option<Vec<f32>>>> {
+        with_pool_awake(|| self.forward_all(segments))
+    }
+
+    fn forward_all(&self, segments: &mut [Segment<'_>]) -> Result<Vec<Option<Vec<f32>>>> {
         let c = &self.config;
         for segment in segments.iter() {
             let end = segment.cache.position + segment.tokens.len();
@@ -446,6 +450,53 @@ impl Weights {
 }
 
 /// RMS norm of each row of `x` (rows as wide as `weight`) into `out`.
+/// Runs `f` on this thread while the compute pool's other threads wait
+/// for its parallel parts spinning, not asleep.
+///
+/// A forward pass is about 120 parallel products with a little serial work
+/// between them (norms, attention of one sequence). Left to rayon, the
+/// other threads fall asleep in each gap and are woken for the next
+/// product: perf showed both cores a quarter idle and a tenth in the
+/// scheduler during one stream's decode. Here each of them runs a job that
+/// takes the pool's work as it comes until `f` returns.
+fn with_pool_awake<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    /// Sets the flag however `f` ends, so that no helper spins on.
+    struct Done<'a>(&'a AtomicBool);
+    impl Drop for Done<'_> {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::Release);
+        }
+    }
+
+    if rayon::current_num_threads() == 1 {
+        return f();
+    }
+    let done = AtomicBool::new(false);
+    rayon::scope(|s| {
+        // The scope runs here on a thread of the pool (the caller's, or
+        // one of the global pool's for a caller outside any).
+        let (here, done) = (rayon::current_thread_index(), &done);
+        for _ in 1..rayon::current_num_threads() {
+            s.spawn(move |_| {
+                // This thread may take a helper job itself while it waits
+                // inside `f`; spinning there would wait on itself.
+                if rayon::current_thread_index() == here {
+                    return;
+                }
+                while !done.load(Ordering::Acquire) {
+                    if rayon::yield_now() != Some(rayon::Yield::Executed) {
+                        std::hint::spin_loop();
+                    }
+                }
+            });
+        }
+        let _done = Done(done);
+        f()
+    })
+}
+
 fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
     let n = weight.len();
     for (row, out) in x.chunks_exact(n).zip(out.chunks_exact_mut(n)) {
