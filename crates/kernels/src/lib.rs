@@ -279,28 +279,49 @@ impl QMatrix {
     }
 }
 
+/// Activation blocks per parallel task when a prompt's rows are
+/// quantized.
+const QUANTIZE_BLOCKS_PER_TASK: usize = 1024;
+
 /// The activations in 8-bit blocks, with the rounding instructions of the
-/// CPU (elsewhere each rounding is a library call).
+/// CPU (elsewhere each rounding is a library call); a prompt's rows in
+/// parallel.
 fn quantize(isa: Isa, x: &[f32]) -> Vec<BlockQ8> {
+    let mut blocks = vec![BlockQ8::default(); x.len() / QK];
+    if rayon::current_num_threads() == 1 || blocks.len() < 2 * QUANTIZE_BLOCKS_PER_TASK {
+        quantize_into(isa, x, &mut blocks);
+    } else {
+        blocks
+            .par_chunks_mut(QUANTIZE_BLOCKS_PER_TASK)
+            .zip(x.par_chunks(QUANTIZE_BLOCKS_PER_TASK * QK))
+            .for_each(|(blocks, x)| quantize_into(isa, x, blocks));
+    }
+    blocks
+}
+
+fn quantize_into(isa: Isa, x: &[f32], out: &mut [BlockQ8]) {
     match isa.0 {
-        IsaKind::Scalar => x.chunks_exact(QK).map(quantize_block).collect(),
+        IsaKind::Scalar => {
+            for (block, x) in out.iter_mut().zip(x.chunks_exact(QK)) {
+                *block = quantize_block(x);
+            }
+        }
         #[cfg(target_arch = "x86_64")]
         // SAFETY: an `Isa` of these kinds exists only once `available`
         // saw AVX2.
-        _ => unsafe { quantize_avx2(x) },
+        _ => unsafe { quantize_avx2(x, out) },
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-fn quantize_avx2(x: &[f32]) -> Vec<BlockQ8> {
-    // A loop, not `map(..).collect()`: the iterator adapters are generic
-    // functions of their own, compiled without AVX2.
-    let mut blocks = Vec::with_capacity(x.len() / QK);
-    for block in x.chunks_exact(QK) {
-        blocks.push(quantize_block(block));
+fn quantize_avx2(x: &[f32], out: &mut [BlockQ8]) {
+    // An indexed loop in this function, not an iterator adapter's
+    // closure: the adapters are generic functions of their own, compiled
+    // without AVX2, and `quantize_block` would be inlined into them.
+    for (i, block) in x.chunks_exact(QK).enumerate() {
+        out[i] = quantize_block(block);
     }
-    blocks
 }
 
 fn read_blocks<B: WeightBlock>(reader: &mut impl Read, n: usize) -> Result<Vec<B>, Error> {
@@ -345,11 +366,25 @@ fn product<B: Kernel>(
     if n == 1 {
         return by_row;
     }
+    // The transpose, in parallel for a prompt's rows: each task writes
+    // `TRANSPOSE_ROWS` whole output rows, reading a cache line of each
+    // weight row's results.
+    const TRANSPOSE_ROWS: usize = 16;
     let mut out = vec![0.0f32; rows * n];
-    for (r, row) in by_row.chunks_exact(n).enumerate() {
-        for (j, &v) in row.iter().enumerate() {
-            out[j * rows + r] = v;
+    let transpose = |first: usize, out: &mut [f32]| {
+        let m = out.len() / rows;
+        for (r, row) in by_row.chunks_exact(n).enumerate() {
+            for (j, &v) in row[first..first + m].iter().enumerate() {
+                out[j * rows + r] = v;
+            }
         }
+    };
+    if threads == 1 || n < 2 * TRANSPOSE_ROWS {
+        transpose(0, &mut out);
+    } else {
+        out.par_chunks_mut(TRANSPOSE_ROWS * rows)
+            .enumerate()
+            .for_each(|(c, out)| transpose(c * TRANSPOSE_ROWS, out));
     }
     out
 }

@@ -175,12 +175,15 @@ fn reference(w: &QMatrix, x: &[f32], n: usize) -> (Vec<f32>, Vec<f32>) {
 fn matmul_matches_f32_product_on_every_isa_and_thread_split() {
     let mut rng = Rng(42);
     // The model's shapes, shrunk: odd row counts, and sizes past
-    // `PARALLEL_PAIRS` so rayon splits the rows.
+    // `PARALLEL_PAIRS` so rayon splits the rows. A prompt's many rows
+    // (33, 130) are also transposed, and (130) quantized, in parallel
+    // tasks with a short last one.
     for (format, rows, cols, n) in [
         (Format::Q4_1, 97, 64, 1),
         (Format::Q4_1, 960, 576, 1),
         (Format::Q4_1, 301, 576, 7),
         (Format::Q4_1, 64, 1536, 33),
+        (Format::Q4_1, 97, 576, 130),
         (Format::Q8_0, 1001, 576, 1),
         (Format::Q8_0, 129, 96, 5),
     ] {
