@@ -449,7 +449,6 @@ impl Weights {
     }
 }
 
-/// RMS norm of each row of `x` (rows as wide as `weight`) into `out`.
 /// Runs `f` on this thread while the compute pool's other threads wait
 /// for its parallel parts spinning, not asleep.
 ///
@@ -497,6 +496,7 @@ fn with_pool_awake<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     })
 }
 
+/// RMS norm of each row of `x` (rows as wide as `weight`) into `out`.
 fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
     let n = weight.len();
     for (row, out) in x.chunks_exact(n).zip(out.chunks_exact_mut(n)) {
@@ -511,5 +511,49 @@ fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
 fn add(x: &mut [f32], y: &[f32]) {
     for (x, y) in x.iter_mut().zip(y) {
         *x += y;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    use rayon::prelude::*;
+
+    use super::with_pool_awake;
+
+    fn squares(n: u64) -> u64 {
+        (0..n).into_par_iter().map(|i| i * i).sum()
+    }
+
+    /// The helpers take the parallel parts and let go when `f` ends,
+    /// however it ends: inside a pool of two, outside any pool, and by a
+    /// panic (after which the pool still runs work).
+    #[test]
+    fn helpers_spin_only_while_the_pass_runs() {
+        let want: u64 = (0..100_000u64).map(|i| i * i).sum();
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .build()
+            .unwrap();
+        assert_eq!(pool.install(|| with_pool_awake(|| squares(100_000))), want);
+        assert_eq!(with_pool_awake(|| squares(100_000)), want);
+
+        // A helper left spinning would keep the scope, and so this thread,
+        // from ever returning: wait for it with a bound.
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let ended = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                pool.install(|| with_pool_awake(|| -> u64 { panic!("a pass that fails") }))
+            }));
+            let after = pool.install(|| with_pool_awake(|| squares(1_000)));
+            let _ = tx.send((ended.is_err(), after));
+        });
+        let (panicked, after) = rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("the helpers stop after a panic");
+        assert!(panicked);
+        assert_eq!(after, (0..1_000u64).map(|i| i * i).sum::<u64>());
     }
 }
