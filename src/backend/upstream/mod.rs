@@ -24,8 +24,7 @@ mod wire;
 use wire::{Relay, RelayError, RelayStep, upstream_body};
 
 use super::{
-    Accepted, Backend, BackendError, Capabilities, FinishReason, GenerateRequest, ModelCard,
-    TokenEvent, Usage,
+    Accepted, Backend, BackendError, Capabilities, GenerateRequest, ModelCard, TokenEvent, Usage,
 };
 
 /// How long the model list is reused before asking the upstreams again.
@@ -398,10 +397,15 @@ impl Backend for UpstreamBackend {
         Ok(u32::try_from(chars.div_ceil(4)).unwrap_or(u32::MAX))
     }
 
+    /// A cancellation is not watched here: the run that polls this
+    /// stream ends at once on it and drops the stream, and dropping the
+    /// response closes the connection, which is how upstream engines learn
+    /// to free the slot. Waiting on the token too cost every relayed token
+    /// a waiter registered and removed under the token's lock.
     async fn generate(
         &self,
         req: GenerateRequest,
-        cancel: CancellationToken,
+        _cancel: CancellationToken,
     ) -> Result<Accepted, BackendError> {
         let serving: Vec<usize> = self
             .inner
@@ -446,17 +450,7 @@ impl Backend for UpstreamBackend {
                 let mut relay = Relay::new(resp, chat, inner.first_byte_timeout);
                 let mut relayed = false;
                 let failure = loop {
-                    let step = tokio::select! {
-                        biased;
-                        // Dropping the response closes the connection, which
-                        // is how upstream engines learn to free the slot.
-                        () = cancel.cancelled() => {
-                            yield Ok(TokenEvent::Finished { reason: FinishReason::Cancelled, usage });
-                            return;
-                        }
-                        step = relay.next() => step,
-                    };
-                    match step {
+                    match relay.next().await {
                         Ok(RelayStep::Text(text)) => {
                             relayed = true;
                             usage.completion_tokens += 1;
