@@ -8,11 +8,11 @@
 //! bytes at a time, so a reader that stops reading costs only what is in
 //! flight to it.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use tokio::sync::watch;
+use tokio::sync::Notify;
 
 /// Most bytes one read hands out (always at least one whole event).
 pub const READ_LIMIT: usize = 32 * 1024;
@@ -134,8 +134,15 @@ impl LogReader {
 /// A log in this process: the generation's task appends, readers walk it.
 /// The events sit in one buffer with their end offsets, so a retained log
 /// costs its bytes plus four per event.
+///
+/// A mutex and one `Notify`, not a `watch` channel: a watch wakes its
+/// receivers through eight `Notify`s, each locked on every send, and a
+/// relay pushes an event per token.
+#[derive(Default)]
 pub struct MemoryLog {
-    state: watch::Sender<Frames>,
+    frames: Mutex<Frames>,
+    /// Woken after every change.
+    changed: Notify,
 }
 
 #[derive(Default)]
@@ -175,19 +182,46 @@ impl Frames {
     }
 }
 
-impl Default for MemoryLog {
-    fn default() -> Self {
-        Self {
-            state: watch::Sender::new(Frames::default()),
+impl MemoryLog {
+    fn frames(&self) -> MutexGuard<'_, Frames> {
+        // Nothing panics while holding it; if something did, the frames
+        // are still whole events.
+        self.frames.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Changes the frames and wakes the readers.
+    fn modify(&self, f: impl FnOnce(&mut Frames)) {
+        f(&mut self.frames());
+        self.changed.notify_waiters();
+    }
+
+    /// Waits until `f` finds what it waits for in the frames. `f` runs
+    /// under the lock, so it must be quick. Cancel-safe.
+    async fn wait_for<R>(&self, mut f: impl FnMut(&Frames) -> Option<R>) -> R {
+        loop {
+            // Registered before looking, so a change between the look and
+            // the wait still wakes it.
+            let changed = self.changed.notified();
+            let mut changed = std::pin::pin!(changed);
+            changed.as_mut().enable();
+            if let Some(found) = f(&self.frames()) {
+                return found;
+            }
+            changed.await;
         }
     }
-}
 
-impl MemoryLog {
     /// Appends one event and wakes the readers.
     pub fn push(&self, frame: &[u8]) {
-        self.state.send_modify(|s| {
-            s.data.extend_from_slice(frame);
+        self.push_with(|data| data.extend_from_slice(frame));
+    }
+
+    /// Appends the one event `write` appends to the buffer, written where
+    /// it goes (no buffer of its own to copy), and wakes the readers.
+    /// `write` runs under the lock, so it must be quick.
+    pub fn push_with(&self, write: impl FnOnce(&mut Vec<u8>)) {
+        self.modify(|s| {
+            write(&mut s.data);
             // A log is capped far below 4 GiB (`--max-log-bytes`).
             s.ends.push(u32::try_from(s.data.len()).unwrap_or(u32::MAX));
         });
@@ -196,7 +230,7 @@ impl MemoryLog {
     /// Marks the log complete (readers end once they have read it all) and
     /// gives back the spare capacity of its buffers.
     pub fn close(&self) {
-        self.state.send_modify(|s| {
+        self.modify(|s| {
             s.closed = true;
             s.data.shrink_to_fit();
             s.ends.shrink_to_fit();
@@ -206,7 +240,7 @@ impl MemoryLog {
     /// Frees the events of a log the registry no longer keeps; a reader
     /// still connected then ends instead of holding them.
     pub fn drop_events(&self) {
-        self.state.send_modify(|s| {
+        self.modify(|s| {
             s.dropped = true;
             s.closed = true;
             s.data = Vec::new();
@@ -216,7 +250,7 @@ impl MemoryLog {
 
     /// Number of events written so far.
     pub fn len(&self) -> usize {
-        self.state.borrow().ends.len()
+        self.frames().ends.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -224,12 +258,12 @@ impl MemoryLog {
     }
 
     pub fn is_closed(&self) -> bool {
-        self.state.borrow().closed
+        self.frames().closed
     }
 
     /// Encoded size of the events.
     pub fn bytes(&self) -> usize {
-        self.state.borrow().data.len()
+        self.frames().data.len()
     }
 
     /// Like [`LogSource::read`], for the mirror: hands the window's bytes
@@ -243,28 +277,24 @@ impl MemoryLog {
         limit: usize,
         f: impl FnOnce(&[u8]) -> R,
     ) -> Option<(R, usize, bool)> {
-        let mut rx = self.state.subscribe();
-        loop {
-            {
-                let state = rx.borrow_and_update();
-                if from < state.ends.len() {
-                    let (bytes, events) = state.span(from, limit);
-                    let last = state.closed && from + events == state.ends.len();
-                    return Some((f(bytes), events, last));
-                }
-                if state.closed {
-                    return None;
-                }
+        let mut f = Some(f);
+        self.wait_for(|state| {
+            if from < state.ends.len() {
+                let (bytes, events) = state.span(from, limit);
+                let last = state.closed && from + events == state.ends.len();
+                // Taken once: the wait ends here.
+                return f.take().map(|f| Some((f(bytes), events, last)));
             }
-            rx.changed().await.ok()?;
-        }
+            state.closed.then_some(None)
+        })
+        .await
     }
 
     /// The whole closed log handed to `f` where it lies, with its number
     /// of events, when it is not empty and fits in `limit` bytes (one
     /// window of [`Self::window_with`] from 0 that is also the last).
     pub fn whole_with<R>(&self, limit: usize, f: impl FnOnce(&[u8]) -> R) -> Option<(R, usize)> {
-        let state = self.state.borrow();
+        let state = self.frames();
         if !state.closed || state.ends.is_empty() {
             return None;
         }
@@ -274,48 +304,42 @@ impl MemoryLog {
 
     /// Memory the log's buffers hold, the figure the resume budget counts.
     pub fn held_bytes(&self) -> usize {
-        let s = self.state.borrow();
+        let s = self.frames();
         s.data.capacity() + s.ends.capacity() * std::mem::size_of::<u32>()
+    }
+
+    /// What a read from `from` finds now; `None` while the open log has
+    /// nothing after it.
+    fn read_at(state: &Frames, from: usize, limit: usize) -> Option<Result<Read, LogError>> {
+        if state.dropped {
+            return Some(Err(LogError::Dropped));
+        }
+        if from < state.ends.len() {
+            return Some(Ok(Read::Events(state.window(from, limit))));
+        }
+        state.closed.then(|| {
+            if from == state.ends.len() {
+                Ok(Read::End)
+            } else {
+                Err(LogError::NotWritten(from))
+            }
+        })
     }
 }
 
 #[async_trait]
 impl LogSource for MemoryLog {
     async fn read_now(&self, from: usize, limit: usize) -> Result<Option<Read>, LogError> {
-        let state = self.state.borrow();
-        if state.dropped {
-            return Err(LogError::Dropped);
+        match Self::read_at(&self.frames(), from, limit) {
+            // Past the end of a complete log: nothing more, as at its end.
+            Some(Err(LogError::NotWritten(_))) => Ok(Some(Read::End)),
+            found => found.transpose(),
         }
-        if from < state.ends.len() {
-            return Ok(Some(Read::Events(state.window(from, limit))));
-        }
-        Ok(state.closed.then_some(Read::End))
     }
 
     async fn read(&self, from: usize, limit: usize) -> Result<Read, LogError> {
-        let mut rx = self.state.subscribe();
-        loop {
-            {
-                let state = rx.borrow_and_update();
-                if state.dropped {
-                    return Err(LogError::Dropped);
-                }
-                if from < state.ends.len() {
-                    return Ok(Read::Events(state.window(from, limit)));
-                }
-                if state.closed {
-                    return if from == state.ends.len() {
-                        Ok(Read::End)
-                    } else {
-                        Err(LogError::NotWritten(from))
-                    };
-                }
-            }
-            // The sender lives as long as `self`.
-            if rx.changed().await.is_err() {
-                return Ok(Read::End);
-            }
-        }
+        self.wait_for(|state| Self::read_at(state, from, limit))
+            .await
     }
 }
 
