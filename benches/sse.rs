@@ -15,8 +15,12 @@ use sluicegate::session::{GenerationId, LogReader, MemoryLog};
 fn encode(c: &mut Criterion) {
     let id = GenerationId::new("chatcmpl-");
     let mut encoder = ChunkEncoder::new(&id, "SmolLM2-135M-Instruct", 1_700_000_000, Flavor::Chat);
+    let mut out = Vec::with_capacity(256);
     c.bench_function("encode one token chunk", |b| {
-        b.iter(|| encoder.text(black_box(" word")));
+        b.iter(|| {
+            out.clear();
+            encoder.text(black_box(" word"), &mut out);
+        });
     });
 }
 
@@ -25,7 +29,7 @@ fn replay(c: &mut Criterion) {
     let mut encoder = ChunkEncoder::new(&id, "echo", 1_700_000_000, Flavor::Chat);
     let log = Arc::new(MemoryLog::default());
     for _ in 0..1_000 {
-        log.push(&encoder.text(" word"));
+        log.push_with(|out| encoder.text(" word", out));
     }
     log.close();
     let runtime = tokio::runtime::Builder::new_current_thread()

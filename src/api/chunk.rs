@@ -223,12 +223,12 @@ mod tests {
         let mut e = ChunkEncoder::new(&GenerationId::from("chatcmpl-a"), "m", 1, Flavor::Chat);
         assert_eq!(kinds(&e.opening()), ["chunk"]);
         assert_eq!(
-            kinds(&e.text("a \"quoted\"\n word")),
+            kinds(&e.text_event("a \"quoted\"\n word")),
             ["text a \"quoted\"\n word"]
         );
         for tricky in ["ends in a backslash \\", "\\\"", "\"", ""] {
             assert_eq!(
-                kinds(&e.text(tricky)),
+                kinds(&e.text_event(tricky)),
                 [format!("text {tricky}")],
                 "{tricky:?}"
             );

@@ -4,7 +4,6 @@
 //! hand because axum's `Sse` puts a blank line after its keep-alive.
 
 use std::convert::Infallible;
-use std::fmt::Write as _;
 use std::time::Duration;
 
 use async_stream::stream;
@@ -178,25 +177,33 @@ impl ChunkEncoder {
         out.freeze()
     }
 
-    pub fn text(&mut self, text: &str) -> Bytes {
+    /// Appends the text's event to `out`: for all but the first, the
+    /// text chunk's frame around the text, with no buffer of its own.
+    pub fn text(&mut self, text: &str, out: &mut Vec<u8>) {
         if self.seq == 0 {
-            return self.slow_text(text);
+            return out.extend_from_slice(&self.slow_text(text));
         }
         if self.text_frame.is_none() {
             self.text_frame = self.cut_text_frame();
         }
-        let Some((before, after)) = self.text_frame.clone() else {
-            return self.slow_text(text);
+        let Some((before, after)) = &self.text_frame else {
+            return out.extend_from_slice(&self.slow_text(text));
         };
-        let seq = self.next_seq();
-        let mut out =
-            BytesMut::with_capacity(before.len() + text.len() + after.len() + 48).writer();
-        out.get_mut().put_slice(&before);
+        out.reserve(before.len() + text.len() + after.len() + self.id.len() + 32);
+        out.extend_from_slice(before);
         // Writing a string into memory cannot fail.
-        let _ = serde_json::to_writer(&mut out, text);
-        let mut out = out.into_inner();
-        out.put_slice(&after);
-        write_id(out, &self.id, seq)
+        let _ = serde_json::to_writer(&mut *out, text);
+        out.extend_from_slice(after);
+        put_id(out, &self.id, self.seq);
+        self.seq += 1;
+    }
+
+    /// A text's event alone, for tests.
+    #[cfg(test)]
+    pub(crate) fn text_event(&mut self, text: &str) -> Bytes {
+        let mut out = Vec::new();
+        self.text(text, &mut out);
+        out.into()
     }
 
     fn slow_text(&mut self, text: &str) -> Bytes {
@@ -311,8 +318,8 @@ impl EventEncoder for StreamEncoder {
         self.chunks.opening()
     }
 
-    fn text(&mut self, text: &str) -> Bytes {
-        self.chunks.text(text)
+    fn text(&mut self, text: &str, out: &mut Vec<u8>) {
+        self.chunks.text(text, out);
     }
 
     fn delta(&mut self, delta: &ChoiceDelta) -> Bytes {
@@ -353,12 +360,17 @@ fn json_frame(id: &str, seq: usize, value: &impl Serialize) -> Bytes {
 }
 
 fn write_id(mut out: BytesMut, id: &str, seq: usize) -> Bytes {
+    put_id(&mut out, id, seq);
+    out.freeze()
+}
+
+/// An event's id line and the blank line that ends it.
+fn put_id(out: &mut impl BufMut, id: &str, seq: usize) {
     out.put_slice(b"\nid: ");
     out.put_slice(id.as_bytes());
     out.put_u8(b'.');
-    // Formatting into a BytesMut cannot fail.
-    let _ = write!(out, "{seq}\n\n");
-    out.freeze()
+    out.put_slice(itoa::Buffer::new().format(seq).as_bytes());
+    out.put_slice(b"\n\n");
 }
 
 pub fn usage_body(usage: Usage) -> UsageBody {
@@ -512,6 +524,8 @@ mod tests {
             let (mut fast, mut slow) = (encoder(flavor), encoder(flavor));
             fast.opening();
             slow.opening();
+            // Appended one after another, as into a log's buffer.
+            let (mut appended, mut serialised) = (b"before".to_vec(), b"before".to_vec());
             for text in [
                 "plain",
                 " He said \"hi\"\n\ttab\\",
@@ -519,7 +533,9 @@ mod tests {
                 "",
                 "sluicegate-text",
             ] {
-                assert_eq!(fast.text(text), slow.slow_text(text), "{flavor:?} {text:?}");
+                fast.text(text, &mut appended);
+                serialised.extend_from_slice(&slow.slow_text(text));
+                assert_eq!(appended, serialised, "{flavor:?} {text:?}");
             }
             assert_eq!(fast.done(), slow.done());
         }
@@ -545,7 +561,7 @@ mod tests {
         assert!(text.starts_with("retry: 1000\ndata: {"));
         assert!(text.ends_with("}\nid: chatcmpl-abc.0\n\n"));
         assert_eq!(text.matches('\n').count(), 4);
-        let token = e.text("x");
+        let token = e.text_event("x");
         assert!(
             std::str::from_utf8(&token)
                 .expect("utf-8")
@@ -562,7 +578,7 @@ mod tests {
         assert_eq!(opening["object"], "chat.completion.chunk");
         assert_eq!(opening["choices"][0]["delta"]["role"], "assistant");
         assert!(opening["choices"][0]["finish_reason"].is_null());
-        let token = data(&e.text("hi \"there\"\n"));
+        let token = data(&e.text_event("hi \"there\"\n"));
         assert_eq!(token["choices"][0]["delta"]["content"], "hi \"there\"\n");
         assert!(token["choices"][0]["delta"].get("role").is_none());
         let finish = data(&e.finish(FinishReason::Cancelled));
@@ -584,7 +600,7 @@ mod tests {
     #[test]
     fn legacy_chunks_carry_text() {
         let mut e = encoder(Flavor::Legacy);
-        let token = data(&e.text(" word"));
+        let token = data(&e.text_event(" word"));
         assert_eq!(token["object"], "text_completion");
         assert_eq!(token["choices"][0]["text"], " word");
     }

@@ -29,7 +29,8 @@ use crate::telemetry;
 pub trait EventEncoder: Send + 'static {
     /// The first event, before the model's first token.
     fn opening(&mut self) -> Bytes;
-    fn text(&mut self, text: &str) -> Bytes;
+    /// Appends the text's event to `out` (the log's own buffer).
+    fn text(&mut self, text: &str, out: &mut Vec<u8>);
     /// A step richer than text.
     fn delta(&mut self, delta: &ChoiceDelta) -> Bytes;
     /// The last events with a finish reason: one per choice that has not
@@ -316,7 +317,7 @@ async fn drive(
         .run(&generation, &mut ticket, opening, |step| match step {
             Step::Text(text) => {
                 if !text.is_empty() {
-                    log.push(&encoder.text(&text));
+                    log.push_with(|out| encoder.text(&text, out));
                 }
                 cap(log.bytes());
             }

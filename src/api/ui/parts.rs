@@ -294,8 +294,8 @@ mod tests {
         let mut e = encoder(Flavor::Chat);
         let log = [
             e.opening(),
-            e.text("Hello"),
-            e.text(" \"world\"\n"),
+            e.text_event("Hello"),
+            e.text_event(" \"world\"\n"),
             e.finish(FinishReason::Stop),
             e.done(),
         ];
@@ -323,8 +323,8 @@ mod tests {
         let mut e = encoder(Flavor::Chat);
         let log = [
             e.opening(),
-            e.text("a"),
-            e.text(" b"),
+            e.text_event("a"),
+            e.text_event(" b"),
             e.finish(FinishReason::Length),
             e.usage(crate::backend::Usage {
                 prompt_tokens: 1,
@@ -373,7 +373,7 @@ mod tests {
         let mut e = encoder(Flavor::Chat);
         let mut t = Transcoder::new("m");
         t.events(&e.opening());
-        t.events(&e.text("partial"));
+        t.events(&e.text_event("partial"));
         let out = parts(&t.events(&[e.error(&ApiError::BackendUnavailable), e.done()].concat()));
         assert_eq!(out[0]["type"], "error");
         assert!(
@@ -390,7 +390,7 @@ mod tests {
         let mut e = encoder(Flavor::Legacy);
         let mut t = Transcoder::new("m");
         t.events(&e.opening());
-        let out = parts(&t.events(&e.text("once")));
+        let out = parts(&t.events(&e.text_event("once")));
         assert_eq!(out[0]["type"], "text-start");
         assert_eq!(out[1]["delta"], "once");
 
