@@ -217,14 +217,18 @@ impl MemoryLog {
     }
 
     /// Appends the one event `write` appends to the buffer, written where
-    /// it goes (no buffer of its own to copy), and wakes the readers.
+    /// it goes (no buffer of its own to copy), and wakes the readers;
+    /// returns the log's size in bytes after it, as [`Self::bytes`] would.
     /// `write` runs under the lock, so it must be quick.
-    pub fn push_with(&self, write: impl FnOnce(&mut Vec<u8>)) {
+    pub fn push_with(&self, write: impl FnOnce(&mut Vec<u8>)) -> usize {
+        let mut size = 0;
         self.modify(|s| {
             write(&mut s.data);
+            size = s.data.len();
             // A log is capped far below 4 GiB (`--max-log-bytes`).
-            s.ends.push(u32::try_from(s.data.len()).unwrap_or(u32::MAX));
+            s.ends.push(u32::try_from(size).unwrap_or(u32::MAX));
         });
+        size
     }
 
     /// Marks the log complete (readers end once they have read it all) and

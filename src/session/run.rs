@@ -317,13 +317,12 @@ async fn drive(
         .run(&generation, &mut ticket, opening, |step| match step {
             Step::Text(text) => {
                 if !text.is_empty() {
-                    log.push_with(|out| encoder.text(&text, out));
+                    cap(log.push_with(|out| encoder.text(&text, out)));
                 }
-                cap(log.bytes());
             }
             Step::Delta(delta) => {
-                log.push(&encoder.delta(&delta));
-                cap(log.bytes());
+                let event = encoder.delta(&delta);
+                cap(log.push_with(|out| out.extend_from_slice(&event)));
             }
             Step::Finished(_, _) if generation.cancel_cause() == Some(EndCause::EndedElsewhere) => {
             }
