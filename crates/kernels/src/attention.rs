@@ -174,12 +174,14 @@ fn many_avx512(args: &Args<'_>, positions: usize, scores: &mut [f32], out: &mut 
 /// unrolled and each query's output kept in registers.
 #[inline(always)]
 fn many<const FMA: bool>(args: &Args<'_>, positions: usize, scores: &mut [f32], out: &mut [f32]) {
+    // A block of keys, then of values, widened: one buffer for both.
+    let mut wide = Vec::new();
     if args.hd == 64 {
-        scores_and_softmax::<FMA, 64>(args, positions, scores);
-        weighted_values::<FMA, 64>(args, positions, scores, out);
+        scores_and_softmax::<FMA, 64>(args, positions, scores, &mut wide);
+        weighted_values::<FMA, 64>(args, positions, scores, &mut wide, out);
     } else {
-        scores_and_softmax::<FMA, 0>(args, positions, scores);
-        weighted_values::<FMA, 0>(args, positions, scores, out);
+        scores_and_softmax::<FMA, 0>(args, positions, scores, &mut wide);
+        weighted_values::<FMA, 0>(args, positions, scores, &mut wide, out);
     }
 }
 
@@ -194,6 +196,7 @@ fn scores_and_softmax<const FMA: bool, const HD: usize>(
     args: &Args<'_>,
     positions: usize,
     scores: &mut [f32],
+    wide: &mut Vec<f32>,
 ) {
     let hd = width::<HD>(args);
     // Scores a block at a time: its keys widened once for all the queries,
@@ -202,13 +205,12 @@ fn scores_and_softmax<const FMA: bool, const HD: usize>(
     // multiply-add is a whole vector of positions and no dot product
     // ends in a sum across lanes. Key by key, those sums were most of
     // decode attention.
-    let mut wide = Vec::new();
     let mut first = 0;
     for block in args.keys {
         let room = block.len() / hd;
         let here = room.min(positions - first);
         wide.resize(block.len(), 0.0);
-        widen::<FMA>(block, &mut wide);
+        widen::<FMA>(block, wide);
         for (i, q) in args.queries.chunks_exact(hd).enumerate() {
             let seen = args.visible[i].saturating_sub(first).min(here);
             if seen == 0 {
@@ -216,7 +218,7 @@ fn scores_and_softmax<const FMA: bool, const HD: usize>(
             }
             let row = &mut scores[i * positions + first..][..seen];
             if room == BLOCK_POSITIONS {
-                block_dots::<FMA>(q, &wide, args.scale, row);
+                block_dots::<FMA>(q, wide, args.scale, row);
             } else {
                 for (p, score) in row.iter_mut().enumerate() {
                     let mut dot = 0.0;
@@ -306,68 +308,81 @@ fn fold_lanes(acc: &mut [f32; LANES]) -> f32 {
     acc[0]
 }
 
-/// Each query's weighted sum of the values it sees, accumulated in a
-/// local row (registers, for a fixed width) and stored once.
+/// Each query's weighted sum of the values it sees. For the usual width,
+/// a block of values at a time, widened once for all the queries (as the
+/// keys are for the scores), each query's sums carried from block to
+/// block; per query the same multiply-adds in the same order as alone.
 #[inline(always)]
 fn weighted_values<const FMA: bool, const HD: usize>(
     args: &Args<'_>,
     positions: usize,
     scores: &[f32],
+    wide: &mut Vec<f32>,
     out: &mut [f32],
 ) {
     let hd = width::<HD>(args);
-    let (mut acc, mut wide) = if HD == 0 {
-        (vec![0.0f32; hd], vec![0.0f32; hd])
-    } else {
-        (Vec::new(), Vec::new())
-    };
-    let (mut w0, mut w1) = ([0.0f32; 64], [0.0f32; 64]);
-    for (i, o) in out.chunks_exact_mut(hd).enumerate() {
-        let seen = args.visible[i];
-        let weights = &scores[i * positions..][..seen];
-        if HD == 0 {
+    if HD == 0 {
+        let mut acc = vec![0.0f32; hd];
+        wide.resize(hd, 0.0);
+        for (i, o) in out.chunks_exact_mut(hd).enumerate() {
+            let seen = args.visible[i];
+            let weights = &scores[i * positions..][..seen];
             acc.fill(0.0);
             for (&w, value) in weights.iter().zip(rows(args.values, hd)) {
-                widen::<FMA>(value, &mut wide);
-                for (a, &v) in acc.iter_mut().zip(&wide) {
+                widen::<FMA>(value, &mut wide[..hd]);
+                for (a, &v) in acc.iter_mut().zip(wide.iter()) {
                     *a = madd::<FMA>(w, v, *a);
                 }
             }
             o.copy_from_slice(&acc);
-        } else {
-            // Two sums, of even and odd positions, so that each
-            // multiply-add waits on the one two values back, not one.
+        }
+        return;
+    }
+    // Per query two sums, of even and odd positions (each pair within a
+    // block), so that each multiply-add waits on the one two values
+    // back, not one: `sums` holds a query's even sums, then its odd ones.
+    let mut sums = vec![0.0f32; 2 * out.len()];
+    let mut at = 0;
+    for block in args.values {
+        let room = (block.len() / HD).min(positions - at);
+        wide.resize(room * HD, 0.0);
+        widen::<FMA>(&block[..room * HD], &mut wide[..room * HD]);
+        for (i, sum) in sums.chunks_exact_mut(2 * HD).enumerate() {
+            let seen = args.visible[i];
+            if seen <= at {
+                continue;
+            }
+            let here = room.min(seen - at);
+            let weights = &scores[i * positions + at..][..here];
             let (mut even, mut odd) = ([0.0f32; 64], [0.0f32; 64]);
             let (even, odd) = (&mut even[..HD], &mut odd[..HD]);
-            let mut at = 0;
-            for block in args.values {
-                let here = (block.len() / HD).min(seen - at);
-                let (weights, block) = (&weights[at..at + here], &block[..here * HD]);
-                for (w, values) in weights.chunks_exact(2).zip(block.chunks_exact(2 * HD)) {
-                    let (v0, v1) = values.split_at(HD);
-                    widen::<FMA>(v0, &mut w0[..HD]);
-                    widen::<FMA>(v1, &mut w1[..HD]);
-                    let (v0, v1) = (&w0[..HD], &w1[..HD]);
-                    for d in 0..HD {
-                        even[d] = madd::<FMA>(w[0], v0[d], even[d]);
-                        odd[d] = madd::<FMA>(w[1], v1[d], odd[d]);
-                    }
-                }
-                if here % 2 == 1 {
-                    widen::<FMA>(&block[(here - 1) * HD..], &mut w0[..HD]);
-                    let (w, v) = (weights[here - 1], &w0[..HD]);
-                    for d in 0..HD {
-                        even[d] = madd::<FMA>(w, v[d], even[d]);
-                    }
-                }
-                at += here;
-                if at == seen {
-                    break;
+            even.copy_from_slice(&sum[..HD]);
+            odd.copy_from_slice(&sum[HD..]);
+            for (w, values) in weights.chunks_exact(2).zip(wide.chunks_exact(2 * HD)) {
+                let (v0, v1) = values.split_at(HD);
+                for d in 0..HD {
+                    even[d] = madd::<FMA>(w[0], v0[d], even[d]);
+                    odd[d] = madd::<FMA>(w[1], v1[d], odd[d]);
                 }
             }
-            for ((o, e), d) in o.iter_mut().zip(even.iter()).zip(odd.iter()) {
-                *o = e + d;
+            if here % 2 == 1 {
+                let (w, v) = (weights[here - 1], &wide[(here - 1) * HD..][..HD]);
+                for d in 0..HD {
+                    even[d] = madd::<FMA>(w, v[d], even[d]);
+                }
             }
+            sum[..HD].copy_from_slice(even);
+            sum[HD..].copy_from_slice(odd);
+        }
+        at += room;
+        if at == positions {
+            break;
+        }
+    }
+    for (o, sum) in out.chunks_exact_mut(HD).zip(sums.chunks_exact(2 * HD)) {
+        let (even, odd) = sum.split_at(HD);
+        for ((o, e), d) in o.iter_mut().zip(even).zip(odd) {
+            *o = e + d;
         }
     }
 }
