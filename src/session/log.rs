@@ -184,8 +184,8 @@ impl Frames {
 
 impl MemoryLog {
     fn frames(&self) -> MutexGuard<'_, Frames> {
-        // Nothing panics while holding it; if something did, the frames
-        // are still whole events.
+        // What runs under it appends and reads bytes, which does not
+        // panic; a poisoned lock would be taken over as it is.
         self.frames.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
@@ -379,6 +379,50 @@ mod tests {
         assert_eq!(next(&mut from_start).await, None);
         assert_eq!(from_start.position(), 3);
         assert_eq!((log.len(), log.bytes()), (3, 3));
+    }
+
+    /// Readers already waiting when the log changes: each change wakes
+    /// them, whichever it is.
+    #[tokio::test]
+    async fn waiting_readers_wake_on_every_kind_of_change() {
+        let bound = std::time::Duration::from_secs(10);
+        let log = Arc::new(MemoryLog::default());
+        let waiting = |from| {
+            let log = Arc::clone(&log);
+            tokio::spawn(async move { log.read(from, READ_LIMIT).await })
+        };
+        let mirror = {
+            let log = Arc::clone(&log);
+            tokio::spawn(async move { log.window_with(0, READ_LIMIT, <[u8]>::to_vec).await })
+        };
+        let (first, second) = (waiting(0), waiting(1));
+        tokio::task::yield_now().await;
+        log.push(b"a");
+        let read = tokio::time::timeout(bound, first)
+            .await
+            .expect("woken by a push");
+        assert!(matches!(read.expect("joined"), Ok(Read::Events(b)) if b.bytes == "a"));
+        let window = tokio::time::timeout(bound, mirror)
+            .await
+            .expect("woken by a push");
+        assert_eq!(window.expect("joined"), Some((b"a".to_vec(), 1, false)));
+        log.close();
+        let read = tokio::time::timeout(bound, second)
+            .await
+            .expect("woken by the close");
+        assert!(matches!(read.expect("joined"), Ok(Read::End)));
+
+        let log = Arc::new(MemoryLog::default());
+        let waiting = {
+            let log = Arc::clone(&log);
+            tokio::spawn(async move { log.read(0, READ_LIMIT).await })
+        };
+        tokio::task::yield_now().await;
+        log.drop_events();
+        let read = tokio::time::timeout(bound, waiting)
+            .await
+            .expect("woken by the drop");
+        assert!(matches!(read.expect("joined"), Err(LogError::Dropped)));
     }
 
     #[tokio::test]
