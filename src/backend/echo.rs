@@ -252,7 +252,7 @@ impl Backend for EchoBackend {
                 if i == max_tokens {
                     let held = stop.finish();
                     if !held.is_empty() {
-                        yield Ok(TokenEvent::Token { id: None, text: held });
+                        yield Ok(TokenEvent::Token { id: None, text: held.into() });
                     }
                     yield Ok(TokenEvent::Finished { reason: FinishReason::Length, usage });
                     return;
@@ -287,7 +287,7 @@ impl Backend for EchoBackend {
                         logprobs: Some(logprobs),
                         ..ChoiceDelta::default()
                     })),
-                    None => TokenEvent::Token { id: None, text: released.text },
+                    None => TokenEvent::Token { id: None, text: released.text.into() },
                 });
                 if let Some(stop) = released.stopped {
                     yield Ok(TokenEvent::Delta(Box::new(ChoiceDelta::stopped_at(stop))));
@@ -297,7 +297,7 @@ impl Backend for EchoBackend {
             }
             let held = stop.finish();
             if !held.is_empty() {
-                yield Ok(TokenEvent::Token { id: None, text: held });
+                yield Ok(TokenEvent::Token { id: None, text: held.into() });
             }
             yield Ok(TokenEvent::Finished { reason: ending, usage });
         };

@@ -5,7 +5,10 @@
 use futures_util::{FutureExt, StreamExt};
 use tokio_util::sync::CancellationToken;
 
-use super::{Accepted, BackendError, ChoiceDelta, FinishReason, TokenEvent, TokenStream, Usage};
+use super::{
+    Accepted, BackendError, ChoiceDelta, CompactString, FinishReason, TokenEvent, TokenStream,
+    Usage,
+};
 
 pub struct GuardedRun {
     tokens: TokenStream,
@@ -17,7 +20,7 @@ pub struct GuardedRun {
 /// One step of a run, as the server acts on it.
 #[derive(Debug)]
 pub enum Step {
-    Text(String),
+    Text(CompactString),
     Delta(Box<ChoiceDelta>),
     Finished(FinishReason, Usage),
     Failed(BackendError),

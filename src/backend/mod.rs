@@ -18,6 +18,7 @@ pub use guard::{GuardedRun, Step};
 pub use crate::types::{ChatMessage, Sampling};
 
 use async_trait::async_trait;
+pub use compact_str::CompactString;
 use futures_util::stream::BoxStream;
 use tokio_util::sync::CancellationToken;
 
@@ -69,8 +70,13 @@ pub type TokenStream = BoxStream<'static, Result<TokenEvent, BackendError>>;
 #[derive(Debug, Clone, PartialEq)]
 pub enum TokenEvent {
     /// A piece of text. `id` is the model's token id when there is one; a
-    /// piece may be empty when a token completes no character.
-    Token { id: Option<u32>, text: String },
+    /// piece may be empty when a token completes no character. Up to 24
+    /// bytes (nearly every token's piece) it is held inline: a token costs
+    /// no allocation of its own.
+    Token {
+        id: Option<u32>,
+        text: CompactString,
+    },
     /// A step richer than text: tool-call fragments, reasoning, log
     /// probabilities, or a choice other than the first.
     Delta(Box<ChoiceDelta>),

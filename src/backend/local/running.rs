@@ -340,7 +340,7 @@ impl<'m> Running<'m> {
                         // An empty piece still counts the token; the server sends no chunk.
                         None => TokenEvent::Token {
                             id: Some(token),
-                            text: released.text,
+                            text: released.text.into(),
                         },
                     }
                 }
@@ -411,7 +411,10 @@ impl<'m> Running<'m> {
         for out in held {
             let event = match out {
                 Out::Call(delta) => TokenEvent::Delta(Box::new(delta)),
-                Out::Text(text) => TokenEvent::Token { id: None, text },
+                Out::Text(text) => TokenEvent::Token {
+                    id: None,
+                    text: text.into(),
+                },
             };
             if !self.send(Ok(event)) {
                 return false;
@@ -420,7 +423,7 @@ impl<'m> Running<'m> {
         if !last_text.is_empty()
             && !self.send(Ok(TokenEvent::Token {
                 id: None,
-                text: last_text,
+                text: last_text.into(),
             }))
         {
             return false;
@@ -475,7 +478,7 @@ impl<'m> Running<'m> {
                 }
                 Ok(TokenEvent::Delta(Box::new(ChoiceDelta {
                     index: self.index,
-                    content: Some(text),
+                    content: Some(text.into_string()),
                     ..ChoiceDelta::default()
                 })))
             }

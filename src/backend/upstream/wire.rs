@@ -18,7 +18,7 @@ use serde_json::{Value, json};
 use super::scan;
 use super::sse::{SseEvent, SseParser};
 
-use crate::backend::{ChoiceDelta, FinishReason, GenerateRequest, Prompt, Usage};
+use crate::backend::{ChoiceDelta, CompactString, FinishReason, GenerateRequest, Prompt, Usage};
 
 /// The upstream path, body, and whether it is a chat completion.
 pub(super) fn upstream_body(req: &GenerateRequest) -> (&'static str, Value, bool) {
@@ -91,7 +91,7 @@ pub(super) enum RelayError {
 
 #[derive(Debug)]
 pub(super) enum RelayStep {
-    Text(String),
+    Text(CompactString),
     Delta(Box<ChoiceDelta>),
     Usage(Usage),
     Finished(FinishReason),
@@ -234,7 +234,7 @@ impl Relay {
             self.finish = Some(map_finish(reason));
         }
         if let Some(text) = text.filter(|t| !t.is_empty()) {
-            self.pending.push_back(RelayStep::Text(text.to_owned()));
+            self.pending.push_back(RelayStep::Text(text.into()));
         }
     }
 
@@ -293,7 +293,7 @@ impl Relay {
             }
             if fields.is_empty() && logprobs.is_none() {
                 if let Some(text) = text {
-                    self.pending.push_back(RelayStep::Text(text.to_owned()));
+                    self.pending.push_back(RelayStep::Text(text.into()));
                 }
                 return;
             }
