@@ -321,8 +321,7 @@ async fn drive(
                 }
             }
             Step::Delta(delta) => {
-                let event = encoder.delta(&delta);
-                cap(log.push_with(|out| out.extend_from_slice(&event)));
+                cap(log.push_with(|out| out.extend_from_slice(&encoder.delta(&delta))));
             }
             Step::Finished(_, _) if generation.cancel_cause() == Some(EndCause::EndedElsewhere) => {
             }
