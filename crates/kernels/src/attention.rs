@@ -61,7 +61,7 @@ pub fn attend(
     };
     let scores = &mut scores[..n * positions];
     match isa.0 {
-        IsaKind::Scalar => many::<false>(&args, positions, scores, out),
+        IsaKind::Scalar => many::<false, false>(&args, positions, scores, out),
         #[cfg(target_arch = "x86_64")]
         // SAFETY: an `Isa` of these kinds exists only once `available`
         // saw AVX2, FMA and F16C.
@@ -161,26 +161,32 @@ fn rows<'a>(blocks: &'a [&'a [u16]], hd: usize) -> impl Iterator<Item = &'a [u16
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 fn many_avx2(args: &Args<'_>, positions: usize, scores: &mut [f32], out: &mut [f32]) {
-    many::<true>(args, positions, scores, out);
+    many::<true, false>(args, positions, scores, out);
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
 fn many_avx512(args: &Args<'_>, positions: usize, scores: &mut [f32], out: &mut [f32]) {
-    many::<true>(args, positions, scores, out);
+    many::<true, true>(args, positions, scores, out);
 }
 
 /// Picks the loops for the head width: the usual 64 gets its vectors
-/// unrolled and each query's output kept in registers.
+/// unrolled and each query's output kept in registers. `AVX512`: called
+/// only from [`many_avx512`].
 #[inline(always)]
-fn many<const FMA: bool>(args: &Args<'_>, positions: usize, scores: &mut [f32], out: &mut [f32]) {
+fn many<const FMA: bool, const AVX512: bool>(
+    args: &Args<'_>,
+    positions: usize,
+    scores: &mut [f32],
+    out: &mut [f32],
+) {
     // A block of keys, then of values, widened: one buffer for both.
     let mut wide = Vec::new();
     if args.hd == 64 {
-        scores_and_softmax::<FMA, 64>(args, positions, scores, &mut wide);
+        scores_and_softmax::<FMA, AVX512, 64>(args, positions, scores, &mut wide);
         weighted_values::<FMA, 64>(args, positions, scores, &mut wide, out);
     } else {
-        scores_and_softmax::<FMA, 0>(args, positions, scores, &mut wide);
+        scores_and_softmax::<FMA, AVX512, 0>(args, positions, scores, &mut wide);
         weighted_values::<FMA, 0>(args, positions, scores, &mut wide, out);
     }
 }
@@ -192,7 +198,7 @@ fn width<const HD: usize>(args: &Args<'_>) -> usize {
 }
 
 #[inline(always)]
-fn scores_and_softmax<const FMA: bool, const HD: usize>(
+fn scores_and_softmax<const FMA: bool, const AVX512: bool, const HD: usize>(
     args: &Args<'_>,
     positions: usize,
     scores: &mut [f32],
@@ -217,6 +223,13 @@ fn scores_and_softmax<const FMA: bool, const HD: usize>(
                 continue;
             }
             let row = &mut scores[i * positions + first..][..seen];
+            #[cfg(target_arch = "x86_64")]
+            if AVX512 && room == BLOCK_POSITIONS {
+                // SAFETY: `AVX512` is true only inside `many_avx512`, whose
+                // callers hold an `Isa` that saw AVX-512F and FMA.
+                unsafe { block_dots_avx512(q, wide, args.scale, row) };
+                continue;
+            }
             if room == BLOCK_POSITIONS {
                 block_dots::<FMA>(q, wide, args.scale, row);
             } else {
@@ -240,7 +253,7 @@ fn scores_and_softmax<const FMA: bool, const HD: usize>(
     // as a library call per score.
     for (i, row) in scores.chunks_exact_mut(positions).enumerate() {
         let row = &mut row[..args.visible[i]];
-        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let max = lane_max(row);
         for score in row.iter_mut() {
             *score = exp::<FMA>(*score - max);
         }
@@ -276,8 +289,33 @@ pub(crate) fn exp<const FMA: bool>(x: f32) -> f32 {
         p = madd::<FMA>(p, r, c);
     }
     let e_r = madd::<FMA>(p, r * r, r + 1.0);
-    // n is in [-126, 127]: 2^n is a normal number, built from its exponent.
-    e_r * f32::from_bits(((n as i32 + 127) as u32) << 23)
+    // n is in [-126, 127]: 2^n is a normal number, built from its
+    // exponent. Added to 2^23, the integer `n + 127` is the sum's low
+    // mantissa bits, which the shift moves into the exponent (the bits of
+    // 2^23 leave the word): a vector add and shift, where `n as i32`
+    // (saturating) was a scalar conversion per lane.
+    const BIAS: f32 = 8_388_608.0 + 127.0;
+    e_r * f32::from_bits((n + BIAS).to_bits() << 23)
+}
+
+/// A row's largest value, in `LANES` running maxima (`f32::max`, which
+/// orders NaN, is a scalar compare per value). Scores are never NaN.
+#[inline(always)]
+fn lane_max(row: &[f32]) -> f32 {
+    let larger = |a: f32, b: f32| if b > a { b } else { a };
+    let mut acc = [f32::NEG_INFINITY; LANES];
+    let chunks = row.chunks_exact(LANES);
+    let tail = chunks
+        .remainder()
+        .iter()
+        .copied()
+        .fold(f32::NEG_INFINITY, larger);
+    for chunk in chunks {
+        for i in 0..LANES {
+            acc[i] = larger(acc[i], chunk[i]);
+        }
+    }
+    acc.into_iter().fold(tail, larger)
 }
 
 /// A row's sum in `LANES` partial sums.
@@ -397,7 +435,8 @@ pub const BLOCK_POSITIONS: usize = 64;
 /// partial sums over the dimensions (`d` mod 4): small arrays of fixed
 /// size that the compiler keeps in registers, and four multiply-adds
 /// that do not wait on each other. Per position the same sum in the
-/// same order, whatever the block's other positions.
+/// same order, whatever the block's other positions (and the same as
+/// [`block_dots_avx512`]'s).
 #[inline(always)]
 fn block_dots<const FMA: bool>(q: &[f32], keys: &[f32], scale: f32, out: &mut [f32]) {
     const W: usize = 16;
@@ -418,10 +457,59 @@ fn block_dots<const FMA: bool>(q: &[f32], keys: &[f32], scale: f32, out: &mut [f
                 acc[0][l] = madd::<FMA>(qd, k[l], acc[0][l]);
             }
         }
-        for (l, o) in out.iter_mut().enumerate() {
-            *o = ((acc[0][l] + acc[1][l]) + (acc[2][l] + acc[3][l])) * scale;
+        // All `W` lanes, then as many as `out` has: a loop over `out`'s
+        // own length was scalar.
+        let mut sums = [0.0f32; W];
+        for (l, s) in sums.iter_mut().enumerate() {
+            *s = ((acc[0][l] + acc[1][l]) + (acc[2][l] + acc[3][l])) * scale;
+        }
+        out.copy_from_slice(&sums[..out.len()]);
+    }
+}
+
+/// [`block_dots`] with the whole block at once in AVX-512 registers:
+/// sixteen sums (four groups of sixteen positions, four partial sums
+/// each) that do not wait on each other, where the portable loop, left
+/// to the compiler, kept four (more spilled them to the stack). The same
+/// multiply-adds in the same order per position.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,fma")]
+fn block_dots_avx512(q: &[f32], keys: &[f32], scale: f32, out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    const P: usize = BLOCK_POSITIONS;
+    let keys = &keys[..q.len() * P];
+    let mut acc = [[_mm512_setzero_ps(); 4]; 4];
+    let (whole, rest) = q.split_at(q.len() / 4 * 4);
+    for (q4, k4) in whole.chunks_exact(4).zip(keys.chunks_exact(4 * P)) {
+        for u in 0..4 {
+            let qd = _mm512_set1_ps(q4[u]);
+            let k = &k4[u * P..][..P];
+            for (c, acc) in acc.iter_mut().enumerate() {
+                // SAFETY: 16 f32 from `k`, which holds `P` = 64 of them,
+                // at `c * 16` for `c` < 4 (unaligned load).
+                let kv = unsafe { _mm512_loadu_ps(k.as_ptr().add(c * 16)) };
+                acc[u] = _mm512_fmadd_ps(qd, kv, acc[u]);
+            }
         }
     }
+    let k_rest = &keys[whole.len() * P..];
+    for (&qd, k) in rest.iter().zip(k_rest.chunks_exact(P)) {
+        let qd = _mm512_set1_ps(qd);
+        for (c, acc) in acc.iter_mut().enumerate() {
+            // SAFETY: as above.
+            let kv = unsafe { _mm512_loadu_ps(k.as_ptr().add(c * 16)) };
+            acc[0] = _mm512_fmadd_ps(qd, kv, acc[0]);
+        }
+    }
+    let mut sums = [0.0f32; P];
+    let scale = _mm512_set1_ps(scale);
+    for (c, a) in acc.iter().enumerate() {
+        let sum = _mm512_add_ps(_mm512_add_ps(a[0], a[1]), _mm512_add_ps(a[2], a[3]));
+        // SAFETY: 16 f32 into `sums`, which holds 64, at `c * 16` for
+        // `c` < 4 (unaligned store).
+        unsafe { _mm512_storeu_ps(sums.as_mut_ptr().add(c * 16), _mm512_mul_ps(sum, scale)) };
+    }
+    out.copy_from_slice(&sums[..out.len()]);
 }
 
 /// `a · b + c`, fused where the caller was compiled with FMA (elsewhere a
@@ -478,7 +566,7 @@ mod tests {
             seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
             (seed >> 8) as f32 / (1 << 24) as f32 * 2.0 - 1.0
         };
-        for (hd, positions) in [(64usize, 1usize), (64, 37), (48, 300), (8, 5)] {
+        for (hd, positions) in [(64usize, 1usize), (64, 37), (48, 300), (8, 5), (6, 70)] {
             // As stored: f16, and the reference reads the same values.
             let stored = |n: usize, next: &mut dyn FnMut() -> f32| {
                 let wide: Vec<f32> = (0..n).map(|_| next()).collect();
