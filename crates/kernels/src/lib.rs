@@ -94,7 +94,7 @@ impl Isa {
 
 /// A weight format with a kernel per instruction set.
 trait Kernel: WeightBlock {
-    /// `r` weight rows times `n` activation rows into `out` (`r × n`);
+    /// `r` weight rows times `n` activation rows into `out` (`n × r`);
     /// see `scalar`.
     fn rows(isa: Isa, w: &[Self], kb: usize, x: &[BlockQ8], n: usize, out: &mut [f32]);
 }
@@ -337,8 +337,18 @@ fn read_blocks<B: WeightBlock>(reader: &mut impl Read, n: usize) -> Result<Vec<B
     Ok(blocks)
 }
 
-/// Splits the weight rows across rayon's threads; each computes its rows
-/// for every activation row, then the result is transposed to `n × rows`.
+/// Activation rows from which a product splits them, rather than the
+/// weight rows, across threads: each thread then reads all the weights
+/// (from the caches: a layer's matrices are a few hundred KB to a few
+/// MB), and writes whole rows of the result. Fewer rows (decoding) split
+/// the weights, which stream from memory and are read once.
+const SPLIT_ACTIVATIONS_FROM: usize = 32;
+
+/// `n × rows`, split across rayon's threads: a prompt's activation rows,
+/// one share per thread (each task writes its own rows of the result, and
+/// reads every weight and converts every Q4_1 block's minimum: four tasks
+/// a thread cost a prompt 6% more), or else the weight rows (each task its
+/// columns, put in place after).
 fn product<B: Kernel>(
     isa: Isa,
     w: &[B],
@@ -347,44 +357,40 @@ fn product<B: Kernel>(
     x: &[BlockQ8],
     n: usize,
 ) -> Vec<f32> {
-    let mut by_row = vec![0.0f32; rows * n];
+    let mut out = vec![0.0f32; n * rows];
     let threads = rayon::current_num_threads();
+    // Weight rows: a few tasks per thread, so a thread slowed by other
+    // work on the machine hands its share over.
+    let tasks = threads * 4;
     if threads == 1 || rows * kb * n < PARALLEL_PAIRS {
-        B::rows(isa, w, kb, x, n, &mut by_row);
+        B::rows(isa, w, kb, x, n, &mut out);
+    } else if n >= SPLIT_ACTIVATIONS_FROM {
+        let chunk = n.div_ceil(threads);
+        out.par_chunks_mut(chunk * rows)
+            .zip(x.par_chunks(chunk * kb))
+            .for_each(|(out, x)| B::rows(isa, w, kb, x, out.len() / rows, out));
+    } else if n == 1 {
+        // One row of the result: each task's columns are contiguous.
+        let chunk = rows.div_ceil(tasks).next_multiple_of(4);
+        out.par_chunks_mut(chunk)
+            .zip(w.par_chunks(chunk * kb))
+            .for_each(|(out, w)| B::rows(isa, w, kb, x, 1, out));
     } else {
-        // A few chunks per thread, so a thread slowed by other work on
-        // the machine hands its share over.
-        let chunk = rows.div_ceil(threads * 4).next_multiple_of(4);
-        by_row
-            .par_chunks_mut(chunk * n)
-            .enumerate()
-            .for_each(|(c, out)| {
-                let w = &w[c * chunk * kb..][..out.len() / n * kb];
-                B::rows(isa, w, kb, x, n, out);
-            });
-    }
-    if n == 1 {
-        return by_row;
-    }
-    // The transpose, in parallel for a prompt's rows: each task writes
-    // `TRANSPOSE_ROWS` whole output rows, reading a cache line of each
-    // weight row's results.
-    const TRANSPOSE_ROWS: usize = 16;
-    let mut out = vec![0.0f32; rows * n];
-    let transpose = |first: usize, out: &mut [f32]| {
-        let m = out.len() / rows;
-        for (r, row) in by_row.chunks_exact(n).enumerate() {
-            for (j, &v) in row[first..first + m].iter().enumerate() {
-                out[j * rows + r] = v;
+        let chunk = rows.div_ceil(tasks).next_multiple_of(4);
+        let parts: Vec<Vec<f32>> = w
+            .par_chunks(chunk * kb)
+            .map(|w| {
+                let mut part = vec![0.0f32; w.len() / kb * n];
+                B::rows(isa, w, kb, x, n, &mut part);
+                part
+            })
+            .collect();
+        for (c, part) in parts.iter().enumerate() {
+            let r = part.len() / n;
+            for (j, row) in part.chunks_exact(r).enumerate() {
+                out[j * rows + c * chunk..][..r].copy_from_slice(row);
             }
         }
-    };
-    if threads == 1 || n < 2 * TRANSPOSE_ROWS {
-        transpose(0, &mut out);
-    } else {
-        out.par_chunks_mut(TRANSPOSE_ROWS * rows)
-            .enumerate()
-            .for_each(|(c, out)| transpose(c * TRANSPOSE_ROWS, out));
     }
     out
 }

@@ -2,9 +2,9 @@
 //! reference every SIMD kernel is tested against.
 //!
 //! A kernel multiplies `r` weight rows (`w`, `r * kb` blocks) by `n`
-//! activation rows (`x`, `n * kb` blocks) into `out[i * n + j]`: weight row
-//! `i` times activation row `j`. Weight-row-major output lets threads own
-//! contiguous ranges of weight rows.
+//! activation rows (`x`, `n * kb` blocks) into `out[j * r + i]`: weight row
+//! `i` times activation row `j`, the product's own layout (`n × r`), so
+//! that a prompt's rows need no transpose.
 
 use crate::blocks::{BlockQ4_1, BlockQ8, BlockQ8_0, QK, f32_of};
 
@@ -44,8 +44,9 @@ fn rows<W>(
     n: usize,
     out: &mut [f32],
 ) {
-    for (w, out) in w.chunks_exact(kb).zip(out.chunks_exact_mut(n)) {
-        for (x, o) in x.chunks_exact(kb).zip(out.iter_mut()) {
+    let r = w.len() / kb;
+    for (x, out) in x.chunks_exact(kb).take(n).zip(out.chunks_exact_mut(r)) {
+        for (w, o) in w.chunks_exact(kb).zip(out.iter_mut()) {
             *o = dot(w, x);
         }
     }

@@ -175,9 +175,9 @@ fn reference(w: &QMatrix, x: &[f32], n: usize) -> (Vec<f32>, Vec<f32>) {
 fn matmul_matches_f32_product_on_every_isa_and_thread_split() {
     let mut rng = Rng(42);
     // The model's shapes, shrunk: odd row counts, and sizes past
-    // `PARALLEL_PAIRS` so rayon splits the rows. A prompt's many rows
-    // (33, 130) are also transposed, and (130) quantized, in parallel
-    // tasks with a short last one.
+    // `PARALLEL_PAIRS` so rayon splits the weight rows (1, 7, 5) or a
+    // prompt's many rows (33, 130, in tasks with a short last one; 130
+    // also quantized in parallel).
     for (format, rows, cols, n) in [
         (Format::Q4_1, 97, 64, 1),
         (Format::Q4_1, 960, 576, 1),
@@ -211,18 +211,20 @@ fn a_row_in_a_batch_is_the_same_to_the_bit_as_alone() {
     let mut rng = Rng(11);
     for format in [Format::Q4_1, Format::Q8_0] {
         let w = random_matrix(&mut rng, format, 301, 576);
-        let n = 9;
-        let x = rng.floats(n * 576);
-        for isa in Isa::available() {
-            let all = w.matmul_on(isa, &x, n);
-            for j in 0..n {
-                let alone = w.matmul_on(isa, &x[j * 576..][..576], 1);
-                assert_eq!(
-                    &all[j * 301..][..301],
-                    &alone[..],
-                    "{} {format:?} row {j}",
-                    isa.name()
-                );
+        // The weight rows split across threads, then the activation rows.
+        for n in [9, SPLIT_ACTIVATIONS_FROM + 5] {
+            let x = rng.floats(n * 576);
+            for isa in Isa::available() {
+                let all = w.matmul_on(isa, &x, n);
+                for j in 0..n {
+                    let alone = w.matmul_on(isa, &x[j * 576..][..576], 1);
+                    assert_eq!(
+                        &all[j * 301..][..301],
+                        &alone[..],
+                        "{} {format:?} row {j} of {n}",
+                        isa.name()
+                    );
+                }
             }
         }
     }

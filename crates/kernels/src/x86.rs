@@ -134,9 +134,10 @@ macro_rules! kernels {
                 tile_q4_1::<NW, NX, false>(w, x, kb)
             }
 
-            /// Adds `Σ_b m[r][b] · s[j][b]` to `out` (`r × n`): per weight
-            /// row, one multiply-add of a scalar into `n` contiguous sums,
-            /// instead of a scalar one per block pair inside the tiles.
+            /// Adds `Σ_b m[r][b] · s[j][b]` to `out` (`n × r`): per
+            /// activation row, one multiply-add of a scalar into the `r`
+            /// contiguous sums of its row, per block, instead of a scalar
+            /// one per block pair inside the tiles.
             ///
             /// The sum starts at zero and is added last, in the order
             /// `tile_q4_1_all` uses for one row: a row's result is the same
@@ -144,23 +145,24 @@ macro_rules! kernels {
             /// batched decoding picks the same greedy tokens.
             #[target_feature(enable = $features)]
             fn add_mins(w: &[BlockQ4_1], kb: usize, x: &[BlockQ8], n: usize, out: &mut [f32]) {
-                let mut sums = vec![0.0f32; kb * n];
-                for (j, row) in x.chunks_exact(kb).enumerate() {
+                let r = w.len() / kb;
+                // The weights' mins block-major: `mins[b * r + i]`.
+                let mut mins = vec![0.0f32; kb * r];
+                for (i, row) in w.chunks_exact(kb).enumerate() {
                     for (b, block) in row.iter().enumerate() {
-                        sums[b * n + j] = block.s;
+                        mins[b * r + i] = _mm_cvtss_f32(halves(block.m, 0));
                     }
                 }
-                let mut mins = vec![0.0f32; n];
-                for (row, out) in w.chunks_exact(kb).zip(out.chunks_exact_mut(n)) {
-                    mins.fill(0.0);
-                    for (block, s) in row.iter().zip(sums.chunks_exact(n)) {
-                        let m = _mm_cvtss_f32(halves(block.m, 0));
-                        for (acc, &s) in mins.iter_mut().zip(s) {
-                            *acc = m.mul_add(s, *acc);
+                let mut sums = vec![0.0f32; r];
+                for (row, out) in x.chunks_exact(kb).take(n).zip(out.chunks_exact_mut(r)) {
+                    sums.fill(0.0);
+                    for (block, m) in row.iter().zip(mins.chunks_exact(r)) {
+                        for (acc, &m) in sums.iter_mut().zip(m) {
+                            *acc = m.mul_add(block.s, *acc);
                         }
                     }
-                    for (o, m) in out.iter_mut().zip(&mins) {
-                        *o += m;
+                    for (o, s) in out.iter_mut().zip(&sums) {
+                        *o += s;
                     }
                 }
             }
@@ -204,46 +206,70 @@ macro_rules! kernels {
                 }
             }
 
-            /// Walks `NW × NX` tiles over the output, with single-row
-            /// tiles for what is left over. Before each tile it prefetches
-            /// the weights of the one `AHEAD` tiles on: the rows stream
-            /// from memory, and the hardware's own prefetcher alone left
-            /// the kernels waiting on their loads (perf, one stream's
-            /// decode).
+            /// Walks `NW × NX` tiles over the output (`n × rows`), with
+            /// single-row tiles for what is left over.
+            ///
+            /// One activation row (decoding): weight rows in order, and
+            /// before each tile the weights of the one `AHEAD` tiles on
+            /// are prefetched: the rows stream from memory, and the
+            /// hardware's own prefetcher alone left the kernels waiting
+            /// on their loads (perf, one stream's decode).
+            ///
+            /// Several: `BAND` weight rows at a time (in the first level
+            /// cache), each band times all the activation rows, `NX` at a
+            /// time, so each tile's results land in a short run of an
+            /// output row.
             macro_rules! walk {
                 ($tile:ident, $w:expr, $kb:expr, $x:expr, $n:expr, $out:expr, $NW:literal, $NX:literal) => {{
                     const AHEAD: usize = 4;
+                    const BAND: usize = 32;
                     let (w, kb, x, n, out) = ($w, $kb, $x, $n, $out);
                     let rows = w.len() / kb;
-                    let mut i = 0;
-                    while i < rows {
-                        if rows - i >= $NW {
-                            if let Some(ahead) = w.get((i + AHEAD * $NW) * kb..(i + (AHEAD + 1) * $NW) * kb) {
-                                prefetch(ahead);
-                            }
-                            let w = &w[i * kb..(i + $NW) * kb];
-                            let mut j = 0;
-                            while n - j >= $NX {
-                                let t = $tile::<$NW, $NX>(w, &x[j * kb..], kb);
-                                for (ii, row) in t.iter().enumerate() {
-                                    out[(i + ii) * n + j..][..$NX].copy_from_slice(row);
+                    let band = if n == 1 { rows } else { BAND };
+                    let mut first = 0;
+                    while first < rows {
+                        let end = (first + band).min(rows);
+                        let mut j = 0;
+                        while j < n {
+                            let here = if $NX > 1 && n - j >= $NX { $NX } else { 1 };
+                            let x = &x[j * kb..(j + here) * kb];
+                            let mut i = first;
+                            while end - i >= $NW {
+                                if n == 1 {
+                                    if let Some(ahead) = w.get((i + AHEAD * $NW) * kb..(i + (AHEAD + 1) * $NW) * kb) {
+                                        prefetch(ahead);
+                                    }
                                 }
-                                j += $NX;
+                                let w = &w[i * kb..(i + $NW) * kb];
+                                if here == $NX {
+                                    let t = $tile::<$NW, $NX>(w, x, kb);
+                                    for (ii, row) in t.iter().enumerate() {
+                                        for (jj, &v) in row.iter().enumerate() {
+                                            out[(j + jj) * rows + i + ii] = v;
+                                        }
+                                    }
+                                } else {
+                                    let t = $tile::<$NW, 1>(w, x, kb);
+                                    for (ii, row) in t.iter().enumerate() {
+                                        out[j * rows + i + ii] = row[0];
+                                    }
+                                }
+                                i += $NW;
                             }
-                            for j in j..n {
-                                let t = $tile::<$NW, 1>(w, &x[j * kb..], kb);
-                                for (ii, row) in t.iter().enumerate() {
-                                    out[(i + ii) * n + j] = row[0];
+                            for i in i..end {
+                                let w = &w[i * kb..(i + 1) * kb];
+                                if here == $NX {
+                                    let t = $tile::<1, $NX>(w, x, kb);
+                                    for (jj, &v) in t[0].iter().enumerate() {
+                                        out[(j + jj) * rows + i] = v;
+                                    }
+                                } else {
+                                    out[j * rows + i] = $tile::<1, 1>(w, x, kb)[0][0];
                                 }
                             }
-                            i += $NW;
-                        } else {
-                            let w = &w[i * kb..(i + 1) * kb];
-                            for j in 0..n {
-                                out[i * n + j] = $tile::<1, 1>(w, &x[j * kb..], kb)[0][0];
-                            }
-                            i += 1;
+                            j += here;
                         }
+                        first = end;
                     }
                 }};
             }
