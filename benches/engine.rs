@@ -301,24 +301,54 @@ async fn grammar(target: &Target, client: &reqwest::Client) -> Vec<f64> {
     figures
 }
 
-/// quote: an answer that copies its prompt, where prompt lookup pays:
-/// ~250 tokens of notes to repeat word for word, 200 greedy tokens,
-/// median of `RUNS`. Figures: decode tok/s, gap p50 ms.
+/// quote: answers that repeat text, where prompt lookup pays: ~250
+/// tokens of notes to repeat word for word, the same notes to repeat with
+/// one word replaced (an edit of a given text), and a JSON array of
+/// records whose keys repeat (a schema's), 200 greedy tokens each, median
+/// of `RUNS`. Figures: the first's decode tok/s and gap p50 ms, then the
+/// others' decode tok/s.
 async fn quote(target: &Target, client: &reqwest::Client) -> Vec<f64> {
+    let system = json!({"role": "system", "content": "You are a helpful assistant."});
+    let asking = |ask: String| vec![system.clone(), json!({"role": "user", "content": ask})];
     let text = notes(250);
-    let messages = vec![
-        json!({"role": "system", "content": "You are a helpful assistant."}),
-        json!({"role": "user", "content": format!("Repeat this text exactly, word for word:\n\n{text}")}),
-    ];
-    let mut runs = Vec::new();
-    for _ in 0..RUNS {
-        runs.push(target.stream(client, &body(&messages, 200), None).await);
+    let repeat = body(
+        &asking(format!(
+            "Repeat this text exactly, word for word:\n\n{text}"
+        )),
+        200,
+    );
+    let edit = body(
+        &asking(format!(
+            "Repeat this text with every \"river\" replaced by \"canal\":\n\n{}",
+            notes(250)
+        )),
+        200,
+    );
+    let people: Vec<String> = (0..20).map(|i| format!("{} {}", word(), i)).collect();
+    let mut records = body(
+        &asking(format!(
+            "List these people as JSON records with their name and town: {}",
+            people.join(", ")
+        )),
+        200,
+    );
+    let record = json!({"type": "object", "properties": {"name": {"type": "string"},
+        "town": {"type": "string"}}, "required": ["name", "town"]});
+    records["response_format"] = json!({"type": "json_schema", "json_schema": {"name": "people",
+        "schema": {"type": "array", "items": record}}});
+    let mut figures = Vec::new();
+    for (i, body) in [repeat, edit, records].iter().enumerate() {
+        let mut runs = Vec::new();
+        for _ in 0..RUNS {
+            runs.push(target.stream(client, body, None).await);
+        }
+        figures.push(median(runs.iter().map(Streamed::decode_rate).collect()));
+        if i == 0 {
+            let gap_p50 = |s: &Streamed| median(s.gaps().map(|(_, g)| ms(g)).collect());
+            figures.push(median(runs.iter().map(gap_p50).collect()));
+        }
     }
-    let gap_p50 = |s: &Streamed| median(s.gaps().map(|(_, g)| ms(g)).collect());
-    vec![
-        median(runs.iter().map(Streamed::decode_rate).collect()),
-        median(runs.iter().map(gap_p50).collect()),
-    ]
+    figures
 }
 
 /// choices: four sampled answers of up to 64 tokens to a ~500-token
@@ -570,6 +600,8 @@ const QUOTE: &[(&str, &str, Goal)] = &[
         Goal::AtLeast(1.5),
     ),
     ("quote: token gap p50", "ms", Goal::None),
+    ("quote: decode, editing a given text", "tok/s", Goal::None),
+    ("quote: decode, JSON that repeats keys", "tok/s", Goal::None),
 ];
 
 const CHOICES: &[(&str, &str, Goal)] = &[
