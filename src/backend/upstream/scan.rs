@@ -5,16 +5,21 @@
 //! of the relay's CPU under load.
 //!
 //! A chunk that is anything else, or that this reader would have to
-//! interpret where a parser could disagree (escapes, nesting in fields it
-//! skips, duplicate keys), is declined whole, and the relay reads it the
-//! long way. So the only answers it gives are ones the parser would give.
+//! interpret where a parser could disagree (escapes outside the text,
+//! nesting in fields it skips, duplicate keys), is declined whole, and the
+//! relay reads it the long way. So the only answers it gives are ones the
+//! parser would give. The text's own escapes (a newline, a quote: common
+//! in answers) are decoded here, as JSON defines them; one it could not
+//! decode the same way (a lone surrogate) declines the chunk.
+
+use std::borrow::Cow;
 
 /// What the scanned chunk carries.
 #[derive(Debug, Default)]
 pub(super) struct Plain<'a> {
     /// The first choice's text: its delta's content in a chat chunk, its
-    /// `text` in a legacy completion's.
-    pub(super) text: Option<&'a str>,
+    /// `text` in a legacy completion's. Borrowed unless it had escapes.
+    pub(super) text: Option<Cow<'a, str>>,
     pub(super) finish_reason: Option<&'a str>,
 }
 
@@ -83,6 +88,77 @@ impl<'a> Scan<'a> {
         }
         self.at = start + len + 1;
         Some(&self.data[start..start + len])
+    }
+
+    /// A string whose escapes are decoded: borrowed when it has none.
+    fn text(&mut self) -> Option<Cow<'a, str>> {
+        self.eat(b'"')?;
+        let bytes = self.data.as_bytes();
+        let mut at = self.at;
+        let mut decoded = String::new();
+        loop {
+            let rest = &bytes[at..];
+            let len = memchr::memchr2(b'"', b'\\', rest)?;
+            // Or'ed, not searched: a loop without an early exit vectorises.
+            if rest[..len].iter().fold(false, |c, &b| c | (b < 0x20)) {
+                return None;
+            }
+            // `"` and `\` are ASCII: both ends are character boundaries.
+            let run = &self.data[at..at + len];
+            at += len;
+            if bytes[at] == b'"' {
+                self.at = at + 1;
+                // Every escape adds to `decoded`: empty, there was none.
+                return Some(if decoded.is_empty() {
+                    Cow::Borrowed(run)
+                } else {
+                    decoded.push_str(run);
+                    Cow::Owned(decoded)
+                });
+            }
+            decoded.push_str(run);
+            let escape = *bytes.get(at + 1)?;
+            at += 2;
+            decoded.push(match escape {
+                b'"' => '"',
+                b'\\' => '\\',
+                b'/' => '/',
+                b'b' => '\u{8}',
+                b'f' => '\u{c}',
+                b'n' => '\n',
+                b'r' => '\r',
+                b't' => '\t',
+                b'u' => {
+                    let unit = hex4(bytes.get(at..at + 4)?)?;
+                    at += 4;
+                    let code = if (0xD800..0xDC00).contains(&unit) {
+                        // A leading surrogate: its trailing one must follow.
+                        if bytes.get(at..at + 2)? != b"\\u" {
+                            return None;
+                        }
+                        let low = hex4(bytes.get(at + 2..at + 6)?)?;
+                        if !(0xDC00..0xE000).contains(&low) {
+                            return None;
+                        }
+                        at += 6;
+                        0x10000 + ((unit - 0xD800) << 10) + (low - 0xDC00)
+                    } else {
+                        unit
+                    };
+                    // A lone trailing surrogate is no character: declined.
+                    char::from_u32(code)?
+                }
+                _ => return None,
+            });
+        }
+    }
+
+    /// [`Self::text`] or `null`.
+    fn text_or_null(&mut self) -> Option<Option<Cow<'a, str>>> {
+        match self.peek()? {
+            b'n' => self.null().map(|()| None),
+            _ => self.text().map(Some),
+        }
     }
 
     /// A string or `null`.
@@ -178,7 +254,7 @@ impl<'a> Scan<'a> {
             }
             "text" if !chat && !text => {
                 text = true;
-                plain.text = scan.string_or_null()?;
+                plain.text = scan.text_or_null()?;
                 Some(())
             }
             "finish_reason" if !finish => {
@@ -197,13 +273,13 @@ impl<'a> Scan<'a> {
 
     /// A chat delta with nothing but its role and content (the other
     /// fields servers send beside them, only as `null`): its content.
-    fn delta(&mut self) -> Option<Option<&'a str>> {
+    fn delta(&mut self) -> Option<Option<Cow<'a, str>>> {
         let mut content = None;
         let (mut role, mut seen_content) = (false, false);
         self.object(|scan, key| match key {
             "content" if !seen_content => {
                 seen_content = true;
-                content = scan.string_or_null()?;
+                content = scan.text_or_null()?;
                 Some(())
             }
             "role" if !role => {
@@ -217,4 +293,12 @@ impl<'a> Scan<'a> {
         })?;
         Some(content)
     }
+}
+
+/// Four hex digits, as JSON's `\\u` takes them (either case).
+fn hex4(digits: &[u8]) -> Option<u32> {
+    digits.iter().try_fold(0, |code, &d| {
+        let value = char::from(d).to_digit(16)?;
+        Some(code << 4 | value)
+    })
 }

@@ -153,11 +153,11 @@ impl Relay {
             // Nearly every chunk is one choice's text beside fields that
             // sluicegate sets itself: read without a parser.
             if let Some(plain) = scan::plain(data, self.chat) {
-                self.take(plain.text, plain.finish_reason);
+                self.take(plain.text.as_deref(), plain.finish_reason);
                 continue;
             }
-            // Most others (text with escapes, usage): read without building
-            // a tree of values.
+            // Most others (usage, escapes outside the text): read without
+            // building a tree of values.
             if let Ok(plain) = serde_json::from_str::<PlainChunk<'_>>(data)
                 && self.decode_plain(&plain)
             {
@@ -457,7 +457,7 @@ mod tests {
         match way {
             Way::Scan => {
                 let plain = scan::plain(data, chat)?;
-                relay.take(plain.text, plain.finish_reason);
+                relay.take(plain.text.as_deref(), plain.finish_reason);
             }
             Way::Plain => {
                 let chunk = serde_json::from_str::<PlainChunk<'_>>(data).ok()?;
@@ -470,7 +470,7 @@ mod tests {
 
     /// Chunks as servers send them, each one choice's text and nothing
     /// more, in the shapes the scan takes.
-    const SCANNED: [&str; 7] = [
+    const SCANNED: [&str; 10] = [
         r#"{"id":"chatcmpl-1","object":"chat.completion.chunk","created":1733400000,"model":"m","choices":[{"index":0,"delta":{"role":"assistant","content":""},"logprobs":null,"finish_reason":null}]}"#,
         r#"{"id":"x","choices":[{"index":0,"delta":{"content":" tok"},"finish_reason":null}],"usage":null}"#,
         r#"{"choices": [{"finish_reason": null, "index": 0, "delta": {"content": "café ok"}}], "created": 1733400000.5, "system_fingerprint": "b1", "object": "chat.completion.chunk"}"#,
@@ -478,6 +478,10 @@ mod tests {
         r#"{"choices":[{"index":0,"delta":{},"finish_reason":"eos"}],"x":-0.25,"y":true,"z":false}"#,
         r#"{"choices":[],"error":null}"#,
         r#"{"choices":[{"index":0,"text":" legacy","finish_reason":null}]}"#,
+        // The text's escapes, decoded as JSON defines them.
+        r#"{"choices":[{"index":0,"delta":{"content":"He said \"hi\"\n\\ \/ \t\r\b\f"},"finish_reason":null}]}"#,
+        r#"{"choices":[{"index":0,"delta":{"content":"caf\u00e9 \u00E9 \ud83d\ude00 \u0000"}}]}"#,
+        r#"{"choices":[{"index":0,"text":"\n\n```rust\nfn main() {}\n```","finish_reason":"stop"}]}"#,
     ];
 
     #[test]
@@ -489,9 +493,14 @@ mod tests {
             assert_eq!(scanned, steps(data, chat, Way::Long), "{data}");
         }
         let declined = [
-            // Escapes, usage, errors and other choices take a parser.
-            r#"{"choices":[{"index":0,"delta":{"content":"He said \"hi\"\n"}}]}"#,
+            // Escapes outside the text, a lone surrogate or an escape JSON
+            // has not, usage, errors and other choices take a parser.
             r#"{"id":"a\u0062","choices":[{"index":0,"delta":{"content":"a"}}]}"#,
+            r#"{"choices":[{"index":0,"delta":{"content":"a\ud83d b"}}]}"#,
+            r#"{"choices":[{"index":0,"delta":{"content":"a\ude00"}}]}"#,
+            r#"{"choices":[{"index":0,"delta":{"content":"a\ud83d\u0041"}}]}"#,
+            r#"{"choices":[{"index":0,"delta":{"content":"a\x41"}}]}"#,
+            r#"{"choices":[{"index":0,"delta":{"content":"a\u00g1"}}]}"#,
             r#"{"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":9}}"#,
             r#"{"error":{"message":"no"}}"#,
             r#"{"choices":[{"index":1,"delta":{"content":"b"}}]}"#,
