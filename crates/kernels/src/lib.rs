@@ -337,12 +337,13 @@ fn read_blocks<B: WeightBlock>(reader: &mut impl Read, n: usize) -> Result<Vec<B
     Ok(blocks)
 }
 
-/// Activation rows from which a product splits them, rather than the
-/// weight rows, across threads: each thread then reads all the weights
-/// (from the caches: a layer's matrices are a few hundred KB to a few
-/// MB), and writes whole rows of the result. Fewer rows (decoding) split
-/// the weights, which stream from memory and are read once.
-const SPLIT_ACTIVATIONS_FROM: usize = 32;
+/// Activation rows per thread from which a product splits them, rather
+/// than the weight rows, across threads: each thread then reads all the
+/// weights (from the caches: a layer's matrices are a few hundred KB to a
+/// few MB) for at least this many rows, and writes whole rows of the
+/// result. Fewer rows (decoding) split the weights, which stream from
+/// memory and are read once.
+const SPLIT_ACTIVATIONS_PER_THREAD: usize = 16;
 
 /// `n × rows`, split across rayon's threads: a prompt's activation rows,
 /// one share per thread (each task writes its own rows of the result, and
@@ -364,7 +365,7 @@ fn product<B: Kernel>(
     let tasks = threads * 4;
     if threads == 1 || rows * kb * n < PARALLEL_PAIRS {
         B::rows(isa, w, kb, x, n, &mut out);
-    } else if n >= SPLIT_ACTIVATIONS_FROM {
+    } else if n >= SPLIT_ACTIVATIONS_PER_THREAD * threads {
         let chunk = n.div_ceil(threads);
         out.par_chunks_mut(chunk * rows)
             .zip(x.par_chunks(chunk * kb))
