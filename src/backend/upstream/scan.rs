@@ -75,19 +75,14 @@ impl<'a> Scan<'a> {
     }
 
     /// A string with no escapes (nor the control characters JSON refuses
-    /// unescaped): its contents, borrowed.
+    /// unescaped): its contents, borrowed. One with escapes is declined:
+    /// outside the text, which [`Self::text`] reads, a parser's reading
+    /// of them is not worth matching.
     fn string(&mut self) -> Option<&'a str> {
-        self.eat(b'"')?;
-        let start = self.at;
-        let rest = &self.data.as_bytes()[start..];
-        let len = memchr::memchr2(b'"', b'\\', rest)?;
-        // Or'ed, not searched: a loop without an early exit vectorises.
-        let control = rest[..len].iter().fold(false, |c, &b| c | (b < 0x20));
-        if control || rest[len] != b'"' {
-            return None;
+        match self.text()? {
+            Cow::Borrowed(plain) => Some(plain),
+            Cow::Owned(_) => None,
         }
-        self.at = start + len + 1;
-        Some(&self.data[start..start + len])
     }
 
     /// A string whose escapes are decoded: borrowed when it has none.
