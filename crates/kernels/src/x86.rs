@@ -63,6 +63,23 @@ macro_rules! kernels {
                 _mm_cvtph_ps(_mm_cvtsi32_si128((u32::from(a) | u32::from(b) << 16) as i32))
             }
 
+            /// A tile's results (weight row `ii`, activation row `jj`) into
+            /// the `n × rows` output at weight row `i`, activation row `j`.
+            #[inline(always)]
+            fn put<const NW: usize, const NX: usize>(
+                tile: &[[f32; NX]; NW],
+                out: &mut [f32],
+                rows: usize,
+                i: usize,
+                j: usize,
+            ) {
+                for (ii, row) in tile.iter().enumerate() {
+                    for (jj, &v) in row.iter().enumerate() {
+                        out[(j + jj) * rows + i + ii] = v;
+                    }
+                }
+            }
+
             /// `N` rows of `kb` blocks. A loop rather than `array::from_fn`,
             /// so that it inlines and the optimizer sees every row is `kb`
             /// long (no bounds checks in the tile loops).
@@ -243,29 +260,18 @@ macro_rules! kernels {
                                 }
                                 let w = &w[i * kb..(i + $NW) * kb];
                                 if here == $NX {
-                                    let t = $tile::<$NW, $NX>(w, x, kb);
-                                    for (ii, row) in t.iter().enumerate() {
-                                        for (jj, &v) in row.iter().enumerate() {
-                                            out[(j + jj) * rows + i + ii] = v;
-                                        }
-                                    }
+                                    put(&$tile::<$NW, $NX>(w, x, kb), out, rows, i, j);
                                 } else {
-                                    let t = $tile::<$NW, 1>(w, x, kb);
-                                    for (ii, row) in t.iter().enumerate() {
-                                        out[j * rows + i + ii] = row[0];
-                                    }
+                                    put(&$tile::<$NW, 1>(w, x, kb), out, rows, i, j);
                                 }
                                 i += $NW;
                             }
                             for i in i..end {
                                 let w = &w[i * kb..(i + 1) * kb];
                                 if here == $NX {
-                                    let t = $tile::<1, $NX>(w, x, kb);
-                                    for (jj, &v) in t[0].iter().enumerate() {
-                                        out[(j + jj) * rows + i] = v;
-                                    }
+                                    put(&$tile::<1, $NX>(w, x, kb), out, rows, i, j);
                                 } else {
-                                    out[j * rows + i] = $tile::<1, 1>(w, x, kb)[0][0];
+                                    put(&$tile::<1, 1>(w, x, kb), out, rows, i, j);
                                 }
                             }
                             j += here;
