@@ -93,11 +93,7 @@ impl<'a> Scan<'a> {
         let mut decoded = String::new();
         loop {
             let rest = &bytes[at..];
-            let len = memchr::memchr2(b'"', b'\\', rest)?;
-            // Or'ed, not searched: a loop without an early exit vectorises.
-            if rest[..len].iter().fold(false, |c, &b| c | (b < 0x20)) {
-                return None;
-            }
+            let len = run_length(rest)?;
             // `"` and `\` are ASCII: both ends are character boundaries.
             let run = &self.data[at..at + len];
             at += len;
@@ -288,6 +284,42 @@ impl<'a> Scan<'a> {
         })?;
         Some(content)
     }
+}
+
+/// How many bytes of `rest` precede its first `"` or `\\`; `None` if a
+/// control character (which JSON refuses unescaped) comes first, or
+/// neither comes. Eight bytes at a time, in a word: most strings of a
+/// chunk (its keys, a token's text) are a few bytes, too short for a
+/// vector search to pay for setting itself up.
+fn run_length(rest: &[u8]) -> Option<usize> {
+    const ONES: u64 = u64::from_le_bytes([1; 8]);
+    const HIGH: u64 = u64::from_le_bytes([0x80; 8]);
+    // The bytes of `word` below `n` (for `n` <= 0x80), each marked by
+    // its high bit. Marks above the lowest one can be wrong (a borrow
+    // runs up from it); the lowest is right.
+    let below = |word: u64, n: u8| word.wrapping_sub(ONES * u64::from(n)) & !word & HIGH;
+    let stops = |word: u64| {
+        below(word ^ (ONES * u64::from(b'"')), 1)
+            | below(word ^ (ONES * u64::from(b'\\')), 1)
+            | below(word, 0x20)
+    };
+    let mut at = 0;
+    let len = loop {
+        let Some(word) = rest.get(at..at + 8) else {
+            break at
+                + rest[at..]
+                    .iter()
+                    .position(|&b| b == b'"' || b == b'\\' || b < 0x20)?;
+        };
+        let mut bytes = [0; 8];
+        bytes.copy_from_slice(word);
+        let found = stops(u64::from_le_bytes(bytes));
+        if found != 0 {
+            break at + found.trailing_zeros() as usize / 8;
+        }
+        at += 8;
+    };
+    (rest[len] >= 0x20).then_some(len)
 }
 
 /// Four hex digits, as JSON's `\\u` takes them (either case).

@@ -470,7 +470,7 @@ mod tests {
 
     /// Chunks as servers send them, each one choice's text and nothing
     /// more, in the shapes the scan takes.
-    const SCANNED: [&str; 10] = [
+    const SCANNED: [&str; 11] = [
         r#"{"id":"chatcmpl-1","object":"chat.completion.chunk","created":1733400000,"model":"m","choices":[{"index":0,"delta":{"role":"assistant","content":""},"logprobs":null,"finish_reason":null}]}"#,
         r#"{"id":"x","choices":[{"index":0,"delta":{"content":" tok"},"finish_reason":null}],"usage":null}"#,
         r#"{"choices": [{"finish_reason": null, "index": 0, "delta": {"content": "café ok"}}], "created": 1733400000.5, "system_fingerprint": "b1", "object": "chat.completion.chunk"}"#,
@@ -482,6 +482,8 @@ mod tests {
         r#"{"choices":[{"index":0,"delta":{"content":"He said \"hi\"\n\\ \/ \t\r\b\f"},"finish_reason":null}]}"#,
         r#"{"choices":[{"index":0,"delta":{"content":"caf\u00e9 \u00E9 \ud83d\ude00 \u0000"}}]}"#,
         r#"{"choices":[{"index":0,"text":"\n\n```rust\nfn main() {}\n```","finish_reason":"stop"}]}"#,
+        // Text that is not ASCII, long enough to be read a word at a time.
+        r#"{"choices":[{"index":0,"delta":{"content":"naïve café — 東京の ünïcödé\n"},"finish_reason":null}]}"#,
     ];
 
     #[test]
