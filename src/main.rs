@@ -53,8 +53,9 @@ fn main() -> ExitCode {
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {
-    let mut state = AppState::from_config(&config).await?;
-    state.metrics = Some(sluicegate::telemetry::install_metrics()?);
+    let state = AppState::from_config(&config)
+        .await?
+        .with_metrics(sluicegate::telemetry::install_metrics()?);
     let tls = match (&config.tls_cert, &config.tls_key) {
         (Some(cert), Some(key)) => Some(sluicegate::tls::server_config(cert, key)?),
         _ => None,

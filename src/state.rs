@@ -72,8 +72,15 @@ impl Default for Settings {
     }
 }
 
+/// What every request reads, behind one `Arc`: axum clones the state for
+/// each middleware and extractor that takes it, and a clone of each field
+/// was a dozen shared counters, and the shutdown token's lock, per clone.
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<Shared>);
+
+/// The fields of [`AppState`].
+#[derive(Clone)]
+pub struct Shared {
     pub backend: Arc<dyn Backend>,
     pub registry: Arc<GenerationRegistry>,
     pub admission: Arc<Admission>,
@@ -122,7 +129,7 @@ impl AppState {
             Arc::clone(&backend),
         ));
         let stored = Arc::new(Stored::new(settings.stored, None));
-        Self {
+        Self(Arc::new(Shared {
             admission,
             backend,
             registry,
@@ -136,7 +143,19 @@ impl AppState {
             metrics: None,
             replicas: None,
             stored,
-        }
+        }))
+    }
+
+    /// The fields, to change while the server is being set up; changed
+    /// later, the copies already handed out would keep the old ones.
+    fn setup(&mut self) -> &mut Shared {
+        Arc::make_mut(&mut self.0)
+    }
+
+    /// Renders `/metrics` with `handle`.
+    pub fn with_metrics(mut self, handle: PrometheusHandle) -> Self {
+        self.setup().metrics = Some(handle);
+        self
     }
 
     /// Shares generations with the other instances on the same Redis.
@@ -163,11 +182,13 @@ impl AppState {
             .collect();
         let replicas = Replicas::start(config, callers, Arc::clone(&self.registry), epilogue)?;
         self.generations.share(Arc::clone(&replicas));
-        self.stored = Arc::new(Stored::new(
+        let stored = Arc::new(Stored::new(
             self.settings.stored,
             Some(Arc::clone(&replicas)),
         ));
-        self.replicas = Some(replicas);
+        let shared = self.setup();
+        shared.stored = stored;
+        shared.replicas = Some(replicas);
         Ok(self)
     }
 
@@ -181,5 +202,13 @@ impl AppState {
 
     pub fn is_shutting_down(&self) -> bool {
         self.shutdown.is_cancelled()
+    }
+}
+
+impl std::ops::Deref for AppState {
+    type Target = Shared;
+
+    fn deref(&self) -> &Shared {
+        &self.0
     }
 }
