@@ -10,26 +10,31 @@
 //! relay reads it the long way. So the only answers it gives are ones the
 //! parser would give. The text's own escapes (a newline, a quote: common
 //! in answers) are decoded here, as JSON defines them; one it could not
-//! decode the same way (a lone surrogate) declines the chunk.
-
-use std::borrow::Cow;
+//! decode the same way (a lone surrogate) declines the chunk. Decoded
+//! text goes into a buffer the caller keeps, not one of its own per chunk.
 
 /// What the scanned chunk carries.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(super) struct Plain<'a> {
     /// The first choice's text: its delta's content in a chat chunk, its
-    /// `text` in a legacy completion's. Borrowed unless it had escapes.
-    pub(super) text: Option<Cow<'a, str>>,
+    /// `text` in a legacy completion's. In the chunk, or in the buffer
+    /// its escapes were decoded into.
+    pub(super) text: Option<&'a str>,
     pub(super) finish_reason: Option<&'a str>,
 }
 
-/// The chunk `data` as [`Plain`], or `None`: not that shape.
-pub(super) fn plain(data: &str, chat: bool) -> Option<Plain<'_>> {
-    let mut scan = Scan { data, at: 0 };
-    let mut plain = None;
+/// The chunk `data` as [`Plain`], or `None`: not that shape. A text with
+/// escapes is decoded into `decoded` (what it held is replaced).
+pub(super) fn plain<'a>(data: &'a str, chat: bool, decoded: &'a mut String) -> Option<Plain<'a>> {
+    let mut scan = Scan {
+        data,
+        at: 0,
+        decoded: &mut *decoded,
+    };
+    let mut choice = None;
     scan.object(|scan, key| match key {
-        "choices" if plain.is_none() => {
-            plain = Some(scan.choices(chat)?);
+        "choices" if choice.is_none() => {
+            choice = Some(scan.choices(chat)?);
             Some(())
         }
         "choices" => None,
@@ -38,15 +43,33 @@ pub(super) fn plain(data: &str, chat: bool) -> Option<Plain<'_>> {
     })?;
     scan.end()?;
     // No `choices` at all: nothing to take, as the parser would find.
-    Some(plain.unwrap_or_default())
+    let (text, finish_reason) = choice.unwrap_or_default();
+    let decoded: &'a str = decoded;
+    Some(Plain {
+        text: text.map(|text| match text {
+            Text::Plain(plain) => plain,
+            Text::Decoded => decoded,
+        }),
+        finish_reason,
+    })
 }
 
-struct Scan<'a> {
+/// A string read from the chunk.
+#[derive(Debug, Clone, Copy)]
+enum Text<'a> {
+    /// It had no escapes: its bytes in the chunk.
+    Plain(&'a str),
+    /// Its escapes are decoded in [`Scan::decoded`].
+    Decoded,
+}
+
+struct Scan<'a, 'b> {
     data: &'a str,
     at: usize,
+    decoded: &'b mut String,
 }
 
-impl<'a> Scan<'a> {
+impl<'a> Scan<'a, '_> {
     fn peek(&mut self) -> Option<u8> {
         let bytes = self.data.as_bytes();
         while let Some(b' ' | b'\t' | b'\n' | b'\r') = bytes.get(self.at) {
@@ -80,17 +103,19 @@ impl<'a> Scan<'a> {
     /// of them is not worth matching.
     fn string(&mut self) -> Option<&'a str> {
         match self.text()? {
-            Cow::Borrowed(plain) => Some(plain),
-            Cow::Owned(_) => None,
+            Text::Plain(plain) => Some(plain),
+            Text::Decoded => None,
         }
     }
 
-    /// A string whose escapes are decoded: borrowed when it has none.
-    fn text(&mut self) -> Option<Cow<'a, str>> {
+    /// A string, its escapes decoded into [`Self::decoded`] if it has any
+    /// (what was there is replaced: a chunk keeps one decoded string, its
+    /// text, since escapes anywhere else decline it).
+    fn text(&mut self) -> Option<Text<'a>> {
         self.eat(b'"')?;
         let bytes = self.data.as_bytes();
         let mut at = self.at;
-        let mut decoded = String::new();
+        let mut escaped = false;
         loop {
             let rest = &bytes[at..];
             let len = run_length(rest)?;
@@ -99,18 +124,20 @@ impl<'a> Scan<'a> {
             at += len;
             if bytes[at] == b'"' {
                 self.at = at + 1;
-                // Every escape adds to `decoded`: empty, there was none.
-                return Some(if decoded.is_empty() {
-                    Cow::Borrowed(run)
-                } else {
-                    decoded.push_str(run);
-                    Cow::Owned(decoded)
-                });
+                if !escaped {
+                    return Some(Text::Plain(run));
+                }
+                self.decoded.push_str(run);
+                return Some(Text::Decoded);
             }
-            decoded.push_str(run);
+            if !escaped {
+                escaped = true;
+                self.decoded.clear();
+            }
+            self.decoded.push_str(run);
             let escape = *bytes.get(at + 1)?;
             at += 2;
-            decoded.push(match escape {
+            self.decoded.push(match escape {
                 b'"' => '"',
                 b'\\' => '\\',
                 b'/' => '/',
@@ -145,7 +172,7 @@ impl<'a> Scan<'a> {
     }
 
     /// [`Self::text`] or `null`.
-    fn text_or_null(&mut self) -> Option<Option<Cow<'a, str>>> {
+    fn text_or_null(&mut self) -> Option<Option<Text<'a>>> {
         match self.peek()? {
             b'n' => self.null().map(|()| None),
             _ => self.text().map(Some),
@@ -224,9 +251,9 @@ impl<'a> Scan<'a> {
     }
 
     /// `choices`: none, or the one choice with index 0.
-    fn choices(&mut self, chat: bool) -> Option<Plain<'a>> {
+    fn choices(&mut self, chat: bool) -> Option<(Option<Text<'a>>, Option<&'a str>)> {
         self.eat(b'[')?;
-        let mut plain = Plain::default();
+        let mut plain = (None, None);
         if self.eat(b']').is_some() {
             return Some(plain);
         }
@@ -240,17 +267,17 @@ impl<'a> Scan<'a> {
             }
             "delta" if chat && !text => {
                 text = true;
-                plain.text = scan.delta()?;
+                plain.0 = scan.delta()?;
                 Some(())
             }
             "text" if !chat && !text => {
                 text = true;
-                plain.text = scan.text_or_null()?;
+                plain.0 = scan.text_or_null()?;
                 Some(())
             }
             "finish_reason" if !finish => {
                 finish = true;
-                plain.finish_reason = scan.string_or_null()?;
+                plain.1 = scan.string_or_null()?;
                 Some(())
             }
             "logprobs" | "stop_reason" => scan.null(),
@@ -264,7 +291,7 @@ impl<'a> Scan<'a> {
 
     /// A chat delta with nothing but its role and content (the other
     /// fields servers send beside them, only as `null`): its content.
-    fn delta(&mut self) -> Option<Option<Cow<'a, str>>> {
+    fn delta(&mut self) -> Option<Option<Text<'a>>> {
         let mut content = None;
         let (mut role, mut seen_content) = (false, false);
         self.object(|scan, key| match key {

@@ -107,6 +107,8 @@ pub(super) struct Relay {
     finish: Option<FinishReason>,
     /// Steps decoded from one event, handed out one at a time.
     pending: VecDeque<RelayStep>,
+    /// Where the scan decodes a text's escapes, kept from chunk to chunk.
+    decoded: String,
 }
 
 impl Relay {
@@ -118,6 +120,7 @@ impl Relay {
             timeout,
             finish: None,
             pending: VecDeque::new(),
+            decoded: String::new(),
         }
     }
 
@@ -152,8 +155,7 @@ impl Relay {
             }
             // Nearly every chunk is one choice's text beside fields that
             // sluicegate sets itself: read without a parser.
-            if let Some(plain) = scan::plain(data, self.chat) {
-                self.take(plain.text.as_deref(), plain.finish_reason);
+            if self.scan(data) {
                 continue;
             }
             // Most others (usage, escapes outside the text): read without
@@ -229,6 +231,15 @@ impl Relay {
 
     /// The first choice's text and finish reason, from a chunk that
     /// carries nothing else of it.
+    /// Takes the chunk `data` if the scan reads it; `false`: declined.
+    fn scan(&mut self, data: &str) -> bool {
+        let mut decoded = std::mem::take(&mut self.decoded);
+        let scanned = scan::plain(data, self.chat, &mut decoded)
+            .map(|plain| self.take(plain.text, plain.finish_reason));
+        self.decoded = decoded;
+        scanned.is_some()
+    }
+
     fn take(&mut self, text: Option<&str>, finish_reason: Option<&str>) {
         if let Some(reason) = finish_reason {
             self.finish = Some(map_finish(reason));
@@ -443,22 +454,25 @@ mod tests {
         Long,
     }
 
-    /// The steps of one chunk's data, read one way; `None`: declined (or,
-    /// the long way, not JSON).
-    fn steps(data: &str, chat: bool, way: Way) -> Option<String> {
-        let mut relay = Relay {
+    /// A relay with no body, to hand chunks to.
+    fn relay(chat: bool) -> Relay {
+        Relay {
             body: Box::pin(futures_util::stream::empty()),
             events: SseParser::default(),
             chat,
             timeout: Duration::from_secs(1),
             finish: None,
             pending: VecDeque::new(),
-        };
+            decoded: String::new(),
+        }
+    }
+
+    /// The steps of one chunk's data, read one way; `None`: declined (or,
+    /// the long way, not JSON).
+    fn steps(data: &str, chat: bool, way: Way) -> Option<String> {
+        let mut relay = relay(chat);
         match way {
-            Way::Scan => {
-                let plain = scan::plain(data, chat)?;
-                relay.take(plain.text.as_deref(), plain.finish_reason);
-            }
+            Way::Scan => relay.scan(data).then_some(())?,
             Way::Plain => {
                 let chunk = serde_json::from_str::<PlainChunk<'_>>(data).ok()?;
                 relay.decode_plain(&chunk).then_some(())?;
@@ -530,6 +544,29 @@ mod tests {
         // A legacy chunk in a chat stream, and the other way round.
         assert_eq!(steps(SCANNED[6], true, Way::Scan), None);
         assert_eq!(steps(SCANNED[1], false, Way::Scan), None);
+    }
+
+    /// One relay reads a stream of chunks, some with escapes and some
+    /// without, as the parser reads them: the buffer it decodes into
+    /// carries nothing from one chunk to the next.
+    #[test]
+    fn one_relay_scans_chunk_after_chunk_as_the_parser_reads_them() {
+        let chat: Vec<&str> = SCANNED
+            .iter()
+            .copied()
+            .filter(|data| !data.contains(r#""text""#))
+            .collect();
+        let mut stream = chat.clone();
+        stream.extend(chat.iter().rev());
+        let (mut scanned, mut parsed) = (relay(true), relay(true));
+        for data in stream {
+            assert!(scanned.scan(data), "{data}");
+            parsed.decode(&serde_json::from_str(data).expect("JSON"));
+        }
+        assert_eq!(
+            format!("{:?}", scanned.pending),
+            format!("{:?}", parsed.pending)
+        );
     }
 
     /// Every one-byte change to a chunk the scan takes (a byte replaced,
