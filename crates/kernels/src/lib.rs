@@ -360,24 +360,22 @@ fn product<B: Kernel>(
 ) -> Vec<f32> {
     let mut out = vec![0.0f32; n * rows];
     let threads = rayon::current_num_threads();
-    // Weight rows: a few tasks per thread, so a thread slowed by other
-    // work on the machine hands its share over.
-    let tasks = threads * 4;
+    // Weight rows per task, when they are split: a few tasks per thread,
+    // so a thread slowed by other work on the machine hands its share over.
+    let chunk = rows.div_ceil(threads * 4).next_multiple_of(4);
     if threads == 1 || rows * kb * n < PARALLEL_PAIRS {
         B::rows(isa, w, kb, x, n, &mut out);
     } else if n >= SPLIT_ACTIVATIONS_PER_THREAD * threads {
-        let chunk = n.div_ceil(threads);
-        out.par_chunks_mut(chunk * rows)
-            .zip(x.par_chunks(chunk * kb))
+        let share = n.div_ceil(threads);
+        out.par_chunks_mut(share * rows)
+            .zip(x.par_chunks(share * kb))
             .for_each(|(out, x)| B::rows(isa, w, kb, x, out.len() / rows, out));
     } else if n == 1 {
         // One row of the result: each task's columns are contiguous.
-        let chunk = rows.div_ceil(tasks).next_multiple_of(4);
         out.par_chunks_mut(chunk)
             .zip(w.par_chunks(chunk * kb))
             .for_each(|(out, w)| B::rows(isa, w, kb, x, 1, out));
     } else {
-        let chunk = rows.div_ceil(tasks).next_multiple_of(4);
         let parts: Vec<Vec<f32>> = w
             .par_chunks(chunk * kb)
             .map(|w| {
