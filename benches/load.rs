@@ -6,7 +6,7 @@
 //! - a session's new request to the old stream's `[DONE]`, p50/p99;
 //! - memory per retained 500-token generation, and a 1,000-event replay;
 //! - the openai backend's added first-token latency and CPU per relayed
-//!   token, against the upstream alone;
+//!   token, against the upstream alone and beside nginx as a byte proxy;
 //! - token gaps with 200 to 4,000 streams over HTTP/2;
 //! - server CPU per streamed token on `/v1/responses` and `/v1/messages`
 //!   against `/v1/chat/completions`.
@@ -413,7 +413,8 @@ async fn relay_memory() {
 /// The load: 50 streams of 100-token answers at once, straight to
 /// an echo upstream and then through a relay in front of it (over HTTP/1.1
 /// and over HTTP/2), side by side: throughput, and CPU per token of the
-/// relay and of the upstream.
+/// relay and of the upstream. The anchor is nginx in front of the same
+/// upstream: a proxy that moves the bytes as they are and parses none.
 async fn relay_load() {
     let upstream = Server::start(&["--max-queue", "1024"]).await;
     let (direct_rate, direct_cpu, _) = relay_run(&upstream, None).await;
@@ -434,21 +435,29 @@ async fn relay_load() {
         ];
         args.extend(extra);
         let relay = Server::spawn(&args).await;
-        let (rate, up_cpu, relay_cpu) = relay_run(&upstream, Some(&relay)).await;
+        let cpu = || relay.cpu_seconds();
+        let (rate, up_cpu, relay_cpu) = relay_run(&upstream, Some((&relay.base, &cpu))).await;
         println!(
             "relay load {how}: relayed {rate:.0} tokens/s ({:.2}x), relay CPU {relay_cpu:.2} us/token, upstream CPU {up_cpu:.2} us/token",
             rate / direct_rate
         );
     }
+    let nginx = support::ByteProxy::start(&upstream.base).await;
+    let cpu = || nginx.cpu_seconds();
+    let (rate, up_cpu, proxy_cpu) = relay_run(&upstream, Some((&nginx.base, &cpu))).await;
+    println!(
+        "relay load through nginx (anchor: copies bytes, parses nothing): {rate:.0} tokens/s ({:.2}x), nginx CPU {proxy_cpu:.2} us/token, upstream CPU {up_cpu:.2} us/token",
+        rate / direct_rate
+    );
 }
 
-/// 50 streams of 100-token answers for 6 s, through `relay` if given, else
-/// straight to `upstream`: tokens/s, and the upstream's and the relay's CPU
-/// per token.
-async fn relay_run(upstream: &Server, relay: Option<&Server>) -> (f64, f64, f64) {
-    let base = relay.map_or(&upstream.base, |r| &r.base);
+/// 50 streams of 100-token answers for 6 s, through `relay` (its base URL
+/// and its CPU seconds so far) if given, else straight to `upstream`:
+/// tokens/s, and the upstream's and the relay's CPU per token.
+async fn relay_run(upstream: &Server, relay: Option<(&str, &dyn Fn() -> f64)>) -> (f64, f64, f64) {
+    let base = relay.map_or(upstream.base.as_str(), |(base, _)| base);
     let clients: Vec<_> = (0..50).map(|_| client()).collect();
-    let relay_cpu = || relay.map_or(0.0, Server::cpu_seconds);
+    let relay_cpu = || relay.map_or(0.0, |(_, cpu)| cpu());
     let (up_before, relay_before) = (upstream.cpu_seconds(), relay_cpu());
     let (tokens, wall) = support::stream_load(
         &clients,

@@ -229,3 +229,100 @@ pub(crate) async fn cancel_previous(
     samples.sort();
     samples
 }
+
+/// The tests' picks of free ports and their waits, for the services a
+/// bench starts beside the binary.
+#[path = "../../tests/api/services.rs"]
+mod services;
+
+/// nginx in front of one server, with the README's configuration
+/// (`deploy/nginx.conf`) and a worker per core: a proxy that copies bytes,
+/// the anchor for what a relay costs.
+pub(crate) struct ByteProxy {
+    child: Child,
+    dir: std::path::PathBuf,
+    pub(crate) base: String,
+}
+
+impl ByteProxy {
+    pub(crate) async fn start(upstream: &str) -> Self {
+        let port = services::free_port();
+        let dir = std::env::temp_dir().join(format!("sluicegate-bench-nginx-{port}"));
+        std::fs::create_dir_all(&dir).expect("nginx dir");
+        let site = include_str!("../../deploy/nginx.conf")
+            .replace(
+                "    server 127.0.0.1:8081;\n    server 127.0.0.1:8082;\n",
+                &format!("    server {};\n", upstream.trim_start_matches("http://")),
+            )
+            .replace(
+                "listen 127.0.0.1:8080;",
+                &format!("listen 127.0.0.1:{port};"),
+            );
+        let d = dir.display();
+        let conf = format!(
+            "daemon off;\n\
+             worker_processes auto;\n\
+             error_log {d}/error.log warn;\n\
+             pid {d}/nginx.pid;\n\
+             events {{ worker_connections 4096; }}\n\
+             http {{\n\
+             access_log off;\n\
+             client_body_temp_path {d}/body;\n\
+             proxy_temp_path {d}/proxy;\n\
+             fastcgi_temp_path {d}/fastcgi;\n\
+             uwsgi_temp_path {d}/uwsgi;\n\
+             scgi_temp_path {d}/scgi;\n\
+             {site}\n\
+             }}\n"
+        );
+        let path = dir.join("nginx.conf");
+        std::fs::write(&path, conf).expect("nginx.conf");
+        let child = Command::new("nginx")
+            .arg("-c")
+            .arg(&path)
+            .arg("-p")
+            .arg(&dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("nginx runs (run scripts/setup-services)");
+        services::until(std::time::Duration::from_secs(20), || async {
+            tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_ok()
+        })
+        .await;
+        Self {
+            child,
+            dir,
+            base: format!("http://127.0.0.1:{port}"),
+        }
+    }
+
+    /// CPU seconds of nginx's master and its workers.
+    pub(crate) fn cpu_seconds(&self) -> f64 {
+        let master = self.child.id().expect("running");
+        let children = std::fs::read_to_string(format!("/proc/{master}/task/{master}/children"))
+            .unwrap_or_default();
+        children
+            .split_whitespace()
+            .filter_map(|pid| pid.parse().ok())
+            .chain([master])
+            .map(cpu_seconds_of)
+            .sum()
+    }
+}
+
+impl Drop for ByteProxy {
+    fn drop(&mut self) {
+        // The master stops its workers on SIGQUIT or SIGTERM; a kill would
+        // leave them behind.
+        if let Some(pid) = self.child.id() {
+            let _ = std::process::Command::new("kill")
+                .arg(pid.to_string())
+                .status();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
