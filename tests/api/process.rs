@@ -3,6 +3,7 @@
 
 use std::path::Path;
 use std::process::Stdio;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -461,6 +462,89 @@ async fn with_upstream_http2_the_relay_speaks_http2_from_the_first_byte() {
     let answer = crate::common::read_all(resp).await;
     assert_eq!(answer.text, "relayed over one multiplexed connection");
     assert!(answer.done);
+}
+
+/// A TCP forwarder in front of `to` that counts the connections made
+/// through it: each is a connection (over TLS, a handshake) the relay paid
+/// for.
+async fn counting_forwarder(to: std::net::SocketAddr) -> (u16, Arc<AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bound");
+    let port = listener.local_addr().expect("addr").port();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = Arc::clone(&accepted);
+    tokio::spawn(async move {
+        while let Ok((mut inbound, _)) = listener.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                if let Ok(mut outbound) = tokio::net::TcpStream::connect(to).await {
+                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                }
+            });
+        }
+    });
+    (port, accepted)
+}
+
+#[tokio::test]
+async fn over_tls_the_relay_shakes_hands_with_its_upstream_once() {
+    let certified =
+        rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).expect("certificate");
+    let dir = std::env::temp_dir().join(format!("sluicegate-upstream-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::write(&cert, certified.cert.pem()).expect("cert written");
+    std::fs::write(&key, certified.signing_key.serialize_pem()).expect("key written");
+    let cert = cert.to_str().expect("utf-8 path");
+    let upstream = Process::start(
+        &[
+            "--backend",
+            "echo",
+            "--tls-cert",
+            cert,
+            "--tls-key",
+            key.to_str().expect("utf-8 path"),
+        ],
+        &[],
+    )
+    .await;
+    let addr = upstream
+        .base
+        .strip_prefix("https://")
+        .expect("an https:// listening line")
+        .parse()
+        .expect("addr");
+    let (port, accepted) = counting_forwarder(addr).await;
+    // The relay trusts the upstream's certificate as a system would
+    // (`SSL_CERT_FILE`), and names it as its certificate does.
+    let relay = Process::start(
+        &[
+            "--backend",
+            "openai",
+            "--upstream",
+            &format!("https://localhost:{port}"),
+        ],
+        &[("SSL_CERT_FILE", cert)],
+    )
+    .await;
+    for i in 0..20 {
+        let text = format!("answer number {i}");
+        let resp = client()
+            .post(relay.url("/v1/chat/completions"))
+            .json(&chat(&text, true))
+            .send()
+            .await
+            .expect("sent");
+        assert_eq!(resp.status(), 200);
+        let answer = read_all(resp).await;
+        assert_eq!(answer.text, text);
+        assert!(answer.done);
+    }
+    // One TLS connection (HTTP/2, offered in the handshake) for the model
+    // list and twenty streams: one handshake in all.
+    assert_eq!(accepted.load(Ordering::SeqCst), 1, "{}", relay.log());
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[tokio::test]
