@@ -414,8 +414,8 @@ async fn relay_memory() {
 /// an echo upstream and then through a relay in front of it (over HTTP/1.1
 /// and over HTTP/2), side by side: throughput, and CPU per token of the
 /// relay, the upstream and this client. The anchor is nginx in front of
-/// the same upstream: a proxy that moves the bytes as they are and parses
-/// none.
+/// the same upstream, as the tests run it (`deploy/nginx.conf`, one
+/// process): a proxy that moves the bytes as they are and parses none.
 ///
 /// The three processes share the cores, so tokens/s is about the cores
 /// over the CPU all of them spend on a token: relayed over direct is
@@ -456,8 +456,8 @@ async fn relay_load() {
             run.client
         );
     }
-    let nginx = support::ByteProxy::start(&upstream.base).await;
-    let cpu = || nginx.cpu_seconds();
+    let nginx = support::services::Nginx::start(&[&upstream.base]).await;
+    let cpu = || support::cpu_seconds_of(nginx.child.id().expect("nginx runs"));
     let run = relay_run(&upstream, Some((&nginx.base, &cpu))).await;
     println!(
         "relay load through nginx (anchor: moves bytes, parses none): {:.0} tokens/s ({:.2}x), nginx CPU {:.2} us/token, upstream CPU {:.2} us/token, client CPU {:.2} us/token",

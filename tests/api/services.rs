@@ -137,7 +137,8 @@ impl Redis {
 /// nginx in front of some instances, with the README's configuration
 /// (`deploy/nginx.conf`) and only the ports changed.
 pub(crate) struct Nginx {
-    child: Child,
+    /// The one process nginx runs as here (`master_process off`).
+    pub(crate) child: Child,
     dir: PathBuf,
     pub(crate) base: String,
 }
