@@ -39,8 +39,6 @@ struct Rogue {
     base: String,
     /// Streams whose client went away before the end.
     closed: Arc<AtomicUsize>,
-    /// Lingering streams (`linger`) read to their end.
-    lingered: Arc<AtomicUsize>,
     /// Requests seen, and the last Authorization header and body.
     requests: Arc<AtomicUsize>,
     last_auth: Arc<std::sync::Mutex<Option<String>>>,
@@ -125,28 +123,8 @@ fn vllm_tool_calls() -> Vec<String> {
     ]
 }
 
-/// A whole answer whose body ends a while after its `[DONE]`, as a proxy
-/// in front of an engine may end it; counts the ones read to that end.
-fn lingering(closed: Arc<AtomicUsize>, lingered: Arc<AtomicUsize>) -> Response {
-    let body = async_stream::stream! {
-        let mut guard = OnClose(closed, false);
-        yield Ok::<_, Infallible>(delta("fine", false, Some("stop")));
-        yield Ok("data: [DONE]\n\n".to_owned());
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        guard.1 = true;
-        lingered.fetch_add(1, Ordering::SeqCst);
-    };
-    (
-        [(header::CONTENT_TYPE, "text/event-stream")],
-        Body::from_stream(body),
-    )
-        .into_response()
-}
-
 async fn rogue() -> Rogue {
     let closed = Arc::new(AtomicUsize::new(0));
-    let lingered = Arc::new(AtomicUsize::new(0));
-    let l = Arc::clone(&lingered);
     let requests = Arc::new(AtomicUsize::new(0));
     let last_auth = Arc::new(std::sync::Mutex::new(None));
     let last_body = Arc::new(std::sync::Mutex::new(Value::Null));
@@ -165,7 +143,6 @@ async fn rogue() -> Rogue {
             "/v1/chat/completions",
             post(move |headers: axum::http::HeaderMap, Json(body): Json<Value>| {
                 let (closed, requests, last_auth, last_body) = (Arc::clone(&c), Arc::clone(&r), Arc::clone(&a), Arc::clone(&b));
-                let lingered = Arc::clone(&l);
                 async move {
                     requests.fetch_add(1, Ordering::SeqCst);
                     *last_body.lock().expect("lock") = body.clone();
@@ -199,7 +176,6 @@ async fn rogue() -> Rogue {
                             closed,
                             ms(1),
                         ),
-                        "linger" => lingering(closed, lingered),
                         "close-early" => sse(vec![delta("cut", false, None)], closed, ms(1)),
                         "slow" => sse((0..400).map(|i| delta(&format!(" t{i}"), false, None)).collect(), closed, ms(30)),
                         "stall" => {
@@ -222,7 +198,6 @@ async fn rogue() -> Rogue {
     Rogue {
         base,
         closed,
-        lingered,
         requests,
         last_auth,
         last_body,
@@ -335,32 +310,6 @@ async fn odd_upstream_streams_still_end_cleanly() {
         );
         assert_eq!(events.last().expect("events").data, "[DONE]");
     }
-}
-
-/// An upstream that ends its body a while after `[DONE]`: the client has
-/// its whole answer at `[DONE]`, and the relay still reads the body to its
-/// end, so that the connection serves the next answer (HTTP/1.1 closes a
-/// connection whose body was dropped unread).
-#[tokio::test]
-async fn a_body_that_ends_after_done_is_read_to_its_end() {
-    let rogue = rogue().await;
-    let server = relay_to(vec![rogue.base.clone()], Duration::from_secs(5))
-        .start()
-        .await;
-    for _ in 0..3 {
-        let t = read_all(open_stream(&server, "linger", None).await).await;
-        assert_eq!(
-            (t.text.as_str(), t.finish_reason.as_deref(), t.done),
-            ("fine", Some("stop"), true)
-        );
-    }
-    // Each of the three streams ends one way or the other: read to its
-    // end, or dropped with its connection.
-    eventually(Duration::from_secs(10), || {
-        rogue.lingered.load(Ordering::SeqCst) + rogue.closed.load(Ordering::SeqCst) == 3
-    })
-    .await;
-    assert_eq!(rogue.closed.load(Ordering::SeqCst), 0);
 }
 
 #[tokio::test]

@@ -465,7 +465,6 @@ impl Backend for UpstreamBackend {
                         }
                         Ok(RelayStep::Usage(reported)) => usage = reported,
                         Ok(RelayStep::Finished(reason)) => {
-                            relay.release().await;
                             yield Ok(TokenEvent::Finished { reason, usage });
                             return;
                         }

@@ -10,7 +10,7 @@ use std::time::Duration;
 use std::borrow::Cow;
 
 use bytes::Bytes;
-use futures_util::{FutureExt, Stream, StreamExt};
+use futures_util::{Stream, StreamExt};
 use serde::Deserialize;
 use serde::de::IgnoredAny;
 use serde_json::{Value, json};
@@ -97,11 +97,6 @@ pub(super) enum RelayStep {
     Finished(FinishReason),
 }
 
-/// Most an ended answer's body is read on for, to keep its connection.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
-/// Most bytes read after an answer's end to keep its connection.
-const DRAIN_LIMIT: usize = 64 * 1024;
-
 /// An upstream's SSE stream read as steps, whatever its dialect.
 pub(super) struct Relay {
     body: Pin<Box<dyn Stream<Item = reqwest::Result<Bytes>> + Send>>,
@@ -114,15 +109,11 @@ pub(super) struct Relay {
     pending: VecDeque<RelayStep>,
     /// Where the scan decodes a text's escapes, kept from chunk to chunk.
     decoded: String,
-    /// Over HTTP/1.1, a body dropped unread costs its connection (over
-    /// HTTP/2, only its stream).
-    http1: bool,
 }
 
 impl Relay {
     pub(super) fn new(resp: reqwest::Response, chat: bool, timeout: Duration) -> Self {
         Self {
-            http1: resp.version() < reqwest::Version::HTTP_2,
             body: Box::pin(resp.bytes_stream()),
             events: SseParser::default(),
             chat,
@@ -185,40 +176,6 @@ impl Relay {
             }
             self.decode(&chunk);
         }
-    }
-
-    /// Lets go of an answer that has ended, so that its connection serves
-    /// the next one. HTTP/1.1 cannot reuse a connection whose body was
-    /// dropped unread (HTTP/2 only resets the stream). An upstream ends its
-    /// body just after `[DONE]`: whatever is left is read in the
-    /// background, for at most [`DRAIN_LIMIT`] bytes and
-    /// [`DRAIN_TIMEOUT`], before it is dropped.
-    pub(super) async fn release(mut self) {
-        if !self.http1 || self.ended_now() {
-            return;
-        }
-        // Asked for more, the connection reads the end it already holds
-        // on its next turn: that turn first, then a task only for an end
-        // still on its way.
-        tokio::task::yield_now().await;
-        if self.ended_now() {
-            return;
-        }
-        let mut body = self.body;
-        tokio::spawn(tokio::time::timeout(DRAIN_TIMEOUT, async move {
-            let mut left = DRAIN_LIMIT;
-            while let Some(Ok(chunk)) = body.next().await {
-                left = match left.checked_sub(chunk.len()) {
-                    Some(left) => left,
-                    None => return,
-                };
-            }
-        }));
-    }
-
-    /// Whether the body has ended, without waiting for it.
-    fn ended_now(&mut self) -> bool {
-        matches!(self.body.next().now_or_never(), Some(None))
     }
 
     /// The next event of the body, within the silence timeout. `None`:
@@ -507,7 +464,6 @@ mod tests {
             finish: None,
             pending: VecDeque::new(),
             decoded: String::new(),
-            http1: true,
         }
     }
 
