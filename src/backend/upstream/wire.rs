@@ -229,8 +229,6 @@ impl Relay {
         true
     }
 
-    /// The first choice's text and finish reason, from a chunk that
-    /// carries nothing else of it.
     /// Takes the chunk `data` if the scan reads it; `false`: declined.
     fn scan(&mut self, data: &str) -> bool {
         let mut decoded = std::mem::take(&mut self.decoded);
@@ -240,6 +238,8 @@ impl Relay {
         scanned.is_some()
     }
 
+    /// The first choice's text and finish reason, from a chunk that
+    /// carries nothing else of it.
     fn take(&mut self, text: Option<&str>, finish_reason: Option<&str>) {
         if let Some(reason) = finish_reason {
             self.finish = Some(map_finish(reason));
