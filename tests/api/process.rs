@@ -1,7 +1,7 @@
 //! The real binary as users start it: configuration from the environment,
 //! what it logs, and SIGTERM.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -340,15 +340,29 @@ async fn metrics_follow_a_known_sequence_of_requests() {
     );
 }
 
-#[tokio::test]
-async fn tls_serves_http2_by_alpn_and_http1_too() {
+/// A self-signed certificate for `localhost`, and its certificate and key
+/// written as PEM into a directory of this process named after `name`.
+fn self_signed(
+    name: &str,
+) -> (
+    rcgen::CertifiedKey<rcgen::KeyPair>,
+    PathBuf,
+    PathBuf,
+    PathBuf,
+) {
     let certified =
         rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).expect("certificate");
-    let dir = std::env::temp_dir().join(format!("sluicegate-tls-{}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!("{name}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
     let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
     std::fs::write(&cert, certified.cert.pem()).expect("cert written");
     std::fs::write(&key, certified.signing_key.serialize_pem()).expect("key written");
+    (certified, dir, cert, key)
+}
+
+#[tokio::test]
+async fn tls_serves_http2_by_alpn_and_http1_too() {
+    let (certified, dir, cert, key) = self_signed("sluicegate-tls");
 
     let server = Process::start(
         &[
@@ -489,13 +503,7 @@ async fn counting_forwarder(to: std::net::SocketAddr) -> (u16, Arc<AtomicUsize>)
 
 #[tokio::test]
 async fn over_tls_the_relay_shakes_hands_with_its_upstream_once() {
-    let certified =
-        rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).expect("certificate");
-    let dir = std::env::temp_dir().join(format!("sluicegate-upstream-tls-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
-    std::fs::write(&cert, certified.cert.pem()).expect("cert written");
-    std::fs::write(&key, certified.signing_key.serialize_pem()).expect("key written");
+    let (_, dir, cert, key) = self_signed("sluicegate-upstream-tls");
     let cert = cert.to_str().expect("utf-8 path");
     let upstream = Process::start(
         &[
